@@ -1,0 +1,38 @@
+"""The configurable limits every interface enforces, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits on what clients may send and on what the server keeps.
+
+    Every one is a ``twistd kvconfig`` option; the defaults are those in the
+    README.
+    """
+
+    #: Longest key, in bytes of its UTF-8 encoding.
+    max_key_bytes: int = 1024
+    #: Longest value, in bytes of its stored (tagged JSON) encoding.
+    max_value_bytes: int = 1 << 20
+    #: Deepest nesting of lists and dicts inside a value.
+    max_value_depth: int = 64
+    #: Largest XML-RPC request body; a larger one is discarded unread.
+    max_body_bytes: int = 8 << 20
+    #: Most simultaneous connections to one interface.
+    max_connections: int = 1000
+    #: Seconds an idle connection is kept open.
+    idle_timeout: int = 300
+    #: Most calls in one ``system.multicall``.
+    max_multicall: int = 1000
+    #: Most change events kept as history for ``changes(prefix, since)``.
+    history_events: int = 10_000
+    #: Most bytes of values kept in that history.
+    history_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, not {value!r}")

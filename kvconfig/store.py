@@ -1,0 +1,164 @@
+"""
+The store: the one core every interface talks to.
+
+It checks and encodes what clients send (keys, values, revisions, TTLs),
+passes changes to its backend, serves reads from the backend's keyspace and
+exposes the backend's change feed.  It knows nothing of HTTP, lines or
+datagrams: protocols translate their wire forms to these calls and map the
+errors of kvconfig.errors back to theirs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+
+from kvconfig import __version__, values
+from kvconfig.backends import IBackend
+from kvconfig.errors import CompareFailed, InvalidArgument, KVConfigError
+from kvconfig.feed import ChangeFeed
+from kvconfig.limits import Limits
+from kvconfig.model import Event, KeyValue
+
+# Scalars are immutable and canonical already: stored as given.
+_SCALARS = (str, int, float, bool, type(None))
+
+
+class Store:
+    """A revisioned key-value store over one backend."""
+
+    def __init__(self, backend: IBackend, limits: Limits | None = None) -> None:
+        self.backend = backend
+        self.limits = limits or Limits()
+        self.counters = {"reads": 0, "puts": 0, "deletes": 0, "compare_failures": 0,
+                         "rejected": 0}
+
+    @property
+    def feed(self) -> ChangeFeed:
+        return self.backend.feed
+
+    @property
+    def revision(self) -> int:
+        return self.backend.keyspace.revision
+
+    def start(self) -> Deferred:
+        return self.backend.start()
+
+    def stop(self) -> Deferred:
+        return self.backend.stop()
+
+    # Reads: synchronous, from the keyspace in memory.
+
+    def get(self, key: str) -> KeyValue | None:
+        """The key's value and metadata, or None."""
+        values.check_key(key, self.limits.max_key_bytes)
+        self.counters["reads"] += 1
+        return self.backend.keyspace.get(key)
+
+    def load(self, key: str) -> Any:
+        """The key's value, or None."""
+        kv = self.get(key)
+        return None if kv is None else kv.value
+
+    def range(self, prefix: str, limit: int | None = None) -> tuple[int, list[KeyValue]]:
+        """(revision, keys starting with *prefix* in key order): a snapshot."""
+        values.check_prefix(prefix, self.limits.max_key_bytes)
+        if limit is not None:
+            _check_int(limit, "limit", minimum=1)
+        self.counters["reads"] += 1
+        keyspace = self.backend.keyspace
+        return keyspace.revision, keyspace.range(prefix, limit)
+
+    def changes(self, prefix: str, since: int) -> tuple[int, list[Event]]:
+        """(revision, events after revision *since* under *prefix*).
+
+        Raises Compacted when that history is gone.
+        """
+        values.check_prefix(prefix, self.limits.max_key_bytes)
+        _check_int(since, "since", minimum=0)
+        self.counters["reads"] += 1
+        keyspace = self.backend.keyspace
+        return keyspace.revision, keyspace.changes(prefix, since)
+
+    # Writes: Deferreds that fire once the change is durable.
+
+    def put(self, key: str, value: Any, prev_revision: int | None = None,
+            ttl: float | None = None) -> Deferred:
+        """Write *key*; fires with its new KeyValue.
+
+        *prev_revision*: compare-and-set on mod_revision (0: only if absent).
+        *ttl*: seconds until the key is deleted unless written again.
+        """
+        try:
+            limits = self.limits
+            values.check_key(key, limits.max_key_bytes)
+            raw = values.encode(value, limits.max_value_bytes, limits.max_value_depth)
+            if prev_revision is not None:
+                _check_int(prev_revision, "prev_revision", minimum=0)
+            if ttl is not None:
+                _check_ttl(ttl)
+            if not isinstance(value, _SCALARS):
+                # Store a private, canonical copy (lists, not tuples; bytes,
+                # not bytearray) so reads return what any other interface would.
+                value = values.decode(raw)
+            d = self.backend.put(key, value, raw, prev_revision, ttl or None)
+        except KVConfigError as e:
+            return self._rejected(e)
+        self.counters["puts"] += 1
+        return d.addCallback(_event_kv)
+
+    def save(self, key: str, value: Any) -> Deferred:
+        """The classic save: fires with None once durable."""
+        return self.put(key, value).addCallback(lambda _: None)
+
+    def delete(self, key: str, prev_revision: int | None = None) -> Deferred:
+        """Delete *key*; fires with the delete's revision, or None if absent."""
+        try:
+            values.check_key(key, self.limits.max_key_bytes)
+            if prev_revision is not None:
+                _check_int(prev_revision, "prev_revision", minimum=0)
+            d = self.backend.delete(key, prev_revision)
+        except KVConfigError as e:
+            return self._rejected(e)
+        self.counters["deletes"] += 1
+        return d.addCallback(lambda event: None if event is None else event.revision)
+
+    def _rejected(self, error: KVConfigError) -> Deferred:
+        self.counters["compare_failures" if isinstance(error, CompareFailed) else "rejected"] += 1
+        return fail(error)
+
+    def stats(self) -> dict[str, Any]:
+        backend = self.backend
+        keyspace = backend.keyspace
+        stats = {
+            "version": __version__,
+            "backend": backend.name,
+            "durable": backend.durable,
+            "keys": len(keyspace),
+            "revision": keyspace.revision,
+            "compact_revision": keyspace.compact_revision,
+            "history_events": keyspace.history_length,
+            "feed_consumers": backend.feed.consumers,
+            "expired": getattr(backend, "expired", 0),
+        }
+        stats.update(self.counters)
+        for name in ("commits", "commit_failures"):
+            if hasattr(backend, name):
+                stats[name] = getattr(backend, name)
+        return stats
+
+
+def _event_kv(event: Event) -> KeyValue:
+    return event.kv
+
+
+def _check_int(number: Any, name: str, minimum: int) -> None:
+    if type(number) is not int or number < minimum:
+        raise InvalidArgument(f"{name} must be an integer >= {minimum}, not {number!r}")
+
+
+def _check_ttl(ttl: Any) -> None:
+    if type(ttl) not in (int, float) or not math.isfinite(ttl) or ttl < 0:
+        raise InvalidArgument(f"ttl must be a number of seconds >= 0, not {ttl!r}")

@@ -1,0 +1,115 @@
+"""
+``twistd kvconfig``: options and wiring, nothing else.
+
+Every part is built here from the options and handed its dependencies (the
+reactor, the store, the limits), so that each can be tested alone.
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from kvconfig import __version__
+from kvconfig.backends import backend_from_string, parse_store
+from kvconfig.limits import Limits
+from kvconfig.store import Store
+from kvconfig.xmlrpc import make_site
+
+_LIMIT_OPTIONS = [
+    ("max-key-bytes", "max_key_bytes", "Longest key, in UTF-8 bytes."),
+    ("max-value-bytes", "max_value_bytes", "Longest encoded value, in bytes."),
+    ("max-value-depth", "max_value_depth", "Deepest nesting of lists and dicts in a value."),
+    ("max-body-bytes", "max_body_bytes", "Largest XML-RPC request body, in bytes."),
+    ("max-multicall", "max_multicall", "Most calls in one system.multicall."),
+    ("max-connections", "max_connections", "Most simultaneous connections per interface."),
+    ("idle-timeout", "idle_timeout", "Seconds before an idle connection is closed."),
+    ("history-events", "history_events", "Most change events kept for changes()."),
+    ("history-bytes", "history_bytes", "Most bytes of values kept in that history."),
+]
+_DEFAULT_LIMITS = Limits()
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "kvconfig: a durable, revisioned configuration server. Endpoints use "
+        "Twisted's endpoint syntax (tcp:PORT:interface=ADDR, ssl:..., unix:...); "
+        "the defaults listen on 127.0.0.1 only."
+    )
+    optParameters = [
+        ["xmlrpc", None, "tcp:15000:interface=127.0.0.1", "XML-RPC endpoint."],
+        ["store", None, "sqlite:kvconfig.db", "Store: sqlite:PATH or memory:."],
+    ] + [
+        [flag, None, getattr(_DEFAULT_LIMITS, field), help_, int]
+        for flag, field, help_ in _LIMIT_OPTIONS
+    ]
+
+    def opt_version(self) -> None:
+        """Print the kvconfig version and exit."""
+        print(f"kvconfig {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        try:
+            parse_store(self["store"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        try:
+            self["limits"] = Limits(
+                **{field: self[flag] for flag, field, _ in _LIMIT_OPTIONS}
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e).replace("_", "-")) from None
+        _check_endpoint(self["xmlrpc"], "--xmlrpc")
+
+
+def _check_endpoint(description: str, option: str) -> None:
+    # Parsing builds the endpoint without listening (and loads TLS files),
+    # so a typo is a usage error rather than a traceback at start-up.
+    try:
+        serverFromString(None, description)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise usage.UsageError(f"{option}: bad endpoint {description!r}: {e}") from None
+
+
+class StoreService(service.Service):
+    """Opens the store before the interfaces listen, closes it after they stop."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def privilegedStartService(self) -> None:
+        # Runs before the listening services start; a store that cannot be
+        # opened stops twistd with a clear error instead of serving nothing.
+        self.store.start()
+        super().privilegedStartService()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self.store.stop()
+
+
+def makeService(options: Options, reactor=None) -> service.MultiService:
+    """The store service and one listening service per interface."""
+    if reactor is None:
+        from twisted.internet import reactor
+    limits: Limits = options["limits"]
+    store = Store(backend_from_string(options["store"], reactor, limits), limits)
+
+    top = service.MultiService()
+    store_service = StoreService(store)
+    store_service.setName("store")
+    store_service.setServiceParent(top)
+
+    xmlrpc = StreamServerEndpointService(
+        serverFromString(reactor, options["xmlrpc"]), make_site(store, limits, reactor)
+    )
+    # A port already in use should stop twistd, not be logged and ignored.
+    xmlrpc._raiseSynchronously = True
+    xmlrpc.setName("xmlrpc")
+    xmlrpc.setServiceParent(top)
+    return top
