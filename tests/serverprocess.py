@@ -1,0 +1,75 @@
+"""Run the installed ``twistd kvconfig`` as a subprocess on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from xmlrpc.client import ServerProxy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def twistd_path() -> str:
+    """The twistd installed beside the running Python (the test venv's)."""
+    candidate = Path(sys.executable).with_name("twistd")
+    return str(candidate) if candidate.exists() else shutil.which("twistd")
+
+
+class KVConfigProcess:
+    """One ``twistd -n kvconfig`` process; restartable on the same store."""
+
+    def __init__(self, directory: Path, store: str | None = None, *extra: str) -> None:
+        self.directory = directory
+        self.store = store or f"sqlite:{directory / 'kvconfig.db'}"
+        self.extra = list(extra)
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.log_path = directory / "twistd.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/RPC2"
+
+    def proxy(self) -> ServerProxy:
+        return ServerProxy(self.url, allow_none=True)
+
+    def start(self, timeout: float = 20.0) -> None:
+        args = [
+            twistd_path(), "-n", "--pidfile=", f"--logfile={self.log_path}",
+            "kvconfig", f"--store={self.store}",
+            f"--xmlrpc=tcp:{self.port}:interface=127.0.0.1", *self.extra,
+        ]
+        self.process = subprocess.Popen(args, cwd=self.directory, env=dict(os.environ))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"twistd exited with {self.process.returncode}:\n"
+                                   + self.log())
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("twistd kvconfig did not start listening:\n" + self.log())
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=20)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill(signal.SIGTERM)

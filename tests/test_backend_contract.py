@@ -1,0 +1,242 @@
+"""
+The backend contract: every backend, reached through the Store, behaves alike.
+
+Tests run on the real reactor (so the sqlite group commit happens as in
+production); the etcd backend joins the ``backend`` parameter list later.
+Time-based behaviour (TTL) is tested with a Clock in test_ttl.py.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from kvconfig.backends import backend_from_string
+from kvconfig.errors import Compacted, CompareFailed, InvalidArgument, InvalidKey
+from kvconfig.limits import Limits
+from kvconfig.model import DELETE, PUT
+from kvconfig.store import Store
+
+BACKENDS = ["memory", "sqlite"]
+
+
+@pytest.fixture(params=BACKENDS)
+def open_store(request, tmp_path):
+    """A function opening a started Store on the backend under test; the
+    same directory (so the same sqlite file) each time it is called."""
+    opened = []
+
+    def open_(**limits) -> Store:
+        spec = "memory:" if request.param == "memory" else f"sqlite:{tmp_path / 'kv.db'}"
+        limits = Limits(**limits)
+        store = Store(backend_from_string(spec, reactor, limits), limits)
+        store.start()
+        opened.append(store)
+        return store
+
+    open_.kind = request.param
+    yield open_
+    for store in opened:
+        store.stop()
+
+
+@pytest.fixture
+def store(open_store):
+    return open_store()
+
+
+async def failure_of(d):
+    try:
+        await d
+    except Exception as e:
+        return e
+    raise AssertionError("expected the Deferred to fail")
+
+
+@pytest_twisted.ensureDeferred
+async def test_put_then_get_has_etcd_metadata(store):
+    """A first put creates the key at version 1 with create == mod revision."""
+    kv = await store.put("app/a", "one")
+    got = store.get("app/a")
+    assert got == kv
+    assert (got.value, got.version) == ("one", 1)
+    assert got.create_revision == got.mod_revision == store.revision == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_rewrite_bumps_version_and_mod_revision_only(store):
+    """Rewriting a key keeps create_revision and advances version and mod_revision."""
+    first = await store.put("app/a", "one")
+    await store.put("other", 1)
+    second = await store.put("app/a", "two")
+    assert second.version == 2
+    assert second.create_revision == first.create_revision
+    assert second.mod_revision == 3 == store.revision
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_is_an_event_and_missing_delete_changes_nothing(store):
+    """Deleting a key advances the revision; deleting a missing key does not."""
+    await store.put("k", 1)
+    assert await store.delete("k") == 2
+    assert store.get("k") is None and store.load("k") is None
+    assert await store.delete("k") is None
+    assert store.revision == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_recreated_key_starts_a_new_life(store):
+    """A key written after its delete starts again at version 1."""
+    await store.put("k", 1)
+    await store.put("k", 2)
+    await store.delete("k")
+    kv = await store.put("k", 3)
+    assert (kv.version, kv.create_revision, kv.mod_revision) == (1, 4, 4)
+
+
+@pytest_twisted.ensureDeferred
+async def test_compare_and_set_on_mod_revision(store):
+    """put with prev_revision succeeds only on the current mod_revision;
+    a lost compare raises CompareFailed and changes nothing."""
+    kv = await store.put("cfg", "a", prev_revision=0)
+    error = await failure_of(store.put("cfg", "b", prev_revision=0))
+    assert isinstance(error, CompareFailed) and error.actual == kv.mod_revision
+    error = await failure_of(store.put("cfg", "b", prev_revision=kv.mod_revision + 7))
+    assert isinstance(error, CompareFailed)
+    assert store.get("cfg") == kv and store.revision == kv.mod_revision
+    kv2 = await store.put("cfg", "b", prev_revision=kv.mod_revision)
+    assert kv2.value == "b" and kv2.version == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_compare_and_delete(store):
+    """delete with prev_revision deletes only on the current mod_revision."""
+    kv = await store.put("cfg", "a")
+    assert isinstance(await failure_of(store.delete("cfg", prev_revision=99)), CompareFailed)
+    assert store.get("cfg") == kv
+    assert await store.delete("cfg", prev_revision=kv.mod_revision) == kv.mod_revision + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_xmlrpc_type_round_trips(store):
+    """Every type XML-RPC carries reads back equal, nested too."""
+    value = {
+        "s": "héllo ✓", "i": -(2**31), "f": 1.5, "t": True, "n": None,
+        "l": [1, [2, [3]]], "b": b"\x00\xff", "d": datetime(2026, 11, 22, 1, 2, 3),
+        "$weird": {"$bytes": "not a tag"},
+    }
+    for key, item in [("v/all", value), ("v/bytes", b"raw"), ("v/tuple", (1, 2))]:
+        await store.put(key, item)
+    assert store.load("v/all") == value
+    assert store.load("v/bytes") == b"raw"
+    assert store.load("v/tuple") == [1, 2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_range_lists_a_prefix_in_key_order(store):
+    """range(prefix) returns exactly the keys under the prefix, sorted, with a limit."""
+    for key in ["app/b", "app/a", "apple", "app/c/d", "zzz", "ap"]:
+        await store.put(key, key)
+    revision, kvs = store.range("app/")
+    assert revision == store.revision
+    assert [kv.key for kv in kvs] == ["app/a", "app/b", "app/c/d"]
+    assert [kv.key for kv in store.range("app/", limit=2)[1]] == ["app/a", "app/b"]
+    assert len(store.range("")[1]) == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_since_is_exclusive_and_filtered(store):
+    """changes(prefix, since) returns the events after since, in revision order."""
+    await store.put("app/a", 1)          # 1
+    await store.put("other", 1)          # 2
+    await store.put("app/a", 2)          # 3
+    await store.delete("app/a")          # 4
+    revision, events = store.changes("app/", 1)
+    assert revision == 4
+    assert [(e.type, e.key, e.revision) for e in events] == [(PUT, "app/a", 3),
+                                                              (DELETE, "app/a", 4)]
+    assert events[0].kv.value == 2
+    assert [e.revision for e in store.changes("", 0)[1]] == [1, 2, 3, 4]
+    assert store.changes("", 4)[1] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_older_than_history_are_compacted(open_store):
+    """Asking for history that left the window raises Compacted; the window works."""
+    store = open_store(history_events=3)
+    for i in range(6):
+        await store.put("k", i)
+    error = await failure_of(_async_call(store.changes, "", 1))
+    assert isinstance(error, Compacted) and error.compact_revision == 3
+    assert [e.revision for e in store.changes("", 3)[1]] == [4, 5, 6]
+
+
+async def _async_call(function, *args):
+    return function(*args)
+
+
+@pytest_twisted.ensureDeferred
+async def test_feed_publishes_every_event_in_revision_order(store):
+    """Consumers get every change in revision order, filtered by prefix."""
+    everything, app = [], []
+    store.feed.subscribe(everything.append)
+    store.feed.subscribe(app.append, "app/")
+    for i in range(20):
+        await store.put(f"app/{i % 3}" if i % 2 else f"x/{i}", i)
+    await store.delete("app/1")
+    assert [e.revision for e in everything] == list(range(1, 22))
+    assert all(e.key.startswith("app/") for e in app) and len(app) == 11
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_is_acknowledged_and_published_only_once_durable(open_store):
+    """The writer's Deferred and the feed both wait for the commit (sqlite),
+    and the concurrent writes of one turn share one commit."""
+    store = open_store()
+    seen = []
+    store.feed.subscribe(seen.append)
+    ds = [store.put(f"g/{i}", i) for i in range(10)]
+    if open_store.kind == "sqlite":
+        assert not any(d.called for d in ds) and seen == []
+        commits = store.backend.commits
+    for d in ds:
+        await d
+    assert len(seen) == 10
+    if open_store.kind == "sqlite":
+        assert store.backend.commits == commits + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_rejected_input_changes_nothing(store):
+    """Bad keys and arguments raise typed errors and leave the store as it was."""
+    await store.put("k", 1)
+    before = (store.revision, store.get("k"))
+    for bad in [store.put("", 1), store.put("a b", 1), store.put(7, 1),
+                store.put("k", 2, prev_revision=-1), store.put("k", 2, ttl=-1),
+                store.delete("k\n")]:
+        assert isinstance(await failure_of(bad), (InvalidKey, InvalidArgument))
+    assert (store.revision, store.get("k")) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_reopened_store_has_every_acknowledged_write(open_store):
+    """After a restart the keys, metadata, revision and history are as before
+    (sqlite); revisions never go backwards, even when the newest change was
+    a delete."""
+    if open_store.kind == "memory":
+        pytest.skip("the memory backend keeps nothing across restarts, by design")
+    store = open_store()
+    for i in range(5):
+        await store.put(f"k{i}", {"i": i})
+    await store.delete("k4")
+    keys = store.range("")
+    store.stop()
+    again = open_store()
+    assert again.range("") == keys
+    assert again.revision == 6
+    assert [e.revision for e in again.changes("", 0)[1]] == [1, 2, 3, 4, 5, 6]
+    kv = await again.put("k9", 1)
+    assert kv.mod_revision == 7
