@@ -17,6 +17,17 @@ Two families:
 
 from __future__ import annotations
 
+import reprlib
+
+_brief = reprlib.Repr()
+_brief.maxlevel, _brief.maxstring, _brief.maxother = 3, 60, 60
+
+
+def brief(value: object) -> str:
+    """A short repr of client input for an error message: bounded in size
+    and depth, whatever the client sent."""
+    return _brief.repr(value)
+
 
 class KVConfigError(Exception):
     """Base of every error kvconfig reports to a client."""

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail
 
 from kvconfig import __version__, values
 from kvconfig.backends import IBackend
-from kvconfig.errors import CompareFailed, InvalidArgument, KVConfigError
+from kvconfig.errors import CompareFailed, InvalidArgument, KVConfigError, brief
 from kvconfig.feed import ChangeFeed
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
@@ -156,9 +156,9 @@ def _event_kv(event: Event) -> KeyValue:
 
 def _check_int(number: Any, name: str, minimum: int) -> None:
     if type(number) is not int or number < minimum:
-        raise InvalidArgument(f"{name} must be an integer >= {minimum}, not {number!r}")
+        raise InvalidArgument(f"{name} must be an integer >= {minimum}, not {brief(number)}")
 
 
 def _check_ttl(ttl: Any) -> None:
     if type(ttl) not in (int, float) or not math.isfinite(ttl) or ttl < 0:
-        raise InvalidArgument(f"ttl must be a number of seconds >= 0, not {ttl!r}")
+        raise InvalidArgument(f"ttl must be a number of seconds >= 0, not {brief(ttl)}")

@@ -17,7 +17,7 @@ from kvconfig import __version__
 from kvconfig.backends import backend_from_string, parse_store
 from kvconfig.limits import Limits
 from kvconfig.store import Store
-from kvconfig.xmlrpc import make_site
+from kvconfig.xmlrpc import make_factory
 
 _LIMIT_OPTIONS = [
     ("max-key-bytes", "max_key_bytes", "Longest key, in UTF-8 bytes."),
@@ -106,7 +106,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     store_service.setServiceParent(top)
 
     xmlrpc = StreamServerEndpointService(
-        serverFromString(reactor, options["xmlrpc"]), make_site(store, limits, reactor)
+        serverFromString(reactor, options["xmlrpc"]), make_factory(store, limits, reactor)
     )
     # A port already in use should stop twistd, not be logged and ignored.
     xmlrpc._raiseSynchronously = True

@@ -27,7 +27,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from kvconfig.errors import InvalidKey, InvalidValue, KeyTooLarge, ValueTooLarge
+from kvconfig.errors import InvalidKey, InvalidValue, KeyTooLarge, ValueTooLarge, brief
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 
@@ -48,7 +48,7 @@ def check_key(key: object, max_bytes: int) -> str:
     # isprintable() is False for control characters, surrogates and every
     # Unicode separator except the ASCII space, which we exclude too.
     if not key.isprintable() or " " in key:
-        raise InvalidKey(f"a key must not hold whitespace or control characters: {key!r}")
+        raise InvalidKey(f"a key must not hold whitespace or control characters: {brief(key)}")
     if len(key) * 4 > max_bytes and len(key.encode("utf-8")) > max_bytes:
         raise KeyTooLarge(f"key is longer than {max_bytes} bytes")
     return key
@@ -80,7 +80,7 @@ def decode(raw: bytes) -> Any:
 
 def _check_text(text: str, what: str) -> None:
     if _NOT_XML.search(text):
-        raise InvalidValue(f"{what} holds a character XML-RPC cannot carry: {text!r:.80}")
+        raise InvalidValue(f"{what} holds a character XML-RPC cannot carry: {brief(text)}")
 
 
 def to_tagged(value: Any, max_depth: int) -> Any:
@@ -146,13 +146,13 @@ def _from_tag(tag: str, inner: Any) -> Any:
         try:
             return base64.b64decode(inner, validate=True)
         except binascii.Error:
-            raise InvalidValue(f"bad base64 in $bytes: {inner!r:.80}") from None
+            raise InvalidValue(f"bad base64 in $bytes: {brief(inner)}") from None
     if tag == "$datetime" and type(inner) is str:
         try:
             return datetime.strptime(inner, _DATETIME_FORMAT)
         except ValueError:
-            raise InvalidValue(f"bad $datetime {inner!r:.80}; use YYYYMMDDTHH:MM:SS") from None
-    raise InvalidValue(f"unknown tag {tag!r}; wrap a one-key dict as {{\"$dict\": ...}}")
+            raise InvalidValue(f"bad $datetime {brief(inner)}; use YYYYMMDDTHH:MM:SS") from None
+    raise InvalidValue(f"unknown tag {brief(tag)}; wrap a one-key dict as {{\"$dict\": ...}}")
 
 
 def format_datetime(value: datetime) -> str:

@@ -50,23 +50,53 @@ and whose faultString starts with that type's name, as in
 from __future__ import annotations
 
 import inspect
-from io import BytesIO
+import re
 from typing import Any
 from xml.parsers.expat import ExpatError
-from xmlrpc.client import Fault, dumps, loads
+from xmlrpc.client import Fault, Marshaller, loads
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.xmlrpc import XMLRPC
 
 from kvconfig import errors
+from kvconfig.httpchannel import XMLRPCChannelFactory
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
 from kvconfig.store import Store
 
 RPC_PATHS = (b"/RPC2", b"/")
+_DECLARED_ENCODING = re.compile(rb"""^<\?xml[^>]*encoding=["']([A-Za-z0-9._-]+)["']""")
+
+
+def _escape(text: str) -> str:
+    # The stdlib leaves "\r" bare, and every XML parser reads a bare "\r" as
+    # "\n": a value holding one would not read back equal.
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("\r", "&#13;"))
+
+
+class _Marshaller(Marshaller):
+    """The stdlib Marshaller, escaping carriage returns in strings and names."""
+
+    dispatch = dict(Marshaller.dispatch)
+
+    def dump_unicode(self, value, write, escape=_escape):
+        Marshaller.dump_unicode(self, value, write, escape)
+
+    def dump_struct(self, value, write, escape=_escape):
+        Marshaller.dump_struct(self, value, write, escape)
+
+    dispatch[str] = dump_unicode
+    dispatch[dict] = dump_struct
+
+
+def dumps_response(result: tuple | Fault) -> bytes:
+    """A methodResponse body, as xmlrpc.client.dumps(methodresponse=True) makes."""
+    data = _Marshaller("utf-8", allow_none=True).dumps(result)
+    return f"<?xml version='1.0'?>\n<methodResponse>\n{data}</methodResponse>\n".encode()
 
 
 def kv_struct(kv: KeyValue) -> dict[str, Any]:
@@ -117,7 +147,7 @@ class _Dispatcher(XMLRPC):
         try:
             return super().lookupProcedure(procedurePath)
         except Fault:
-            raise errors.NoSuchMethod(f"no method {procedurePath!r}") from None
+            raise errors.NoSuchMethod(f"no method {errors.brief(procedurePath)}") from None
 
     def listProcedures(self) -> list[str]:
         return sorted(super().listProcedures())
@@ -133,32 +163,48 @@ class KVConfigXMLRPC(_Dispatcher):
         self.store = store
         self.limits = limits or store.limits
         self.putSubHandler("system", SystemHandler(self))
-        self._signatures: dict[Any, inspect.Signature] = {}
+        self._arity: dict[Any, tuple[int, int]] = {}
 
     # Request handling
 
-    def render_POST(self, request: server.Request) -> bytes | int:
-        if request.path not in RPC_PATHS:
-            request.setResponseCode(http.NOT_FOUND)
-            return b"No such XML-RPC path; use /RPC2\n"
-        if getattr(request, "body_too_large", False):
-            error = errors.RequestTooLarge(
-                f"request body is larger than {self.limits.max_body_bytes} bytes"
-            )
-            return self._respond(Failure(error), request, None)
+    paths = RPC_PATHS
+
+    def respond(self, body: bytes | None) -> bytes | Deferred:
+        """The XML response to an XML-RPC request body (None: the body was
+        over the limit and discarded).  Reads answer at once; writes with a
+        Deferred that fires once they are durable."""
         try:
-            method, args = self.parse(request.content.getvalue())
+            if body is None:
+                raise errors.RequestTooLarge(
+                    f"request body is larger than {self.limits.max_body_bytes} bytes"
+                )
+            method, args = self.parse(body)
         except errors.KVConfigError as e:
-            return self._respond(Failure(e), request, None)
+            return self.marshal(Failure(e))
         d = self.call(method, args)
         if d.called:
-            # Reads answer at once: no Deferred plumbing, no notifyFinish.
-            result = []
-            d.addBoth(result.append)
-            return self._respond(result[0], request, None)
-        finished = []
-        request.notifyFinish().addErrback(finished.append)
-        d.addBoth(self._respond, request, finished)
+            # No Deferred plumbing for answers that are ready.
+            ready = []
+            d.addBoth(ready.append)
+            return self.marshal(ready[0])
+        return d.addBoth(self.marshal)
+
+    def render_POST(self, request: server.Request):
+        """Serve the same calls when mounted in a twisted.web Site."""
+        body = request.content.read()
+        if len(body) > self.limits.max_body_bytes:
+            body = None
+        response = self.respond(body)
+        request.setHeader(b"content-type", b"text/xml; charset=utf-8")
+        if not isinstance(response, Deferred):
+            return response
+
+        def write(response: bytes) -> None:
+            if not request._disconnected:
+                request.write(response)
+                request.finish()
+
+        response.addCallback(write)
         return server.NOT_DONE_YET
 
     @staticmethod
@@ -167,7 +213,8 @@ class KVConfigXMLRPC(_Dispatcher):
         try:
             params, method = loads(body, use_builtin_types=True)
         except ExpatError as e:
-            if b"encoding=" not in body[:100]:
+            declared = _DECLARED_ENCODING.search(body[:200])
+            if declared is None or declared.group(1).lower() in (b"utf-8", b"utf8"):
                 try:
                     body.decode("utf-8")
                 except UnicodeDecodeError:
@@ -190,34 +237,31 @@ class KVConfigXMLRPC(_Dispatcher):
         return maybeDeferred(function, *args)
 
     def _check_arguments(self, function, args: tuple) -> None:
-        sig = self._signatures.get(function)
-        if sig is None:
-            sig = self._signatures[function] = inspect.signature(function)
-        try:
-            sig.bind(*args)
-        except TypeError as e:
-            raise errors.WrongArguments(f"{function.__name__[7:]}: {e}") from None
+        arity = self._arity.get(function)
+        if arity is None:
+            parameters = inspect.signature(function).parameters.values()
+            arity = self._arity[function] = (
+                sum(p.default is inspect.Parameter.empty for p in parameters),
+                len(parameters),
+            )
+        least, most = arity
+        if not least <= len(args) <= most:
+            expected = str(least) if least == most else f"{least} to {most}"
+            raise errors.WrongArguments(
+                f"{function.__name__[7:]} takes {expected} arguments, not {len(args)}"
+            )
 
-    def _respond(self, result: Any, request: server.Request, finished: list | None):
-        if finished:
-            return None  # the client went away
+    def marshal(self, result: Any) -> bytes:
+        """The methodResponse body for a result, a Fault or a Failure."""
         if isinstance(result, Failure):
             result = self.fault(result)
         if not isinstance(result, Fault):
             result = (result,)
         try:
-            body = dumps(result, methodresponse=True, allow_none=True).encode("utf-8")
+            return dumps_response(result)
         except Exception as e:
             self.log.failure("cannot marshal a response", Failure(e))
-            body = dumps(fault_for(errors.InternalError("cannot marshal the response")),
-                         methodresponse=True).encode("utf-8")
-        request.setHeader(b"content-type", b"text/xml; charset=utf-8")
-        request.setHeader(b"content-length", b"%d" % len(body))
-        if finished is None:
-            return body
-        request.write(body)
-        request.finish()
-        return None
+            return dumps_response(fault_for(errors.InternalError("cannot marshal the response")))
 
     def fault(self, failure: Failure) -> Fault:
         error = failure.value
@@ -384,64 +428,6 @@ def _failed(error: Exception) -> Deferred:
     return d
 
 
-class KVConfigRequest(server.Request):
-    """A request whose body is kept in memory only up to the limit.
-
-    Twisted's Request spools bodies over 100 kB to a temporary file (disk
-    I/O on the reactor); this one keeps at most ``max_body_bytes`` and
-    discards the rest unread, marking ``body_too_large``.
-    """
-
-    body_too_large = False
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
-        self._room = self.channel.site.limits.max_body_bytes
-        if length is not None and length > self._room:
-            self.body_too_large = True
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
-            return
-        self._room -= len(data)
-        if self._room < 0:
-            self.body_too_large = True
-            self.content = BytesIO()
-            return
-        self.content.write(data)
-
-
-class KVConfigSite(server.Site):
-    """The HTTP site serving the XML-RPC resource, with a connection limit."""
-
-    requestFactory = KVConfigRequest
-
-    def __init__(self, resource: KVConfigXMLRPC, limits: Limits, reactor=None) -> None:
-        super().__init__(resource, timeout=limits.idle_timeout, reactor=reactor)
-        self.limits = limits
-        self.connections = 0
-        self.refused = 0
-
-    def log(self, request) -> None:
-        # An access-log line per call would cost more than the call itself
-        # and flood the log of a busy fleet; failures are logged as they happen.
-        pass
-
-    def buildProtocol(self, addr):
-        if self.connections >= self.limits.max_connections:
-            self.refused += 1
-            return None
-        channel = super().buildProtocol(addr)
-        self.connections += 1
-        lost = channel.connectionLost
-
-        def connectionLost(reason, lost=lost):
-            self.connections -= 1
-            lost(reason)
-
-        channel.connectionLost = connectionLost
-        return channel
-
-
-def make_site(store: Store, limits: Limits, reactor=None) -> KVConfigSite:
-    return KVConfigSite(KVConfigXMLRPC(store, limits), limits, reactor=reactor)
+def make_factory(store: Store, limits: Limits, clock) -> XMLRPCChannelFactory:
+    """The protocol factory the XML-RPC endpoint listens with."""
+    return XMLRPCChannelFactory(KVConfigXMLRPC(store, limits), limits, clock)

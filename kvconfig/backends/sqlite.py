@@ -13,9 +13,9 @@ reactor; at ~0.4 ms per fsync on an SSD it is shared by every write of the
 turn, so durable writes cost little more than memory ones under load.
 
 Tables: ``kv`` (the current keys), ``events`` (the history window, trimmed
-in the same transaction that adds to it) and ``meta`` (revision and
-compact_revision, so revisions never go backwards across restarts, even
-when the newest key was deleted).
+in the same transaction that adds to it; it always holds the newest event,
+so revisions never go backwards across restarts, even when the newest
+change was a delete) and ``meta`` (compact_revision).
 
 If a commit fails (disk full, I/O error) every write in the batch fails with
 Unavailable and the keyspace is reloaded from the last committed state.
@@ -77,6 +77,7 @@ class SQLiteBackend(LocalBackend):
         self._pending: list[tuple[Event, Deferred]] = []
         self._commit_call: IDelayedCall | None = None
         self.commits = 0
+        self._trimmed_revision = 0
         self.commit_failures = 0
 
     def start(self) -> Deferred:
@@ -115,8 +116,12 @@ class SQLiteBackend(LocalBackend):
                 " expired FROM events ORDER BY revision"
             )
         ]
-        self.keyspace.load(kvs, history, meta.get("revision", 0),
-                           meta.get("compact_revision", 0))
+        compact_revision = meta.get("compact_revision", 0)
+        # The window always holds the newest event (history_events >= 1), so
+        # the revision is the last event's, or the compaction point.
+        revision = history[-1].revision if history else compact_revision
+        self.keyspace.load(kvs, history, revision, compact_revision)
+        self._trimmed_revision = self.keyspace.compact_revision
         self.feed.revision = max(self.feed.revision, self.keyspace.revision)
 
     @staticmethod
@@ -141,47 +146,37 @@ class SQLiteBackend(LocalBackend):
         if not batch:
             return
         db = self._db
+        keyspace = self.keyspace
+        # Only each key's last change in the batch decides its row in kv.
+        last = {event.key: event for event, _ in batch}
         try:
             db.execute("BEGIN IMMEDIATE")
-            for event, _ in batch:
-                self._write_event(db, event)
-            keyspace = self.keyspace
-            db.execute("DELETE FROM events WHERE revision <= ?", (keyspace.compact_revision,))
             db.executemany(
-                "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
-                (("revision", batch[-1][0].revision),
-                 ("compact_revision", keyspace.compact_revision)),
+                "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?, ?)",
+                [(kv.key, kv.raw, kv.version, kv.create_revision, kv.mod_revision,
+                  kv.expires_at) for event in last.values() if (kv := event.kv) is not None],
             )
+            db.executemany(
+                "DELETE FROM kv WHERE key = ?",
+                [(key,) for key, event in last.items() if event.kv is None],
+            )
+            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           [_event_row(event) for event, _ in batch])
+            if keyspace.compact_revision > self._trimmed_revision:
+                db.execute("DELETE FROM events WHERE revision <= ?",
+                           (keyspace.compact_revision,))
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('compact_revision', ?)",
+                           (keyspace.compact_revision,))
             db.execute("COMMIT")
         except sqlite3.Error as e:
             self._fail_batch(batch, e)
             return
         self.commits += 1
+        self._trimmed_revision = keyspace.compact_revision
         for event, _ in batch:
             self.feed.publish(event)
         for event, d in batch:
             d.callback(event)
-    @staticmethod
-    def _write_event(db: sqlite3.Connection, event: Event) -> None:
-        kv = event.kv
-        if kv is not None:
-            db.execute(
-                "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?, ?)",
-                (kv.key, kv.raw, kv.version, kv.create_revision, kv.mod_revision,
-                 kv.expires_at),
-            )
-            db.execute(
-                "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-                (event.revision, event.type, event.key, kv.raw, kv.version,
-                 kv.create_revision, kv.expires_at),
-            )
-        else:
-            db.execute("DELETE FROM kv WHERE key = ?", (event.key,))
-            db.execute(
-                "INSERT INTO events (revision, type, key, expired) VALUES (?, ?, ?, ?)",
-                (event.revision, event.type, event.key, int(event.expired)),
-            )
-
     def _fail_batch(self, batch: list[tuple[Event, Deferred]], error: Exception) -> None:
         self.commit_failures += 1
         self.log.error("sqlite commit of {n} changes failed: {error}", n=len(batch),
@@ -201,3 +196,12 @@ class SQLiteBackend(LocalBackend):
     def pending(self) -> int:
         return len(self._pending)
 
+
+
+def _event_row(event: Event) -> tuple:
+    kv = event.kv
+    if kv is None:
+        return (event.revision, event.type, event.key, None, None, None, None,
+                int(event.expired))
+    return (event.revision, event.type, event.key, kv.raw, kv.version, kv.create_revision,
+            kv.expires_at, 0)

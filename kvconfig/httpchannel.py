@@ -1,0 +1,358 @@
+"""
+A lean HTTP/1.1 server channel for XML-RPC POSTs.
+
+Why not twisted.web's Site: each request there goes through generic
+machinery an XML-RPC call never uses (Content-Type parsed with the email
+package for form decoding, canonicalised header objects, sessions, the
+resource tree); measured, that is most of each call's cost.  This channel
+parses exactly what XML-RPC over HTTP needs and hands the body to the
+handler (the twisted.web.xmlrpc resource in kvconfig.xmlrpc), whose
+``respond(body)`` returns the response body or a Deferred of it.
+
+What it speaks:
+
+- ``POST <path> HTTP/1.1`` (or 1.0) with ``Content-Length`` or
+  ``Transfer-Encoding: chunked``; keep-alive by default on 1.1, on 1.0 only
+  with ``Connection: keep-alive``; ``Connection: close`` honoured;
+  ``Expect: 100-continue`` answered; pipelined requests answered in order.
+- Paths other than the handler's (``/RPC2``, ``/``) get 404, methods other
+  than POST 405, malformed requests 400, and the connection is closed.
+- A head larger than ``MAX_HEAD_BYTES`` gets 431.  A body larger than
+  ``max_body_bytes`` is never held: it is read and discarded (so the client,
+  which sends the whole body before reading, gets its answer) and the
+  handler is asked for the "too large" response; with ``Expect:
+  100-continue`` it is refused before the client sends it.
+- An idle connection is closed after ``idle_timeout`` seconds.  A client
+  that does not read its responses stops being read (the channel is its
+  transport's producer), so neither direction buffers without bound.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.web.http import datetimeToString
+
+from kvconfig.limits import Limits
+
+MAX_HEAD_BYTES = 16 * 1024
+
+_STATUS = {
+    400: b"400 Bad Request",
+    404: b"404 Not Found",
+    405: b"405 Method Not Allowed",
+    431: b"431 Request Header Fields Too Large",
+    500: b"500 Internal Server Error",
+    505: b"505 HTTP Version Not Supported",
+}
+
+
+class Handler(TypingProtocol):
+    paths: tuple[bytes, ...]
+
+    def respond(self, body: bytes | None) -> bytes | Deferred:
+        """The response body for a request body (None: it was too large)."""
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+# Parser states
+_HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER = range(6)
+
+
+class XMLRPCChannel(Protocol, TimeoutMixin):
+    """One client connection: parse requests, answer them in order."""
+
+    log = Logger()
+
+    def __init__(self, factory: XMLRPCChannelFactory) -> None:
+        self.factory = factory
+        self.callLater = factory.clock.callLater  # TimeoutMixin's clock
+        self._buffer = bytearray()
+        self._state = _HEAD
+        self._busy = False           # a response is being computed
+        self._paused_by_transport = False
+        self._reading_paused = False
+        self._keep_alive = True
+        # The request being read
+        self._remaining = 0          # body (or chunk) bytes still to read
+        self._body: bytearray | None = None   # None while discarding
+
+    # Connection life
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        if hasattr(self.transport, "setTcpNoDelay"):
+            # Responses are written whole; waiting for more (Nagle) only adds latency.
+            self.transport.setTcpNoDelay(True)
+        self.transport.registerProducer(self, True)
+        self.setTimeout(self.factory.limits.idle_timeout)
+
+    def connectionLost(self, reason=None) -> None:
+        self.connected = False
+        self.factory.connections -= 1
+        self.setTimeout(None)
+        self._buffer.clear()
+
+    def timeoutConnection(self) -> None:
+        self.transport.loseConnection()
+
+    # IPushProducer, for our own transport: it pauses us when the client
+    # stops reading responses.
+
+    def pauseProducing(self) -> None:
+        self._paused_by_transport = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused_by_transport = False
+        self.transport.resumeProducing()
+        self._process()
+
+    def stopProducing(self) -> None:
+        self._buffer.clear()
+
+    # Reading requests
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        try:
+            while not self._busy and not self._paused_by_transport and self._step():
+                pass
+        except HTTPError as e:
+            self._fail(e.status, str(e))
+        if self._busy and len(self._buffer) > self.factory.limits.max_body_bytes:
+            # A pipelining client racing ahead of a slow response: stop reading.
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _step(self) -> bool:
+        """Consume what the buffer allows; False when more data is needed."""
+        state, buffer = self._state, self._buffer
+        if state == _HEAD:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    raise HTTPError(431, "request head too large")
+                return False
+            head = bytes(buffer[:end])
+            del buffer[: end + 4]
+            self._start_request(head)
+            return True
+        if state == _BODY:
+            return self._read_body(self._end_body)
+        if state == _CHUNK_SIZE or state == _TRAILER:
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    raise HTTPError(400, "chunk header too long")
+                return False
+            line = bytes(buffer[:end])
+            del buffer[: end + 2]
+            if state == _TRAILER:
+                if not line:
+                    self._end_body()
+                return True
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise HTTPError(400, "bad chunk size") from None
+            if size < 0:
+                raise HTTPError(400, "bad chunk size")
+            if size == 0:
+                self._state = _TRAILER
+            else:
+                self._remaining = size
+                self._state = _CHUNK_DATA
+            return True
+        if state == _CHUNK_DATA:
+            return self._read_body(self._end_chunk)
+        # _CHUNK_END: the CRLF after a chunk's data
+        if len(buffer) < 2:
+            return False
+        if buffer[:2] != b"\r\n":
+            raise HTTPError(400, "chunk not followed by CRLF")
+        del buffer[:2]
+        self._state = _CHUNK_SIZE
+        return True
+
+    def _read_body(self, done) -> bool:
+        buffer = self._buffer
+        if not buffer and self._remaining:
+            return False
+        take = min(self._remaining, len(buffer))
+        if self._body is not None:
+            if len(self._body) + take > self.factory.limits.max_body_bytes:
+                self._body = None  # too large: discard from here on
+            else:
+                self._body += buffer[:take]
+        del buffer[:take]
+        self._remaining -= take
+        if self._remaining:
+            return False
+        done()
+        return True
+
+    def _end_chunk(self) -> None:
+        self._state = _CHUNK_END
+
+    def _end_body(self) -> None:
+        self._state = _HEAD
+        body, self._body = self._body, bytearray()
+        self._dispatch(None if body is None else bytes(body))
+
+    def _start_request(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3:
+            raise HTTPError(400, "malformed request line")
+        method, path, version = parts
+        if version == b"HTTP/1.1":
+            keep_alive = True
+        elif version == b"HTTP/1.0":
+            keep_alive = False
+        else:
+            raise HTTPError(505 if version.startswith(b"HTTP/") else 400, "unsupported version")
+        length = None
+        chunked = expect_continue = False
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name[-1:] in b" \t" or line[:1] in b" \t":
+                raise HTTPError(400, "malformed header line")
+            name = name.lower()
+            value = value.strip()
+            if name == b"content-length":
+                if not value.isdigit() or (length is not None and int(value) != length):
+                    raise HTTPError(400, "bad Content-Length")
+                length = int(value)
+            elif name == b"transfer-encoding":
+                if value.lower() != b"chunked":
+                    raise HTTPError(400, "unsupported Transfer-Encoding")
+                chunked = True
+            elif name == b"connection":
+                tokens = value.lower()
+                if b"close" in tokens:
+                    keep_alive = False
+                elif b"keep-alive" in tokens:
+                    keep_alive = True
+            elif name == b"expect" and value.lower() == b"100-continue":
+                expect_continue = True
+        if chunked and length is not None:
+            raise HTTPError(400, "both Content-Length and chunked")
+        self._keep_alive = keep_alive
+        if method != b"POST":
+            raise HTTPError(405, "only POST is allowed")
+        if path.split(b"?", 1)[0] not in self.factory.handler.paths:
+            raise HTTPError(404, "no such XML-RPC path; use /RPC2")
+        too_large = length is not None and length > self.factory.limits.max_body_bytes
+        if too_large and expect_continue:
+            # Refused before the client sends it; the connection cannot be
+            # reused since the client may send the body anyway.
+            self._keep_alive = False
+            self._dispatch(None)
+            return
+        if expect_continue:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._body = None if too_large else bytearray()
+        if chunked:
+            self._state = _CHUNK_SIZE
+        else:
+            self._remaining = length or 0
+            self._state = _BODY
+
+    # Answering
+
+    def _dispatch(self, body: bytes | None) -> None:
+        try:
+            result = self.factory.handler.respond(body)
+        except Exception:
+            self.log.failure("XML-RPC handler failed")
+            self._fail(500, "internal error")
+            return
+        if isinstance(result, Deferred):
+            self._busy = True
+            result.addCallback(self._answer_later).addErrback(self._handler_failed)
+        else:
+            self._send(result)
+
+    def _answer_later(self, response: bytes) -> None:
+        self._busy = False
+        if self.transport is None or not self.connected:
+            return
+        self._send(response)
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        self._process()
+
+    def _handler_failed(self, failure) -> None:
+        self.log.failure("XML-RPC handler failed", failure)
+        self._busy = False
+        if self.connected:
+            self._fail(500, "internal error")
+
+    def _send(self, body: bytes) -> None:
+        close = not self._keep_alive
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\n%sContent-Type: text/xml; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s"
+            % (self.factory.date_header(), len(body),
+               b"Connection: close\r\n" if close else b"", body)
+        )
+        if close:
+            self._close()
+
+    def _fail(self, status: int, reason: str) -> None:
+        body = reason.encode("utf-8") + b"\n"
+        allow = b"Allow: POST\r\n" if status == 405 else b""
+        self.transport.write(
+            b"HTTP/1.1 %s\r\n%s%sContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s"
+            % (_STATUS[status], self.factory.date_header(), allow, len(body), body)
+        )
+        self._close()
+
+    def _close(self) -> None:
+        self._busy = True  # read no further requests
+        self._buffer.clear()
+        self.transport.loseConnection()
+
+
+class XMLRPCChannelFactory(Factory):
+    """Builds channels; refuses connections over ``max_connections``."""
+
+    def __init__(self, handler: Handler, limits: Limits, clock: IReactorTime) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.clock = clock
+        self.connections = 0
+        self.refused = 0
+        self._date_second = -1
+        self._date = b""
+
+    def buildProtocol(self, addr) -> XMLRPCChannel | None:
+        if self.connections >= self.limits.max_connections:
+            self.refused += 1
+            return None
+        return XMLRPCChannel(self)
+
+    def date_header(self) -> bytes:
+        """The Date header line, formatted once a second."""
+        now = int(self.clock.seconds())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = b"Date: %s\r\nServer: kvconfig\r\n" % datetimeToString(now)
+        return self._date
