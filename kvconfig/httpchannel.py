@@ -143,9 +143,9 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         """Consume what the buffer allows; False when more data is needed."""
         state, buffer = self._state, self._buffer
         if state == _HEAD:
-            end = buffer.find(b"\r\n\r\n")
+            end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
             if end < 0:
-                if len(buffer) > MAX_HEAD_BYTES:
+                if len(buffer) >= MAX_HEAD_BYTES + 4:
                     raise HTTPError(431, "request head too large")
                 return False
             head = bytes(buffer[:end])

@@ -2,7 +2,7 @@
 Keys and values: what kvconfig accepts, and how values are encoded.
 
 A value is anything XML-RPC carries: str, int (32-bit, as XML-RPC's
-``<int>``), float, bool, None, list, dict with string keys, datetime (naive,
+``<int>``), float (finite), bool, None, list, dict with string keys, datetime (naive,
 whole seconds, as XML-RPC's ``dateTime.iso8601``) and bytes.  Strings hold
 only characters XML 1.0 allows, so that a value written through one interface
 reads back equal through every other.
@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from datetime import datetime
 from typing import Any
@@ -93,7 +94,11 @@ def to_tagged(value: Any, max_depth: int) -> Any:
         if not INT_MIN <= value <= INT_MAX:
             raise InvalidValue(f"int {value} does not fit XML-RPC's 32-bit <int>")
         return value
-    if value is None or kind is bool or kind is float:
+    if value is None or kind is bool:
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise InvalidValue(f"{value} is not a number XML-RPC's <double> or JSON can carry")
         return value
     if kind is list or kind is tuple:
         if max_depth <= 0:

@@ -1,0 +1,260 @@
+"""The HTTP/1.1 channel, driven in memory through StringTransport and a Clock."""
+
+from __future__ import annotations
+
+import xmlrpc.client
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from kvconfig.backends.memory import MemoryBackend
+from kvconfig.backends.sqlite import SQLiteBackend
+from kvconfig.limits import Limits
+from kvconfig.store import Store
+from kvconfig.xmlrpc import make_factory
+
+
+def post(body: bytes, path: bytes = b"/RPC2", extra: bytes = b"",
+         version: bytes = b"HTTP/1.1") -> bytes:
+    return (b"POST %s %s\r\nHost: x\r\nContent-Type: text/xml\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (path, version, extra, len(body), body))
+
+
+def chunked(body: bytes, sizes=(3, 5, 1000)) -> bytes:
+    out, i = [b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"], 0
+    for size in sizes:
+        piece = body[i:i + size]
+        if piece:
+            out.append(b"%x;ext=1\r\n%s\r\n" % (len(piece), piece))
+        i += size
+    out.append(b"0\r\n\r\n")
+    return b"".join(out)
+
+
+def call(method: str, *params) -> bytes:
+    return xmlrpc.client.dumps(params, method, allow_none=True).encode()
+
+
+def responses(data: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """Split a byte stream into (status, headers, body) responses."""
+    found = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ")[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+        if status == 100:
+            found.append((status, headers, b""))
+            data = rest
+            continue
+        length = int(headers[b"content-length"])
+        found.append((status, headers, rest[:length]))
+        data = rest[length:]
+    return found
+
+
+def result(body: bytes):
+    return xmlrpc.client.loads(body, use_builtin_types=True)[0][0]
+
+
+def fault_code(body: bytes) -> int:
+    with pytest.raises(xmlrpc.client.Fault) as caught:
+        xmlrpc.client.loads(body)
+    return caught.value.faultCode
+
+
+class Connection:
+    """A channel on a StringTransport, over a memory (or sqlite) store."""
+
+    def __init__(self, backend: str = "memory", tmp_path=None, **limits) -> None:
+        self.clock = Clock()
+        self.limits = Limits(**limits)
+        if backend == "memory":
+            store_backend = MemoryBackend(self.clock, self.limits)
+        else:
+            store_backend = SQLiteBackend(str(tmp_path / "kv.db"), self.clock, self.limits)
+        self.store = Store(store_backend, self.limits)
+        self.store.start()
+        self.factory = make_factory(self.store, self.limits, self.clock)
+        self.transport = StringTransport()
+        self.channel = self.factory.buildProtocol(None)
+        self.channel.makeConnection(self.transport)
+
+    def feed(self, data: bytes, chunk: int | None = None) -> None:
+        chunk = chunk or len(data) or 1
+        for i in range(0, len(data), chunk):
+            self.channel.dataReceived(data[i:i + chunk])
+
+    def take(self):
+        out = self.transport.value()
+        self.transport.clear()
+        return responses(out)
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+
+PIPELINE = (
+    post(call("save", "a", "1"))
+    + chunked(call("save", "b", [1, 2, {"x": b"\x00"}]))
+    + post(call("load", "a"), path=b"/")
+    + post(call("load", "b"), extra=b"Connection: keep-alive\r\n")
+    + post(call("nope"))
+    + post(call("delete", "a")) + post(call("load", "a"))
+)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 5, 6, 7, 8, 9, 64, None])
+def test_pipelined_requests_at_every_chunk_size(chunk):
+    """The same pipelined requests, fed 1..9 bytes (or more) at a time, get
+    the same answers in order, and the connection stays open."""
+    conn = Connection()
+    conn.feed(PIPELINE, chunk)
+    got = conn.take()
+    assert [status for status, _, _ in got] == [200] * 7
+    assert result(got[0][2]) is None and result(got[1][2]) is None
+    assert result(got[2][2]) == "1"
+    assert result(got[3][2]) == [1, 2, {"x": b"\x00"}]
+    assert fault_code(got[4][2]) == -32601
+    assert result(got[6][2]) is None
+    assert all(h[b"content-type"].startswith(b"text/xml") and b"date" in h for _, h, _ in got)
+    assert not conn.closed
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, None])
+def test_durable_writes_answer_in_order_after_the_commit(tmp_path, chunk):
+    """With sqlite, a write is answered only after the commit turn, and the
+    reads pipelined behind it wait their turn and see it."""
+    conn = Connection("sqlite", tmp_path)
+    conn.feed(post(call("save", "k", "v")) + post(call("load", "k")), chunk)
+    assert conn.take() == []
+    conn.clock.advance(0)
+    got = conn.take()
+    assert [result(body) for _, _, body in got] == [None, "v"]
+    conn.store.stop()
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /RPC2 HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (post(call("load", "a"), path=b"/other"), 404),
+    (b"POST /RPC2\r\n\r\n", 400),
+    (b"POST /RPC2 HTTP/2.0\r\n\r\n", 505),
+    (b"POST /RPC2 SPDY\r\n\r\n", 400),
+    (b"POST /RPC2 HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
+    (b"POST /RPC2 HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    (b"POST /RPC2 HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    (b"POST /RPC2 HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 400),
+    (b"POST /RPC2 HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+    (b"POST /RPC2 HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", 400),
+    (b"POST /RPC2 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    (b"POST /RPC2 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\naXX", 400),
+    (b"POST /RPC2 HTTP/1.1\r\nX: " + b"a" * 20000, 431),
+])
+def test_http_errors_get_a_status_and_a_closed_connection(request_bytes, status):
+    """Requests that are not XML-RPC POSTs get an HTTP error, then the
+    connection closes; nothing reaches the store."""
+    conn = Connection()
+    conn.feed(request_bytes + post(call("save", "x", 1)))
+    got = conn.take()
+    assert [s for s, _, _ in got] == [status]
+    assert got[0][1][b"connection"] == b"close"
+    if status == 405:
+        assert got[0][1][b"allow"] == b"POST"
+    assert conn.closed and conn.store.revision == 0
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_body_over_the_limit_is_discarded_and_answered_with_fault_10(framing):
+    """A body over max_body_bytes is never kept: it is read past and answered
+    with Fault 10, and the connection serves the next request."""
+    conn = Connection(max_body_bytes=500)
+    big = call("save", "big", "x" * 2000)
+    conn.feed((post(big) if framing == "length" else chunked(big, (300, 300, 5000)))
+              + post(call("save", "small", 1)), 97)
+    got = conn.take()
+    assert fault_code(got[0][2]) == 10
+    assert result(got[1][2]) is None
+    assert conn.store.load("big") is None and conn.store.load("small") == 1
+    assert not conn.closed
+
+
+def test_expect_continue():
+    """Expect: 100-continue gets 100 Continue, or for a body over the limit,
+    Fault 10 at once and a closed connection."""
+    conn = Connection(max_body_bytes=500)
+    body = call("save", "k", 1)
+    head = post(body, extra=b"Expect: 100-continue\r\n")[: -len(body)]
+    conn.feed(head)
+    assert [s for s, _, _ in conn.take()] == [100]
+    conn.feed(body)
+    assert result(conn.take()[0][2]) is None
+    conn.feed(post(call("save", "k", "x" * 1000), extra=b"Expect: 100-continue\r\n")
+              [: -1000])
+    got = conn.take()
+    assert fault_code(got[0][2]) == 10 and got[0][1][b"connection"] == b"close"
+    assert conn.closed
+
+
+@pytest.mark.parametrize("version, extra, closes", [
+    (b"HTTP/1.1", b"", False),
+    (b"HTTP/1.1", b"Connection: close\r\n", True),
+    (b"HTTP/1.0", b"", True),
+    (b"HTTP/1.0", b"Connection: keep-alive\r\n", False),
+])
+def test_keep_alive_rules(version, extra, closes):
+    """HTTP/1.1 keeps the connection unless told to close; 1.0 closes unless
+    told to keep it."""
+    conn = Connection()
+    conn.feed(post(call("load", "a"), version=version, extra=extra))
+    ((status, headers, _),) = conn.take()
+    assert status == 200
+    assert conn.closed == closes
+    assert (headers.get(b"connection") == b"close") == closes
+
+
+def test_idle_connection_is_closed_after_the_timeout():
+    """A connection with no request for idle_timeout seconds is closed; activity resets it."""
+    conn = Connection(idle_timeout=30)
+    conn.clock.advance(20)
+    conn.feed(post(call("load", "a")))
+    conn.clock.advance(20)
+    assert not conn.closed
+    conn.clock.advance(10)
+    assert conn.closed
+
+
+def test_connection_limit():
+    """Past max_connections, new connections are refused and counted."""
+    conn = Connection(max_connections=2)
+    second = conn.factory.buildProtocol(None)
+    second.makeConnection(StringTransport())
+    assert conn.factory.buildProtocol(None) is None
+    assert conn.factory.refused == 1
+    second.connectionLost(None)
+    assert conn.factory.buildProtocol(None) is not None
+
+
+def test_a_client_that_does_not_read_is_not_read_either():
+    """When the transport pauses the channel (its write buffer is full), no
+    further pipelined request is answered until it resumes."""
+    conn = Connection()
+    conn.channel.pauseProducing()
+    assert conn.transport.producerState == "paused"
+    conn.feed(post(call("save", "a", 1)) * 3)
+    assert conn.take() == [] and conn.store.revision == 0
+    conn.channel.resumeProducing()
+    assert len(conn.take()) == 3 and conn.store.revision == 3
+
+
+def test_pipelining_behind_a_slow_write_stops_reading_past_the_limit(tmp_path):
+    """While a write waits for its commit, a client racing ahead is not read
+    past max_body_bytes of buffered requests; reading resumes after."""
+    conn = Connection("sqlite", tmp_path, max_body_bytes=1000)
+    conn.feed(post(call("save", "a", 1)) + post(call("load", "a")) * 20)
+    assert conn.transport.producerState == "paused"
+    conn.clock.advance(0)
+    assert conn.transport.producerState == "producing"
+    assert len(conn.take()) == 21
+    conn.store.stop()
