@@ -1,65 +1,60 @@
 """
 The sqlite backend, kvconfig's embedded default.
 
-One file in WAL mode with ``synchronous=FULL``: a commit returns once its
-WAL frames are fsynced.  A write is acknowledged (its Deferred fires, its
-event is published) only after the transaction holding it commits.
+One file in WAL mode with ``synchronous=FULL`` (kvconfig.backends.sqlitefile).
+A write is acknowledged (its Deferred fires, its event is published) only
+after the transaction holding it has committed and been fsynced.
 
-Group commit: every change decided during one reactor turn is queued, and a
-``callLater(0)`` commits the queue in one transaction with one fsync at the
-start of the next turn, before any response written in this turn reaches
-its socket.  The commit is the only blocking call kvconfig makes on the
-reactor; at ~0.4 ms per fsync on an SSD it is shared by every write of the
-turn, so durable writes cost little more than memory ones under load.
+Group commit: the changes decided during one reactor turn form one batch,
+flushed by a ``callLater(0)`` at the start of the next turn.  The batch is
+committed in one of two ways:
 
-Tables: ``kv`` (the current keys), ``events`` (the history window, trimmed
-in the same transaction that adds to it; it always holds the newest event,
-so revisions never go backwards across restarts, even when the newest
-change was a delete) and ``meta`` (compact_revision).
+- by the **writer process** (the default under a real reactor): the batch
+  is sent down a pipe to ``kvconfig.backends.sqlitewriter``, which commits
+  every batch it has received in one transaction and answers ``ok`` per
+  batch.  The reactor never waits on an fsync: while one commit's fsync
+  runs, it goes on reading and deciding the next batch, which roughly
+  doubles durable write throughput on a loaded server.  If the writer
+  dies or a commit fails, the backend re-reads the file, acknowledges the
+  batches that did commit, fails the rest with Unavailable, and starts a
+  new writer.
+- **in process** (under a test Clock, or with ``writer=False``): the batch
+  is committed on the reactor, the only blocking call kvconfig then makes.
+  If the commit fails, its writes fail with Unavailable and the keyspace is
+  re-read from the file.
 
-If a commit fails (disk full, I/O error) every write in the batch fails with
-Unavailable and the keyspace is reloaded from the last committed state.
+Either way, reads are served from the keyspace in memory, and a change
+becomes visible to readers when it is decided; responses to those reads
+are only written after the commit turn, but a failed commit can make a
+read have seen a change that did not last.
 """
 
 from __future__ import annotations
 
+import marshal
+import os
 import sqlite3
+import sys
+from collections import deque
+from contextlib import closing
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from kvconfig import values
+import kvconfig
 from kvconfig.backends.base import IBackend, LocalBackend
+from kvconfig.backends.sqlitefile import make_batch, open_db, read_state, write_batches
 from kvconfig.errors import Unavailable
 from kvconfig.limits import Limits
-from kvconfig.model import PUT, Event, KeyValue
+from kvconfig.model import Event
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS kv (
-    key TEXT PRIMARY KEY,
-    raw BLOB NOT NULL,
-    version INTEGER NOT NULL,
-    create_revision INTEGER NOT NULL,
-    mod_revision INTEGER NOT NULL,
-    expires_at REAL
-);
-CREATE TABLE IF NOT EXISTS events (
-    revision INTEGER PRIMARY KEY,
-    type TEXT NOT NULL,
-    key TEXT NOT NULL,
-    raw BLOB,
-    version INTEGER,
-    create_revision INTEGER,
-    expires_at REAL,
-    expired INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS meta (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-"""
+Pending = list[tuple[Event, Deferred]]
+
+#: Seconds before starting a new writer after one died; doubles up to a minute.
+RESPAWN_DELAY = 0.1
 
 
 @implementer(IBackend)
@@ -70,138 +65,192 @@ class SQLiteBackend(LocalBackend):
     durable = True
     log = Logger()
 
-    def __init__(self, path: str, clock: IReactorTime, limits: Limits) -> None:
+    def __init__(self, path: str, clock: IReactorTime, limits: Limits,
+                 writer: bool | None = None) -> None:
         super().__init__(clock, limits)
         self.path = path
-        self._db: sqlite3.Connection | None = None
-        self._pending: list[tuple[Event, Deferred]] = []
-        self._commit_call: IDelayedCall | None = None
-        self.commits = 0
+        self.use_writer = IReactorProcess.providedBy(clock) if writer is None else writer
+        self._db: sqlite3.Connection | None = None   # in-process mode only
+        self._writer: _WriterProtocol | None = None
+        self._respawn: IDelayedCall | None = None
+        self._respawn_delay = RESPAWN_DELAY
+        self._pending: Pending = []                    # decided this turn
+        self._in_flight: deque[Pending] = deque()      # sent to the writer
+        self._flush_call: IDelayedCall | None = None
         self._trimmed_revision = 0
+        self._stopped: Deferred | None = None
+        self.commits = 0
         self.commit_failures = 0
+
+    # Life
 
     def start(self) -> Deferred:
         try:
-            self._db = sqlite3.connect(self.path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-            self._load()
+            db = open_db(self.path)
+            self._load(db)
+            if self.use_writer:
+                db.close()
+                self._spawn_writer()
+            else:
+                self._db = db
         except sqlite3.Error as e:
             raise Unavailable(f"cannot open sqlite store {self.path!r}: {e}") from e
         return super().start()
 
     def stop(self) -> Deferred:
-        if self._commit_call is not None and self._commit_call.active():
-            self._commit_call.cancel()
-            self._commit()
+        super().stop()
+        self._flush()
         if self._db is not None:
             self._db.close()
             self._db = None
-        return super().stop()
+        if self._respawn is not None and self._respawn.active():
+            self._respawn.cancel()
+        if self._writer is None:
+            return succeed(None)
+        # The writer commits what it has, then exits at the end of its input.
+        self._stopped = Deferred()
+        self._writer.transport.closeStdin()
+        return self._stopped
 
-    def _load(self) -> None:
-        db = self._db
-        meta = dict(db.execute("SELECT name, value FROM meta"))
-        kvs = [
-            KeyValue(key, values.decode(raw), raw, version, create, mod, expires)
-            for key, raw, version, create, mod, expires in db.execute(
-                "SELECT key, raw, version, create_revision, mod_revision, expires_at FROM kv"
-            )
-        ]
-        history = [
-            self._event_from_row(*row)
-            for row in db.execute(
-                "SELECT revision, type, key, raw, version, create_revision, expires_at,"
-                " expired FROM events ORDER BY revision"
-            )
-        ]
-        compact_revision = meta.get("compact_revision", 0)
-        # The window always holds the newest event (history_events >= 1), so
-        # the revision is the last event's, or the compaction point.
-        revision = history[-1].revision if history else compact_revision
+    def _load(self, db: sqlite3.Connection) -> None:
+        kvs, history, revision, compact_revision = read_state(db)
         self.keyspace.load(kvs, history, revision, compact_revision)
-        self._trimmed_revision = self.keyspace.compact_revision
-        self.feed.revision = max(self.feed.revision, self.keyspace.revision)
+        self._trimmed_revision = compact_revision
+        self.feed.revision = max(self.feed.revision, revision)
 
-    @staticmethod
-    def _event_from_row(revision, type_, key, raw, version, create, expires, expired) -> Event:
-        kv = None
-        if type_ == PUT:
-            kv = KeyValue(key, values.decode(raw), raw, version, create, revision, expires)
-        return Event(type_, key, revision, kv, bool(expired))
+    # Group commit
 
     def _persist(self, event: Event) -> Deferred:
-        if self._db is None:
+        if self._stopped is not None or (self._db is None and not self.use_writer):
             raise Unavailable("the sqlite store is closed")
         d = Deferred()
         self._pending.append((event, d))
-        if self._commit_call is None:
-            self._commit_call = self.clock.callLater(0, self._commit)
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
         return d
 
-    def _commit(self) -> None:
-        self._commit_call = None
-        batch, self._pending = self._pending, []
-        if not batch:
+    def _flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        pending, self._pending = self._pending, []
+        if not pending:
             return
-        db = self._db
-        keyspace = self.keyspace
-        # Only each key's last change in the batch decides its row in kv.
-        last = {event.key: event for event, _ in batch}
+        compact = self.keyspace.compact_revision
+        batch = make_batch([event for event, _ in pending],
+                           compact if compact > self._trimmed_revision else 0)
+        self._trimmed_revision = compact
+        if self.use_writer:
+            self._in_flight.append(pending)
+            if self._writer is not None:
+                self._writer.send(batch)
+            return
         try:
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany(
-                "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?, ?)",
-                [(kv.key, kv.raw, kv.version, kv.create_revision, kv.mod_revision,
-                  kv.expires_at) for event in last.values() if (kv := event.kv) is not None],
-            )
-            db.executemany(
-                "DELETE FROM kv WHERE key = ?",
-                [(key,) for key, event in last.items() if event.kv is None],
-            )
-            db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           [_event_row(event) for event, _ in batch])
-            if keyspace.compact_revision > self._trimmed_revision:
-                db.execute("DELETE FROM events WHERE revision <= ?",
-                           (keyspace.compact_revision,))
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('compact_revision', ?)",
-                           (keyspace.compact_revision,))
-            db.execute("COMMIT")
+            write_batches(self._db, [batch])
         except sqlite3.Error as e:
-            self._fail_batch(batch, e)
+            self._recover(e, failed=[pending])
             return
+        self._committed(pending)
+
+    def _committed(self, pending: Pending) -> None:
         self.commits += 1
-        self._trimmed_revision = keyspace.compact_revision
-        for event, _ in batch:
+        for event, _ in pending:
             self.feed.publish(event)
-        for event, d in batch:
+        for event, d in pending:
             d.callback(event)
-    def _fail_batch(self, batch: list[tuple[Event, Deferred]], error: Exception) -> None:
+
+    def _recover(self, error: object, failed: list[Pending]) -> None:
+        """After a failed commit or a dead writer: re-read the file, then
+        acknowledge the batches it holds and fail the others."""
         self.commit_failures += 1
-        self.log.error("sqlite commit of {n} changes failed: {error}", n=len(batch),
-                       error=error)
+        undecided = failed + [self._pending]
+        self._pending = []
         try:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            self._load()
+            if self._db is not None:
+                self._load(self._db)
+            else:
+                with closing(open_db(self.path)) as db:
+                    self._load(db)
         except sqlite3.Error as e:
             self.log.error("sqlite store unreadable after a failed commit: {error}", error=e)
         self._schedule_all_expiry()
+        durable = self.keyspace.revision
         failure = Unavailable(f"the write could not be committed: {error}")
-        for _, d in batch:
-            d.errback(failure)
+        for pending in undecided:
+            if pending and pending[-1][0].revision <= durable:
+                self._committed(pending)
+            else:
+                for _, d in pending:
+                    d.errback(failure)
+
+    # The writer process
+
+    def _spawn_writer(self) -> None:
+        self._respawn = None
+        env = dict(os.environ)
+        # The writer imports this same kvconfig, wherever it was loaded from.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(kvconfig.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,
+                                                          env.get("PYTHONPATH")]))
+        self._writer = _WriterProtocol(self)
+        self.clock.spawnProcess(
+            self._writer, sys.executable,
+            [sys.executable, "-m", "kvconfig.backends.sqlitewriter", self.path],
+            env=env, childFDs={0: "w", 1: "r", 2: "r"},
+        )
+
+    def _writer_ready(self) -> None:
+        self._respawn_delay = RESPAWN_DELAY
+
+    def _writer_acked(self) -> None:
+        self._committed(self._in_flight.popleft())
+
+    def _writer_ended(self, reason: str) -> None:
+        self._writer = None
+        if self._stopped is not None and not self._in_flight:
+            self._stopped.callback(None)
+            return
+        self.log.error("sqlite writer process ended: {reason}", reason=reason)
+        in_flight = list(self._in_flight)
+        self._in_flight.clear()
+        self._recover(reason, failed=in_flight)
+        if self._stopped is not None:
+            self._stopped.callback(None)
+            return
+        self._respawn = self.clock.callLater(self._respawn_delay, self._spawn_writer)
+        self._respawn_delay = min(self._respawn_delay * 2, 60.0)
 
     @property
-    def pending(self) -> int:
-        return len(self._pending)
+    def writer_pid(self) -> int | None:
+        return self._writer.transport.pid if self._writer is not None else None
 
 
+class _WriterProtocol(ProcessProtocol):
+    """The server's end of the pipes to the writer process."""
 
-def _event_row(event: Event) -> tuple:
-    kv = event.kv
-    if kv is None:
-        return (event.revision, event.type, event.key, None, None, None, None,
-                int(event.expired))
-    return (event.revision, event.type, event.key, kv.raw, kv.version, kv.create_revision,
-            kv.expires_at, 0)
+    def __init__(self, backend: SQLiteBackend) -> None:
+        self.backend = backend
+        self._lines = bytearray()
+        self._errors = bytearray()
+
+    def send(self, batch) -> None:
+        payload = marshal.dumps(batch)
+        self.transport.write(len(payload).to_bytes(4, "big") + payload)
+
+    def outReceived(self, data: bytes) -> None:
+        self._lines += data
+        *lines, rest = self._lines.split(b"\n")
+        self._lines = bytearray(rest)
+        for line in lines:
+            if line == b"ok":
+                self.backend._writer_acked()
+            elif line == b"ready":
+                self.backend._writer_ready()
+
+    def errReceived(self, data: bytes) -> None:
+        self._errors += data[:4096]
+
+    def processEnded(self, reason) -> None:
+        message = self._errors.decode("utf-8", "replace").strip() or str(reason.value)
+        self.backend._writer_ended(message)
+
