@@ -190,17 +190,18 @@ class KVConfigXMLRPC(_Dispatcher):
         return d.addBoth(self.marshal)
 
     def render_POST(self, request: server.Request):
-        """Serve the same calls when mounted in a twisted.web Site."""
+        """Serve the same calls when mounted in a twisted.web Site (whose own
+        limits then apply to the body as it arrives)."""
         body = request.content.read()
-        if len(body) > self.limits.max_body_bytes:
-            body = None
-        response = self.respond(body)
+        response = self.respond(body if len(body) <= self.limits.max_body_bytes else None)
         request.setHeader(b"content-type", b"text/xml; charset=utf-8")
         if not isinstance(response, Deferred):
             return response
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
 
         def write(response: bytes) -> None:
-            if not request._disconnected:
+            if not gone:
                 request.write(response)
                 request.finish()
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 from kvconfig.errors import CompareFailed
@@ -55,6 +56,8 @@ class LocalBackend:
 
     Subclasses say how a change becomes durable by overriding ``_persist``.
     """
+
+    log = Logger()
 
     name = "local"
     durable = False
@@ -133,8 +136,11 @@ class LocalBackend:
             return
         self.expired += 1
         event = Event(DELETE, key, self.keyspace.revision + 1, expired=True)
-        # Nobody waits on an expiry; a failure is logged by the backend.
-        self._change(event).addErrback(lambda _: None)
+        # Nobody waits on an expiry, so its failure is only logged; the key
+        # stays until the next write or restart expires it again.
+        self._change(event).addErrback(
+            lambda failure: self.log.failure("expiring {key} failed", failure, key=key)
+        )
 
     def _schedule_all_expiry(self) -> None:
         self._cancel_all_expiry()
