@@ -77,16 +77,19 @@ def _check_endpoint(description: str, option: str) -> None:
 
 
 class StoreService(service.Service):
-    """Opens the store before the interfaces listen, closes it after they stop."""
+    """Opens the store before the interfaces serve, closes it after they stop."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def privilegedStartService(self) -> None:
-        # Runs before the listening services start; a store that cannot be
-        # opened stops twistd with a clear error instead of serving nothing.
+    def startService(self) -> None:
+        # Not privilegedStartService: under --uid/--gid the store file and
+        # its writer process belong to the unprivileged user.  Ports are
+        # bound earlier, but nothing is served before the reactor runs, by
+        # which time the store is open; one that cannot be opened stops
+        # twistd with the error.
         self.store.start()
-        super().privilegedStartService()
+        super().startService()
 
     def stopService(self) -> Deferred:
         super().stopService()

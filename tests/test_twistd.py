@@ -148,9 +148,11 @@ def test_daemon_mode_with_pidfile(tmp_path):
     (["--max-key-bytes", "0"], "max-key-bytes must be a positive integer"),
     (["--max-value-bytes", "lots"], "max-value-bytes"),
     (["--xmlrpc", "tcp:notaport"], "--xmlrpc: bad endpoint"),
+    (["--store", "sqlite:/nonexistent/dir/kv.db"], "cannot open sqlite store"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, args, message):
-    """Bad options stop twistd with a usage error that names the problem."""
+    """Bad options, or a store that cannot be opened, stop twistd with an
+    error that names the problem."""
     result = subprocess.run([twistd_path(), "-n", "--pidfile=", "kvconfig", *args],
                             cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
