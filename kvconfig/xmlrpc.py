@@ -68,6 +68,21 @@ from kvconfig.model import Event, KeyValue
 from kvconfig.store import Store
 
 RPC_PATHS = (b"/RPC2", b"/")
+
+# The common call, as the stdlib client (and most others) writes it: string,
+# int and nil params only, no entities, no carriage returns.  Such a body is
+# read with two regular expressions; anything else goes to the full parser,
+# which also produces every error.
+_SIMPLE_CALL = re.compile(
+    rb"(?:<\?xml version=['\"]1\.0['\"]\?>)?\s*<methodCall>\s*"
+    rb"<methodName>([A-Za-z0-9_.]{1,100})</methodName>\s*<params>\s*"
+    rb"((?:<param>\s*<value>(?:<string>[^<&\r]*</string>|<(?:int|i4)>-?[0-9]{1,10}</(?:int|i4)>"
+    rb"|<nil/>)</value>\s*</param>\s*)*)</params>\s*</methodCall>\s*\Z"
+)
+_SIMPLE_PARAM = re.compile(
+    rb"<value>(?:<string>([^<&\r]*)</string>|<(?:int|i4)>(-?[0-9]+)</(?:int|i4)>|(<nil/>))"
+)
+_NOT_XML_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _DECLARED_ENCODING = re.compile(rb"""^<\?xml[^>]*encoding=["']([A-Za-z0-9._-]+)["']""")
 
 
@@ -97,6 +112,29 @@ def dumps_response(result: tuple | Fault) -> bytes:
     """A methodResponse body, as xmlrpc.client.dumps(methodresponse=True) makes."""
     data = _Marshaller("utf-8", allow_none=True).dumps(result)
     return f"<?xml version='1.0'?>\n<methodResponse>\n{data}</methodResponse>\n".encode()
+
+
+def _parse_simple_call(body: bytes) -> tuple[str, tuple] | None:
+    """(method, params) of a call in the common simple form, or None when
+    the full parser must decide (it gives the same result, or the error)."""
+    call = _SIMPLE_CALL.match(body)
+    if call is None:
+        return None
+    params = []
+    for text, number, nil in _SIMPLE_PARAM.findall(call.group(2)):
+        if nil:
+            params.append(None)
+        elif number:
+            params.append(int(number))
+        else:
+            try:
+                string = text.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            if _NOT_XML_TEXT.search(string):
+                return None
+            params.append(string)
+    return call.group(1).decode("ascii"), tuple(params)
 
 
 def kv_struct(kv: KeyValue) -> dict[str, Any]:
@@ -211,6 +249,9 @@ class KVConfigXMLRPC(_Dispatcher):
     @staticmethod
     def parse(body: bytes) -> tuple[str, tuple]:
         """Return (method name, params) of an XML-RPC methodCall body."""
+        simple = _parse_simple_call(body)
+        if simple is not None:
+            return simple
         try:
             params, method = loads(body, use_builtin_types=True)
         except ExpatError as e:
