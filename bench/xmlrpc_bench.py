@@ -141,6 +141,7 @@ def kvconfig_command(directory: Path, port: int) -> list[str]:
         twistd_path(), "-n", "--pidfile=", f"--logfile={directory / 'twistd.log'}",
         "kvconfig", f"--store=sqlite:{directory / 'kvconfig.db'}",
         f"--xmlrpc=tcp:{port}:interface={HOST}",
+        f"--line=tcp:0:interface={HOST}",  # not measured here; any free port
     ]
 
 

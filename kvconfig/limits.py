@@ -27,6 +27,13 @@ class Limits:
     idle_timeout: int = 300
     #: Most calls in one ``system.multicall``.
     max_multicall: int = 1000
+    #: Longest line-protocol line (without its LF); must hold the largest value.
+    max_line_bytes: int = (1 << 20) + 4096
+    #: Most WATCHes on one line-protocol connection.
+    max_watches: int = 100
+    #: Most events held for a watcher that is not reading, before its
+    #: watches are ended (slow_consumer).
+    max_watch_backlog: int = 10_000
     #: Most change events kept as history for ``changes(prefix, since)``.
     history_events: int = 10_000
     #: Most bytes of values kept in that history.
@@ -36,3 +43,8 @@ class Limits:
         for name, value in vars(self).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        # SET key <value> [EX n] [IF n] must fit on one line.
+        needed = self.max_value_bytes + self.max_key_bytes + 64
+        if self.max_line_bytes < needed:
+            raise ValueError(f"max_line_bytes must be at least {needed} "
+                             "(max_value_bytes + max_key_bytes + 64)")

@@ -11,6 +11,7 @@ errors of kvconfig.errors back to theirs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -34,6 +35,7 @@ class Store:
         self.limits = limits or Limits()
         self.counters = {"reads": 0, "puts": 0, "deletes": 0, "compare_failures": 0,
                          "rejected": 0}
+        self._interface_stats: dict[str, Callable[[], dict[str, Any]]] = {}
 
     @property
     def feed(self) -> ChangeFeed:
@@ -129,6 +131,10 @@ class Store:
         self.counters["compare_failures" if isinstance(error, CompareFailed) else "rejected"] += 1
         return fail(error)
 
+    def add_stats(self, interface: str, stats: Callable[[], dict[str, Any]]) -> None:
+        """Include an interface's counters in stats(), as ``<interface>_<name>``."""
+        self._interface_stats[interface] = stats
+
     def stats(self) -> dict[str, Any]:
         backend = self.backend
         keyspace = backend.keyspace
@@ -147,6 +153,9 @@ class Store:
         for name in ("commits", "commit_failures"):
             if hasattr(backend, name):
                 stats[name] = getattr(backend, name)
+        for interface, interface_stats in self._interface_stats.items():
+            stats.update({f"{interface}_{name}": value
+                          for name, value in interface_stats().items()})
         return stats
 
 

@@ -16,6 +16,7 @@ from twisted.python import usage
 from kvconfig import __version__
 from kvconfig.backends import backend_from_string, parse_store
 from kvconfig.limits import Limits
+from kvconfig.line import LineFactory
 from kvconfig.store import Store
 from kvconfig.xmlrpc import make_factory
 
@@ -27,6 +28,10 @@ _LIMIT_OPTIONS = [
     ("max-multicall", "max_multicall", "Most calls in one system.multicall."),
     ("max-connections", "max_connections", "Most simultaneous connections per interface."),
     ("idle-timeout", "idle_timeout", "Seconds before an idle connection is closed."),
+    ("max-line-bytes", "max_line_bytes", "Longest line-protocol line, in bytes."),
+    ("max-watches", "max_watches", "Most WATCHes per line-protocol connection."),
+    ("max-watch-backlog", "max_watch_backlog",
+     "Events held for a watcher that is not reading before its watches end."),
     ("history-events", "history_events", "Most change events kept for changes()."),
     ("history-bytes", "history_bytes", "Most bytes of values kept in that history."),
 ]
@@ -42,6 +47,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["xmlrpc", None, "tcp:15000:interface=127.0.0.1", "XML-RPC endpoint."],
+        ["line", None, "tcp:15001:interface=127.0.0.1", "Line protocol (telnet) endpoint."],
         ["store", None, "sqlite:kvconfig.db", "Store: sqlite:PATH or memory:."],
     ] + [
         [flag, None, getattr(_DEFAULT_LIMITS, field), help_, int]
@@ -65,6 +71,7 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(str(e).replace("_", "-")) from None
         _check_endpoint(self["xmlrpc"], "--xmlrpc")
+        _check_endpoint(self["line"], "--line")
 
 
 def _check_endpoint(description: str, option: str) -> None:
@@ -108,11 +115,15 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     store_service.setName("store")
     store_service.setServiceParent(top)
 
-    xmlrpc = StreamServerEndpointService(
-        serverFromString(reactor, options["xmlrpc"]), make_factory(store, limits, reactor)
-    )
-    # A port already in use should stop twistd, not be logged and ignored.
-    xmlrpc._raiseSynchronously = True
-    xmlrpc.setName("xmlrpc")
-    xmlrpc.setServiceParent(top)
+    interfaces = [
+        ("xmlrpc", make_factory(store, limits, reactor)),
+        ("line", LineFactory(store, limits, reactor)),
+    ]
+    for name, factory in interfaces:
+        listener = StreamServerEndpointService(serverFromString(reactor, options[name]),
+                                               factory)
+        # A port already in use should stop twistd, not be logged and ignored.
+        listener._raiseSynchronously = True
+        listener.setName(name)
+        listener.setServiceParent(top)
     return top

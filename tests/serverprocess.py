@@ -33,6 +33,7 @@ class KVConfigProcess:
         self.store = store or f"sqlite:{directory / 'kvconfig.db'}"
         self.extra = list(extra)
         self.port = free_port()
+        self.line_port = free_port()
         self.process: subprocess.Popen | None = None
         self.log_path = directory / "twistd.log"
 
@@ -47,7 +48,8 @@ class KVConfigProcess:
         args = [
             twistd_path(), "-n", "--pidfile=", f"--logfile={self.log_path}",
             "kvconfig", f"--store={self.store}",
-            f"--xmlrpc=tcp:{self.port}:interface=127.0.0.1", *self.extra,
+            f"--xmlrpc=tcp:{self.port}:interface=127.0.0.1",
+            f"--line=tcp:{self.line_port}:interface=127.0.0.1", *self.extra,
         ]
         self.process = subprocess.Popen(args, cwd=self.directory, env=dict(os.environ))
         deadline = time.monotonic() + timeout

@@ -118,7 +118,7 @@ def test_daemon_mode_with_pidfile(tmp_path):
     subprocess.run(
         [twistd_path(), f"--pidfile={pidfile}", f"--logfile={tmp_path / 'log'}",
          "kvconfig", f"--store=sqlite:{tmp_path / 'kv.db'}",
-         f"--xmlrpc=tcp:{port}:interface=127.0.0.1"],
+         f"--xmlrpc=tcp:{port}:interface=127.0.0.1", "--line=tcp:0:interface=127.0.0.1"],
         cwd=tmp_path, check=True, timeout=30,
     )
     deadline = time.monotonic() + 20
@@ -164,7 +164,8 @@ def test_port_in_use_stops_twistd(tmp_path, server):
     of running without its interface."""
     result = subprocess.run(
         [twistd_path(), "-n", "--pidfile=", "kvconfig", "--store=memory:",
-         f"--xmlrpc=tcp:{server.port}:interface=127.0.0.1"],
+         f"--xmlrpc=tcp:{server.port}:interface=127.0.0.1",
+         "--line=tcp:0:interface=127.0.0.1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode != 0

@@ -1,0 +1,543 @@
+"""
+The line protocol: kvconfig for people at a telnet prompt and for scripts.
+
+Wire protocol
+=============
+
+TCP, default endpoint ``tcp:15001:interface=127.0.0.1``.  On connecting the
+server greets::
+
+    HELLO kvconfig <version> revision <revision> - type HELP for commands
+
+Requests are one command per line, ended by LF or CRLF; words are separated
+by spaces and tabs, command names are case-insensitive, blank lines are
+ignored, and commands may be pipelined: replies come back in request order.
+
+Values are JSON.  A value that is not JSON and does not start with ``{``,
+``[`` or ``"`` is a bare word, read as a string (``SET name Guido``).  Bytes
+and datetimes use kvconfig's tagged JSON (``{"$bytes": "<base64>"}``,
+``{"$datetime": "YYYYMMDDTHH:MM:SS"}``; a one-key dict whose key starts with
+``$`` is written ``{"$dict": {...}}``), which is also how they are shown.
+
+Commands::
+
+    GET key                           VALUE <key> <mod_revision> <version>
+                                            <create_revision> <expires_at|-> <json>
+                                      or NIL <key>
+    SET key value [EX sec] [IF rev]   OK <revision> <version>
+    DEL key [IF rev]                  OK <revision> deleted | OK <revision> absent
+    KEYS [prefix [limit]]             KEY <key> ... END <revision> <count>
+    LIST [prefix [limit]]             VALUE ... END <revision> <count>
+    CHANGES since [prefix]            CHANGE ... END <revision> <count>
+    WATCH [prefix [from]]             OK watching <id> <prefix|*> <revision>,
+                                      then EVENT <id> ... lines as changes happen
+    UNWATCH [id]                      OK <number of watches ended>
+    STATS                             STAT <name> <json> ... END
+    PING [text]                       PONG [text]
+    HELP [command]                    HELP <text> ... END
+    QUIT                              OK bye, then the server closes
+
+``EX`` gives the key a time to live in seconds; ``IF`` makes the write a
+compare-and-set on the key's mod_revision (``IF 0``: only if absent).
+``CHANGES`` lists changes after revision ``since``; ``WATCH ... from`` first
+replays the changes from revision ``from`` on (etcd's start revision), then
+streams live ones.  ``expires_at`` is a Unix time.
+
+Every reply line starts with a status word: ``OK``, ``ERR``, ``VALUE``,
+``NIL``, ``KEY``, ``CHANGE``, ``STAT``, ``HELP``, ``PONG``, ``END``,
+``HELLO`` - or ``EVENT`` for a watch notification, which may come between
+two replies but never inside a multi-line one.  Change lines read::
+
+    CHANGE put <key> <revision> <version> <create_revision> <expires_at|-> <json>
+    CHANGE delete <key> <revision> <deleted|expired>
+    EVENT <id> put ...   / EVENT <id> delete ...      (the same fields)
+
+Errors are one line, ``ERR <name> <code> <message>``, with the names and
+codes of kvconfig.errors (the XML-RPC Fault codes); the connection stays
+usable.  A line longer than ``--max-line-bytes`` gets ``ERR
+request_too_large`` and is skipped up to its newline without being kept.
+
+A watcher that does not read fast enough is not buffered for without bound:
+while its connection's send buffer is full, events wait in a queue of at
+most ``--max-watch-backlog``; past that its watches end with ``ERR
+slow_consumer`` (counted in STATS) and it can WATCH again from the revision
+it last saw.  Connections with a watch are exempt from the idle timeout.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from kvconfig import __version__, errors, values
+from kvconfig.limits import Limits
+from kvconfig.model import Event, KeyValue
+from kvconfig.store import Store
+
+_decoder = json.JSONDecoder()
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class SlowConsumer(errors.LimitExceeded):
+    """A watcher fell more than --max-watch-backlog events behind."""
+
+    name = "slow_consumer"
+
+
+# Formatting
+
+
+def value_line(kv: KeyValue) -> bytes:
+    expires = "-" if kv.expires_at is None else repr(kv.expires_at)
+    return b"VALUE %s %d %d %d %s %s" % (
+        kv.key.encode(), kv.mod_revision, kv.version, kv.create_revision,
+        expires.encode(), kv.raw,
+    )
+
+
+def change_fields(event: Event) -> bytes:
+    if event.kv is None:
+        return b"delete %s %d %s" % (event.key.encode(), event.revision,
+                                     b"expired" if event.expired else b"deleted")
+    return b"put " + value_line(event.kv)[6:]
+
+
+def error_line(error: errors.KVConfigError) -> bytes:
+    message = " ".join(error.message.split())  # one line, whatever it quotes
+    return b"ERR %s %d %s" % (error.name.encode(), error.code, message.encode())
+
+
+# Parsing
+
+
+def parse_value(text: str) -> tuple[Any, str]:
+    """(value, rest of the line) from the start of *text*."""
+    try:
+        data, end = _decoder.raw_decode(text)
+    except json.JSONDecodeError:
+        data, end = None, -1
+    if end >= 0 and (end == len(text) or text[end].isspace()):
+        return values.from_tagged(data), text[end:]
+    if text[:1] in ('{', '[', '"'):
+        raise errors.InvalidValue(f"value is not valid JSON: {errors.brief(text)}")
+    word, *rest = text.split(None, 1)
+    return word, rest[0] if rest else ""
+
+
+def parse_int(text: str, what: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise errors.InvalidArgument(f"{what} must be an integer, not {errors.brief(text)}") \
+            from None
+
+
+def parse_number(text: str, what: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise errors.InvalidArgument(f"{what} must be a number, not {errors.brief(text)}") \
+            from None
+    return int(number) if number.is_integer() else number
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    usage: str
+    help: str
+    least: int
+    most: int
+    raw_rest: bool = False  # SET: the value is parsed from the raw text
+
+
+class LineProtocol(Protocol, TimeoutMixin):
+    """One connection: parse lines, answer in order, stream watch events."""
+
+    log = Logger()
+
+    def __init__(self, factory: LineFactory) -> None:
+        self.factory = factory
+        self.store = factory.store
+        self.limits = factory.limits
+        self.callLater = factory.clock.callLater
+        self._buffer = bytearray()
+        self._discarding = False
+        self._replies: deque[list] = deque()   # [lines or None] slots, in order
+        self._paused = False
+        self._closing = False
+        self._watches: dict[int, Callable[[], None]] = {}
+        self._backlog: deque[bytes] = deque()
+        self._next_watch = 1
+
+    # Connection life
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        self.transport.registerProducer(self, True)
+        self.setTimeout(self.limits.idle_timeout)
+        self._write(b"HELLO kvconfig %s revision %d - type HELP for commands"
+                    % (__version__.encode(), self.store.revision))
+
+    def connectionLost(self, reason=None) -> None:
+        self.factory.connections -= 1
+        self.setTimeout(None)
+        self._end_watches()
+        self._replies.clear()
+        self._backlog.clear()
+
+    def timeoutConnection(self) -> None:
+        if self._watches:
+            self.resetTimeout()  # watching connections are expected to be quiet
+            return
+        self._write(error_line(errors.LimitExceeded(
+            f"idle for {self.limits.idle_timeout} s; closing")))
+        self.transport.loseConnection()
+
+    # IPushProducer for our own transport: paused when the client stops
+    # reading.  Then we stop reading its commands and hold its events.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        while self._backlog and not self._paused:
+            self.transport.write(self._backlog.popleft())
+        if not self._paused:
+            self.transport.resumeProducing()
+            self._process()
+
+    def stopProducing(self) -> None:
+        self._end_watches()
+
+    # Reading
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        buffer, limit = self._buffer, self.factory.max_line_bytes
+        while not self._paused and not self._closing:
+            end = buffer.find(b"\n")
+            if end < 0:
+                if self._discarding:
+                    buffer.clear()
+                elif len(buffer) > limit + 1:  # + 1: room for a CR
+                    self._too_long()
+                    buffer.clear()
+                return
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            if self._discarding:
+                self._discarding = False
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > limit:
+                self._too_long(discarding=False)
+                continue
+            self._line(line)
+        self._close_if_done()
+
+    def _too_long(self, discarding: bool = True) -> None:
+        if not self._discarding:
+            self.factory.counters["lines_too_long"] += 1
+            self._reply(errors.RequestTooLarge(
+                f"line is longer than {self.factory.max_line_bytes} bytes; skipped"))
+        self._discarding = discarding
+
+    def _line(self, raw: bytes) -> None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(errors.BadEncoding("line is not valid UTF-8"))
+            return
+        words = text.split(None, 1)
+        if not words:
+            return
+        name, rest = words[0], words[1] if len(words) > 1 else ""
+        command = COMMANDS.get(name.upper())
+        if command is None:
+            self._reply(errors.NoSuchMethod(
+                f"unknown command {errors.brief(name)}; type HELP"))
+            return
+        self.factory.counters["commands"] += 1
+        try:
+            if command.raw_rest:
+                result = getattr(self, "do_" + command.name)(rest.strip())
+            else:
+                args = rest.split()
+                if not command.least <= len(args) <= command.most:
+                    raise errors.WrongArguments(f"usage: {command.usage}")
+                result = getattr(self, "do_" + command.name)(*args)
+        except errors.KVConfigError as e:
+            result = e
+        except Exception:
+            self.log.failure("line command {line!r} failed", line=errors.brief(text))
+            result = errors.InternalError("internal error")
+        self._reply(result)
+
+    # Replying, in request order whatever finishes first
+
+    def _reply(self, result: Any) -> None:
+        if isinstance(result, Deferred):
+            slot = [None]
+            self._replies.append(slot)
+            result.addBoth(self._fill, slot)
+            return
+        lines = self._lines(result)
+        if self._replies:
+            self._replies.append([lines])
+        else:
+            self._write_lines(lines)
+
+    def _fill(self, result: Any, slot: list) -> None:
+        slot[0] = self._lines(result)
+        replies = self._replies
+        while replies and replies[0][0] is not None:
+            self._write_lines(replies.popleft()[0])
+        self._close_if_done()
+
+    def _lines(self, result: Any) -> list[bytes]:
+        if isinstance(result, Failure):
+            result = result.value if isinstance(result.value, errors.KVConfigError) \
+                else self._internal(result)
+        if isinstance(result, errors.KVConfigError):
+            self.factory.counters["errors"] += 1
+            return [error_line(result)]
+        return [result] if isinstance(result, bytes) else result
+
+    def _internal(self, failure: Failure) -> errors.KVConfigError:
+        self.log.failure("line command failed", failure)
+        return errors.InternalError("internal error")
+
+    def _write_lines(self, lines: list[bytes]) -> None:
+        if self.transport is not None and self.connected:
+            self.transport.write(b"\r\n".join(lines) + b"\r\n")
+
+    def _write(self, line: bytes) -> None:
+        self._write_lines([line])
+
+    # Commands
+
+    def do_get(self, key: str) -> bytes:
+        kv = self.store.get(key)
+        return b"NIL " + key.encode() if kv is None else value_line(kv)
+
+    def do_set(self, rest: str) -> Deferred:
+        words = rest.split(None, 1)
+        if len(words) != 2:
+            raise errors.WrongArguments(f"usage: {COMMANDS['SET'].usage}")
+        key, rest = words
+        value, rest = parse_value(rest)
+        options = rest.split()
+        if len(options) % 2:
+            raise errors.WrongArguments(f"usage: {COMMANDS['SET'].usage}")
+        ttl = prev = None
+        for option, argument in zip(options[::2], options[1::2], strict=True):
+            option = option.upper()
+            if option == "EX":
+                ttl = parse_number(argument, "EX")
+            elif option == "IF":
+                prev = parse_int(argument, "IF")
+            else:
+                raise errors.InvalidArgument(f"unknown option {errors.brief(option)}; "
+                                             "use EX seconds or IF revision")
+        return self.store.put(key, value, prev, ttl).addCallback(
+            lambda kv: b"OK %d %d" % (kv.mod_revision, kv.version))
+
+    def do_del(self, key: str, *options: str) -> Deferred:
+        prev = None
+        if options:
+            if len(options) != 2 or options[0].upper() != "IF":
+                raise errors.WrongArguments(f"usage: {COMMANDS['DEL'].usage}")
+            prev = parse_int(options[1], "IF")
+        store = self.store
+        return store.delete(key, prev).addCallback(
+            lambda revision: b"OK %d absent" % store.revision if revision is None
+            else b"OK %d deleted" % revision)
+
+    def _range(self, prefix: str, limit: str | None) -> tuple[int, list[KeyValue]]:
+        return self.store.range(prefix, None if limit is None else parse_int(limit, "limit"))
+
+    def do_keys(self, prefix: str = "", limit: str | None = None) -> list[bytes]:
+        revision, kvs = self._range(prefix, limit)
+        lines = [b"KEY " + kv.key.encode() for kv in kvs]
+        lines.append(b"END %d %d" % (revision, len(kvs)))
+        return lines
+
+    def do_list(self, prefix: str = "", limit: str | None = None) -> list[bytes]:
+        revision, kvs = self._range(prefix, limit)
+        lines = [value_line(kv) for kv in kvs]
+        lines.append(b"END %d %d" % (revision, len(kvs)))
+        return lines
+
+    def do_changes(self, since: str, prefix: str = "") -> list[bytes]:
+        revision, events = self.store.changes(prefix, parse_int(since, "since"))
+        lines = [b"CHANGE " + change_fields(event) for event in events]
+        lines.append(b"END %d %d" % (revision, len(events)))
+        return lines
+
+    def do_watch(self, prefix: str = "", start: str | None = None) -> bytes:
+        values.check_prefix(prefix, self.limits.max_key_bytes)
+        if len(self._watches) >= self.limits.max_watches:
+            raise errors.LimitExceeded(
+                f"at most {self.limits.max_watches} watches per connection")
+        feed = self.store.feed
+        # Replay only what the feed has published (committed); everything
+        # after that arrives live from the feed: no gap, no duplicate.
+        replay: list[Event] = []
+        if start is not None:
+            since = parse_int(start, "from") - 1
+            if since < 0:
+                raise errors.InvalidArgument("from must be a revision >= 1")
+            _, events = self.store.changes(prefix, since)
+            replay = [event for event in events if event.revision <= feed.revision]
+        watch_id = self._next_watch
+        self._next_watch += 1
+        header = b"EVENT %d " % watch_id
+        self._watches[watch_id] = feed.subscribe(
+            lambda event: self._event(header + change_fields(event)), prefix)
+        self.factory.counters["watches"] += 1
+        lines = [b"OK watching %d %s %d" % (watch_id, (prefix or "*").encode(), feed.revision)]
+        lines.extend(header + change_fields(event) for event in replay)
+        return lines
+
+    def do_unwatch(self, watch_id: str | None = None) -> bytes:
+        if watch_id is None:
+            return b"OK %d" % self._end_watches()
+        unsubscribe = self._watches.pop(parse_int(watch_id, "id"), None)
+        if unsubscribe is None:
+            raise errors.InvalidArgument(f"no watch {errors.brief(watch_id)} here")
+        unsubscribe()
+        return b"OK 1"
+
+    def do_stats(self) -> list[bytes]:
+        lines = [b"STAT %s %s" % (name.encode(), _encode(value).encode())
+                 for name, value in self.store.stats().items()]
+        lines.append(b"END")
+        return lines
+
+    def do_ping(self, rest: str) -> bytes:
+        return b"PONG " + rest.encode() if rest else b"PONG"
+
+    def do_help(self, name: str | None = None) -> list[bytes]:
+        if name is None:
+            lines = [b"HELP kvconfig line protocol; commands (HELP <command> for more):"]
+            lines += [b"HELP   " + c.usage.encode() for c in COMMANDS.values()]
+        else:
+            command = COMMANDS.get(name.upper())
+            if command is None:
+                raise errors.NoSuchMethod(f"unknown command {errors.brief(name)}")
+            lines = [b"HELP " + command.usage.encode()]
+            lines += [b"HELP   " + text.encode() for text in command.help.split("\n")]
+        lines.append(b"END")
+        return lines
+
+    def do_quit(self) -> bytes:
+        self._closing = True  # read nothing more; close once every reply is out
+        return b"OK bye"
+
+    def _close_if_done(self) -> None:
+        if self._closing and not self._replies and self.connected:
+            self.transport.loseConnection()
+
+    # Watches
+
+    def _event(self, line: bytes) -> None:
+        if self._replies:
+            # Behind replies still being computed (a WATCH's own replay among
+            # them), so that nothing of a watch overtakes its start.
+            self._replies.append([[line]])
+            return
+        if not self._paused and not self._backlog:
+            self.transport.write(line + b"\r\n")
+            return
+        if len(self._backlog) >= self.limits.max_watch_backlog:
+            self.factory.counters["watchers_dropped"] += 1
+            ended = self._end_watches()
+            self._backlog.clear()
+            self._backlog.append(error_line(SlowConsumer(
+                f"{ended} watch(es) ended: more than {self.limits.max_watch_backlog} "
+                "events waiting to be read; WATCH again from the last revision seen"))
+                + b"\r\n")
+            return
+        self._backlog.append(line + b"\r\n")
+
+    def _end_watches(self) -> int:
+        ended = len(self._watches)
+        for unsubscribe in self._watches.values():
+            unsubscribe()
+        self._watches.clear()
+        return ended
+
+
+_HELP = {
+    "GET": ("GET key", "The key's value and metadata: VALUE key mod_revision version\n"
+            "create_revision expires_at|- json, or NIL key."),
+    "SET": ("SET key value [EX seconds] [IF mod_revision]",
+            "Store a value (JSON; a bare word is a string). EX: delete after that\n"
+            "many seconds. IF: only if the key's mod_revision is that (0: absent).\n"
+            "Answers OK revision version once the write is durable."),
+    "DEL": ("DEL key [IF mod_revision]", "Delete a key: OK revision deleted, or OK revision\n"
+            "absent if there was none."),
+    "KEYS": ("KEYS [prefix [limit]]", "The keys starting with prefix, in order: KEY lines,\n"
+             "then END revision count."),
+    "LIST": ("LIST [prefix [limit]]", "A snapshot of the keys starting with prefix: VALUE\n"
+             "lines, then END revision count. Continue with CHANGES or WATCH."),
+    "CHANGES": ("CHANGES since [prefix]", "Changes after revision since: CHANGE lines, then\n"
+                "END revision count; ERR compacted if that history is gone."),
+    "WATCH": ("WATCH [prefix [from]]", "Stream changes to keys starting with prefix as\n"
+              "EVENT id lines; from a past revision, replay history first."),
+    "UNWATCH": ("UNWATCH [id]", "End one watch, or all of this connection's."),
+    "STATS": ("STATS", "Server counters: STAT name json lines, then END."),
+    "PING": ("PING [text]", "Answers PONG [text]."),
+    "HELP": ("HELP [command]", "This help."),
+    "QUIT": ("QUIT", "Close the connection."),
+}
+_ARITY = {"GET": (1, 1), "SET": (0, 0), "DEL": (1, 3), "KEYS": (0, 2), "LIST": (0, 2),
+          "CHANGES": (1, 2), "WATCH": (0, 2), "UNWATCH": (0, 1), "STATS": (0, 0),
+          "PING": (0, 0), "HELP": (0, 1), "QUIT": (0, 0)}
+COMMANDS = {
+    name: Command(name.lower(), usage, text, *_ARITY[name], raw_rest=name in ("SET", "PING"))
+    for name, (usage, text) in _HELP.items()
+}
+
+
+class LineFactory(Factory):
+    """Builds line-protocol connections over one store; refuses past the limit."""
+
+    def __init__(self, store: Store, limits: Limits, clock: IReactorTime) -> None:
+        self.store = store
+        self.limits = limits
+        self.clock = clock
+        self.max_line_bytes = limits.max_line_bytes
+        self.connections = 0
+        self.counters = {"commands": 0, "errors": 0, "watches": 0, "watchers_dropped": 0,
+                         "lines_too_long": 0, "refused": 0}
+        store.add_stats("line", self.stats)
+
+    def buildProtocol(self, addr) -> LineProtocol | None:
+        if self.connections >= self.limits.max_connections:
+            self.counters["refused"] += 1
+            return None
+        return LineProtocol(self)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters, connections=self.connections)
