@@ -130,6 +130,13 @@ class BatchTooLarge(KVConfigError):
     code, name = 11, "batch_too_large"
 
 
+class SlowConsumer(KVConfigError):
+    """A watcher fell more events behind than the configured backlog; its
+    watches were ended.  It can watch again from the last revision it saw."""
+
+    code, name = 12, "slow_consumer"
+
+
 # Request errors use the XML-RPC fault code interoperability specification
 # (xmlrpc-epi), which XML-RPC client libraries already know.
 
@@ -182,6 +189,7 @@ ALL_ERRORS: tuple[type[KVConfigError], ...] = (
     LimitExceeded,
     RequestTooLarge,
     BatchTooLarge,
+    SlowConsumer,
     MalformedRequest,
     BadEncoding,
     InvalidRequest,

@@ -88,12 +88,6 @@ _decoder = json.JSONDecoder()
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-class SlowConsumer(errors.LimitExceeded):
-    """A watcher fell more than --max-watch-backlog events behind."""
-
-    name = "slow_consumer"
-
-
 # Formatting
 
 
@@ -473,7 +467,7 @@ class LineProtocol(Protocol, TimeoutMixin):
             self.factory.counters["watchers_dropped"] += 1
             ended = self._end_watches()
             self._backlog.clear()
-            self._backlog.append(error_line(SlowConsumer(
+            self._backlog.append(error_line(errors.SlowConsumer(
                 f"{ended} watch(es) ended: more than {self.limits.max_watch_backlog} "
                 "events waiting to be read; WATCH again from the last revision seen"))
                 + b"\r\n")
