@@ -32,23 +32,24 @@ from xmlrpc.client import Fault, ServerProxy
 
 import pytest
 
+from faults import (
+    BAD_ENCODING,
+    COMPACTED,
+    COMPARE_FAILED,
+    INVALID_ARGUMENT,
+    INVALID_KEY,
+    INVALID_REQUEST,
+    INVALID_VALUE,
+    KEY_TOO_LARGE,
+    MALFORMED_REQUEST,
+    NO_SUCH_METHOD,
+    REQUEST_TOO_LARGE,
+    VALUE_TOO_LARGE,
+    WRONG_ARGUMENTS,
+    check_fault,
+    expect_fault,
+)
 from serverprocess import KVConfigProcess
-
-# The documented wire codes (kvconfig/errors.py).  They must never change
-# meaning, so they are spelled out here rather than imported.
-INVALID_KEY = (1, "invalid_key")
-KEY_TOO_LARGE = (2, "key_too_large")
-INVALID_VALUE = (3, "invalid_value")
-VALUE_TOO_LARGE = (4, "value_too_large")
-INVALID_ARGUMENT = (5, "invalid_argument")
-COMPARE_FAILED = (6, "compare_failed")
-COMPACTED = (7, "compacted")
-REQUEST_TOO_LARGE = (10, "request_too_large")
-MALFORMED_REQUEST = (-32700, "malformed_request")
-BAD_ENCODING = (-32702, "bad_encoding")
-INVALID_REQUEST = (-32600, "invalid_request")
-NO_SUCH_METHOD = (-32601, "no_such_method")
-WRONG_ARGUMENTS = (-32602, "wrong_arguments")
 
 # Limits of the module's small-limit server.
 SMALL_KEY_BYTES = 16
@@ -59,20 +60,6 @@ SMALL_HISTORY_EVENTS = 5
 
 
 # Checks
-
-
-def check_fault(fault: Fault, error: tuple[int, str]) -> None:
-    code, name = error
-    assert fault.faultCode == code, fault
-    assert fault.faultString.startswith(f"{name}: "), fault
-
-
-def expect_fault(error: tuple[int, str], method, *args) -> Fault:
-    """Call *method* and check that it fails with the Fault of *error*."""
-    with pytest.raises(Fault) as info:
-        method(*args)
-    check_fault(info.value, error)
-    return info.value
 
 
 @contextmanager

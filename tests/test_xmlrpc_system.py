@@ -15,15 +15,17 @@ from xmlrpc.client import Fault, MultiCall, ServerProxy
 
 import pytest
 
+from faults import (
+    BATCH_TOO_LARGE,
+    COMPARE_FAILED,
+    INVALID_KEY,
+    INVALID_REQUEST,
+    NO_SUCH_METHOD,
+    WRONG_ARGUMENTS,
+    check_fault,
+    expect_fault,
+)
 from serverprocess import KVConfigProcess
-
-# The documented wire codes (kvconfig/errors.py), spelled out: they are stable.
-INVALID_KEY = (1, "invalid_key")
-COMPARE_FAILED = (6, "compare_failed")
-BATCH_TOO_LARGE = (11, "batch_too_large")
-INVALID_REQUEST = (-32600, "invalid_request")
-NO_SUCH_METHOD = (-32601, "no_such_method")
-WRONG_ARGUMENTS = (-32602, "wrong_arguments")
 
 MAX_MULTICALL = 4
 
@@ -44,19 +46,6 @@ ARITIES = {
     "system.methodSignature": {1},
     "system.multicall": {1},
 }
-
-
-def check_fault(fault: Fault, error: tuple[int, str]) -> None:
-    code, name = error
-    assert fault.faultCode == code, fault
-    assert fault.faultString.startswith(f"{name}: "), fault
-
-
-def expect_fault(error: tuple[int, str], method, *args) -> Fault:
-    with pytest.raises(Fault) as info:
-        method(*args)
-    check_fault(info.value, error)
-    return info.value
 
 
 def check_fault_entry(entry, error: tuple[int, str]) -> None:
