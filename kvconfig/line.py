@@ -67,6 +67,7 @@ it last saw.  Connections with a watch are exempt from the idle timeout.
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,7 +85,14 @@ from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
 from kvconfig.store import Store
 
-_decoder = json.JSONDecoder()
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Strict JSON: NaN and Infinity are bare words, not numbers.
+_decoder = json.JSONDecoder(parse_constant=_no_constants)
+_WORD_SEPARATORS = re.compile(r"[ \t]+")
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -114,17 +122,28 @@ def error_line(error: errors.KVConfigError) -> bytes:
 # Parsing
 
 
+def split_words(text: str, most: int = 0) -> list[str]:
+    """*text* split at runs of spaces and tabs (the grammar's only separators)."""
+    text = text.strip(" \t")
+    return _WORD_SEPARATORS.split(text, most) if text else []
+
+
 def parse_value(text: str) -> tuple[Any, str]:
     """(value, rest of the line) from the start of *text*."""
     try:
         data, end = _decoder.raw_decode(text)
-    except json.JSONDecodeError:
+    except ValueError:
         data, end = None, -1
-    if end >= 0 and (end == len(text) or text[end].isspace()):
-        return values.from_tagged(data), text[end:]
+    except RecursionError:
+        raise errors.InvalidValue("value is nested too deeply") from None
+    if end >= 0 and (end == len(text) or text[end] in " \t"):
+        try:
+            return values.from_tagged(data), text[end:]
+        except RecursionError:
+            raise errors.InvalidValue("value is nested too deeply") from None
     if text[:1] in ('{', '[', '"'):
         raise errors.InvalidValue(f"value is not valid JSON: {errors.brief(text)}")
-    word, *rest = text.split(None, 1)
+    word, *rest = split_words(text, 1)
     return word, rest[0] if rest else ""
 
 
@@ -153,6 +172,15 @@ class Command:
     least: int
     most: int
     raw_rest: bool = False  # SET: the value is parsed from the raw text
+    writes: bool = False    # changes the store
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """A command waiting for the replies before it."""
+
+    command: Command
+    rest: str
 
 
 class LineProtocol(Protocol, TimeoutMixin):
@@ -167,7 +195,8 @@ class LineProtocol(Protocol, TimeoutMixin):
         self.callLater = factory.clock.callLater
         self._buffer = bytearray()
         self._discarding = False
-        self._replies: deque[list] = deque()   # [lines or None] slots, in order
+        self._replies: deque[list] = deque()   # reply slots, in request order
+        self._queued = 0                       # commands waiting in _replies
         self._paused = False
         self._closing = False
         self._watches: dict[int, Callable[[], None]] = {}
@@ -194,7 +223,9 @@ class LineProtocol(Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         if self._watches:
-            self.resetTimeout()  # watching connections are expected to be quiet
+            # Watching connections are expected to be quiet.  (The timer has
+            # fired, so it is set anew rather than reset.)
+            self.setTimeout(self.limits.idle_timeout)
             return
         self._write(error_line(errors.LimitExceeded(
             f"idle for {self.limits.idle_timeout} s; closing")))
@@ -209,8 +240,7 @@ class LineProtocol(Protocol, TimeoutMixin):
 
     def resumeProducing(self) -> None:
         self._paused = False
-        while self._backlog and not self._paused:
-            self.transport.write(self._backlog.popleft())
+        self._flush_backlog()
         if not self._paused:
             self.transport.resumeProducing()
             self._process()
@@ -262,7 +292,7 @@ class LineProtocol(Protocol, TimeoutMixin):
         except UnicodeDecodeError:
             self._reply(errors.BadEncoding("line is not valid UTF-8"))
             return
-        words = text.split(None, 1)
+        words = split_words(text, 1)
         if not words:
             return
         name, rest = words[0], words[1] if len(words) > 1 else ""
@@ -272,22 +302,37 @@ class LineProtocol(Protocol, TimeoutMixin):
                 f"unknown command {errors.brief(name)}; type HELP"))
             return
         self.factory.counters["commands"] += 1
+        if command.name == "quit" and not split_words(rest):
+            self._closing = True  # read nothing after it
+        if self._replies and (not command.writes or self._queued):
+            # Reads show durable state only, so one pipelined behind this
+            # connection's pending writes runs once they are answered; and
+            # writes after it wait for it.  Consecutive writes do not wait:
+            # each is decided seeing the ones before, and they share a commit.
+            self._queued += 1
+            self._replies.append([_Queued(command, rest)])
+            return
+        self._reply(self._execute(command, rest))
+
+    def _execute(self, command: Command, rest: str) -> Any:
+        """Run a command: its reply lines, a Deferred of them, or an error."""
         try:
             if command.raw_rest:
-                result = getattr(self, "do_" + command.name)(rest.strip())
-            else:
-                args = rest.split()
-                if not command.least <= len(args) <= command.most:
-                    raise errors.WrongArguments(f"usage: {command.usage}")
-                result = getattr(self, "do_" + command.name)(*args)
+                return getattr(self, "do_" + command.name)(rest.strip(" \t"))
+            args = split_words(rest)
+            if not command.least <= len(args) <= command.most:
+                raise errors.WrongArguments(f"usage: {command.usage}")
+            return getattr(self, "do_" + command.name)(*args)
         except errors.KVConfigError as e:
-            result = e
+            return e
         except Exception:
-            self.log.failure("line command {line!r} failed", line=errors.brief(text))
-            result = errors.InternalError("internal error")
-        self._reply(result)
+            self.log.failure("line command {name} failed", name=command.name)
+            return errors.InternalError("internal error")
 
-    # Replying, in request order whatever finishes first
+    # Replying, in request order whatever finishes first.  _replies holds one
+    # slot per reply not yet written: [None] while a write is waiting for
+    # its commit, [_Queued] for a read waiting for the writes before it,
+    # [lines] once ready.
 
     def _reply(self, result: Any) -> None:
         if isinstance(result, Deferred):
@@ -303,10 +348,29 @@ class LineProtocol(Protocol, TimeoutMixin):
 
     def _fill(self, result: Any, slot: list) -> None:
         slot[0] = self._lines(result)
+        self._drain()
+
+    def _drain(self) -> None:
         replies = self._replies
-        while replies and replies[0][0] is not None:
+        while replies:
+            slot = replies[0]
+            if isinstance(slot[0], _Queued):
+                self._queued -= 1
+                result = self._execute(slot[0].command, slot[0].rest)
+                if isinstance(result, Deferred):
+                    slot[0] = None
+                    result.addBoth(self._fill, slot)
+                    return
+                slot[0] = self._lines(result)
+            if slot[0] is None:
+                return
             self._write_lines(replies.popleft()[0])
+        self._flush_backlog()
         self._close_if_done()
+
+    def _flush_backlog(self) -> None:
+        while self._backlog and not self._paused and not self._replies:
+            self.transport.write(self._backlog.popleft())
 
     def _lines(self, result: Any) -> list[bytes]:
         if isinstance(result, Failure):
@@ -335,12 +399,12 @@ class LineProtocol(Protocol, TimeoutMixin):
         return b"NIL " + key.encode() if kv is None else value_line(kv)
 
     def do_set(self, rest: str) -> Deferred:
-        words = rest.split(None, 1)
+        words = split_words(rest, 1)
         if len(words) != 2:
             raise errors.WrongArguments(f"usage: {COMMANDS['SET'].usage}")
         key, rest = words
         value, rest = parse_value(rest)
-        options = rest.split()
+        options = split_words(rest)
         if len(options) % 2:
             raise errors.WrongArguments(f"usage: {COMMANDS['SET'].usage}")
         ttl = prev = None
@@ -445,7 +509,7 @@ class LineProtocol(Protocol, TimeoutMixin):
         return lines
 
     def do_quit(self) -> bytes:
-        self._closing = True  # read nothing more; close once every reply is out
+        # _line stopped reading at QUIT; close once every reply is out.
         return b"OK bye"
 
     def _close_if_done(self) -> None:
@@ -455,14 +519,12 @@ class LineProtocol(Protocol, TimeoutMixin):
     # Watches
 
     def _event(self, line: bytes) -> None:
-        if self._replies:
-            # Behind replies still being computed (a WATCH's own replay among
-            # them), so that nothing of a watch overtakes its start.
-            self._replies.append([[line]])
-            return
-        if not self._paused and not self._backlog:
+        if not self._paused and not self._backlog and not self._replies:
             self.transport.write(line + b"\r\n")
             return
+        # Held while the client is not reading, or behind replies still being
+        # computed (a WATCH's own replay among them, so that nothing of a
+        # watch overtakes its start); bounded either way.
         if len(self._backlog) >= self.limits.max_watch_backlog:
             self.factory.counters["watchers_dropped"] += 1
             ended = self._end_watches()
@@ -509,7 +571,8 @@ _ARITY = {"GET": (1, 1), "SET": (0, 0), "DEL": (1, 3), "KEYS": (0, 2), "LIST": (
           "CHANGES": (1, 2), "WATCH": (0, 2), "UNWATCH": (0, 1), "STATS": (0, 0),
           "PING": (0, 0), "HELP": (0, 1), "QUIT": (0, 0)}
 COMMANDS = {
-    name: Command(name.lower(), usage, text, *_ARITY[name], raw_rest=name in ("SET", "PING"))
+    name: Command(name.lower(), usage, text, *_ARITY[name], raw_rest=name in ("SET", "PING"),
+                  writes=name in ("SET", "DEL"))
     for name, (usage, text) in _HELP.items()
 }
 

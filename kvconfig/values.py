@@ -150,7 +150,7 @@ def _from_tag(tag: str, inner: Any) -> Any:
     if tag == "$bytes" and type(inner) is str:
         try:
             return base64.b64decode(inner, validate=True)
-        except binascii.Error:
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII text
             raise InvalidValue(f"bad base64 in $bytes: {brief(inner)}") from None
     if tag == "$datetime" and type(inner) is str:
         try:

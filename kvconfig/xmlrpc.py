@@ -55,7 +55,7 @@ from typing import Any
 from xml.parsers.expat import ExpatError
 from xmlrpc.client import Fault, Marshaller, loads
 
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -68,6 +68,8 @@ from kvconfig.model import Event, KeyValue
 from kvconfig.store import Store
 
 RPC_PATHS = (b"/RPC2", b"/")
+#: Methods that change the store; everything else only reads.
+WRITE_METHODS = frozenset({"save", "delete", "put", "remove"})
 
 # The common call, as the stdlib client (and most others) writes it: string,
 # int and nil params only, no entities, no carriage returns.  Such a body is
@@ -441,27 +443,42 @@ class SystemHandler(_Dispatcher):
         limit = self.parent.limits.max_multicall
         if len(calls) > limit:
             raise errors.BatchTooLarge(f"{len(calls)} calls in one multicall; the limit is {limit}")
-        # Start every call before waiting on any: writes are decided in order
-        # (so later calls see earlier ones) and share one group commit.
-        return gatherResults([self._one(call) for call in calls])
+        # Each call sees the calls before it, as if run one by one.  Reads
+        # show durable state only, so a read waits for every call before it,
+        # and a write after a read waits for that read.  A run of consecutive
+        # writes starts together: they are decided in order, so each sees
+        # the ones before it, and they share one group commit.
+        done: list[Deferred] = []
+        run_start: list[Deferred] | None = None
+        for call in calls:
+            write = type(call) is dict and _is_write(call.get("methodName"))
+            if not write or run_start is None:
+                run_start = list(done) if write else None
+            waits = run_start if write else list(done)
+            if waits:
+                d = DeferredList(waits).addCallback(lambda _, call=call: self._one(call))
+            else:
+                d = self._one(call)
+            done.append(d.addCallbacks(lambda result: [result], self._fault_struct))
+        return gatherResults(done)
 
     def _one(self, call: Any) -> Deferred:
-        parent = self.parent
         if type(call) is not dict or "methodName" not in call:
-            d = _failed(errors.InvalidRequest("each call must be a struct with methodName"))
-        elif call["methodName"] == "system.multicall":
-            d = _failed(errors.InvalidRequest("system.multicall cannot be nested"))
-        else:
-            params = call.get("params", [])
-            if type(params) is not list:
-                d = _failed(errors.WrongArguments("params must be an array"))
-            else:
-                d = parent.call(call["methodName"], tuple(params))
-        return d.addCallbacks(lambda result: [result], self._fault_struct)
+            return _failed(errors.InvalidRequest("each call must be a struct with methodName"))
+        name, params = call["methodName"], call.get("params", [])
+        if name == "system.multicall":
+            return _failed(errors.InvalidRequest("system.multicall cannot be nested"))
+        if type(params) is not list:
+            return _failed(errors.WrongArguments("params must be an array"))
+        return self.parent.call(name, tuple(params))
 
     def _fault_struct(self, failure: Failure) -> dict:
         fault = self.parent.fault(failure)
         return {"faultCode": fault.faultCode, "faultString": fault.faultString}
+
+
+def _is_write(method_name: Any) -> bool:
+    return type(method_name) is str and method_name in WRITE_METHODS
 
 
 def _failed(error: Exception) -> Deferred:

@@ -52,9 +52,14 @@ class IBackend(Interface):
 
 
 class LocalBackend:
-    """A backend that decides every change itself, from its own keyspace.
+    """A backend that decides every change itself.
 
-    Subclasses say how a change becomes durable by overriding ``_persist``.
+    The keyspace holds durable state only: reads, listings, history and the
+    feed never show a change that could still be lost.  Changes decided but
+    not yet durable wait in an overlay that only later decisions consult
+    (compare-and-set, versions, the next revision).  Subclasses say how a
+    change becomes durable by overriding ``_persist``, and call
+    ``_make_durable`` once it is.
     """
 
     log = Logger()
@@ -68,9 +73,13 @@ class LocalBackend:
         self.keyspace = Keyspace(limits.history_events, limits.history_bytes)
         self.feed = ChangeFeed()
         self._expiry: dict[str, IDelayedCall] = {}
+        # key -> (revision, KeyValue or None when deleted), not yet durable
+        self._overlay: dict[str, tuple[int, KeyValue | None]] = {}
+        self._decided_revision = 0
         self.expired = 0
 
     def start(self) -> Deferred:
+        self._decided_revision = self.keyspace.revision
         self._schedule_all_expiry()
         return succeed(None)
 
@@ -80,9 +89,9 @@ class LocalBackend:
 
     def put(self, key: str, value: Any, raw: bytes, prev_revision: int | None = None,
             ttl: float | None = None) -> Deferred:
-        current = self.keyspace.get(key)
+        current = self._decided(key)
         self._compare(key, current, prev_revision)
-        revision = self.keyspace.revision + 1
+        revision = self._decided_revision + 1
         kv = KeyValue(
             key=key,
             value=value,
@@ -95,11 +104,16 @@ class LocalBackend:
         return self._change(Event(PUT, key, revision, kv))
 
     def delete(self, key: str, prev_revision: int | None = None) -> Deferred:
-        current = self.keyspace.get(key)
+        current = self._decided(key)
         self._compare(key, current, prev_revision)
         if current is None:
             return succeed(None)
-        return self._change(Event(DELETE, key, self.keyspace.revision + 1))
+        return self._change(Event(DELETE, key, self._decided_revision + 1))
+
+    def _decided(self, key: str) -> KeyValue | None:
+        """The key as the changes decided so far leave it, durable or not."""
+        pending = self._overlay.get(key)
+        return self.keyspace.get(key) if pending is None else pending[1]
 
     @staticmethod
     def _compare(key: str, current: KeyValue | None, prev_revision: int | None) -> None:
@@ -110,14 +124,32 @@ class LocalBackend:
             raise CompareFailed(key, prev_revision, actual)
 
     def _change(self, event: Event) -> Deferred:
-        self.keyspace.apply(event)
+        self._decided_revision = event.revision
+        self._overlay[event.key] = (event.revision, event.kv)
         self._schedule_expiry(event.key, event.kv)
         return self._persist(event)
 
     def _persist(self, event: Event) -> Deferred:
-        """Make *event* durable, then publish it; fires with *event*."""
-        self.feed.publish(event)
+        """Make *event* durable, then call _make_durable; fires with *event*."""
+        self._make_durable([event])
         return succeed(event)
+
+    def _make_durable(self, events: list[Event]) -> None:
+        """*events* are durable: show them to readers, then publish them."""
+        overlay = self._overlay
+        for event in events:
+            self.keyspace.apply(event)
+            pending = overlay.get(event.key)
+            if pending is not None and pending[0] <= event.revision:
+                del overlay[event.key]
+        for event in events:
+            self.feed.publish(event)
+
+    def _forget_undecided(self) -> None:
+        """After a failure: only durable state (the keyspace) stands."""
+        self._overlay.clear()
+        self._decided_revision = self.keyspace.revision
+        self._schedule_all_expiry()
 
     # TTL keys: one timer per key; a timer only deletes the write that set it.
 
@@ -131,11 +163,11 @@ class LocalBackend:
 
     def _expire(self, key: str, mod_revision: int) -> None:
         self._expiry.pop(key, None)
-        current = self.keyspace.get(key)
+        current = self._decided(key)
         if current is None or current.mod_revision != mod_revision:
             return
         self.expired += 1
-        event = Event(DELETE, key, self.keyspace.revision + 1, expired=True)
+        event = Event(DELETE, key, self._decided_revision + 1, expired=True)
         # Nobody waits on an expiry, so its failure is only logged; the key
         # stays until the next write or restart expires it again.
         self._change(event).addErrback(

@@ -23,10 +23,9 @@ committed in one of two ways:
   If the commit fails, its writes fail with Unavailable and the keyspace is
   re-read from the file.
 
-Either way, reads are served from the keyspace in memory, and a change
-becomes visible to readers when it is decided; responses to those reads
-are only written after the commit turn, but a failed commit can make a
-read have seen a change that did not last.
+Either way, reads are served from the keyspace in memory, which only ever
+holds committed changes (see LocalBackend): no reader sees a change that a
+failed commit could still take back.
 """
 
 from __future__ import annotations
@@ -152,10 +151,15 @@ class SQLiteBackend(LocalBackend):
             return
         self._committed(pending)
 
-    def _committed(self, pending: Pending) -> None:
+    def _committed(self, pending: Pending, reread: bool = False) -> None:
         self.commits += 1
-        for event, _ in pending:
-            self.feed.publish(event)
+        events = [event for event, _ in pending]
+        if reread:
+            # The keyspace was re-read from the file and holds them already.
+            for event in events:
+                self.feed.publish(event)
+        else:
+            self._make_durable(events)
         for event, d in pending:
             d.callback(event)
 
@@ -173,12 +177,12 @@ class SQLiteBackend(LocalBackend):
                     self._load(db)
         except sqlite3.Error as e:
             self.log.error("sqlite store unreadable after a failed commit: {error}", error=e)
-        self._schedule_all_expiry()
+        self._forget_undecided()
         durable = self.keyspace.revision
         failure = Unavailable(f"the write could not be committed: {error}")
         for pending in undecided:
             if pending and pending[-1][0].revision <= durable:
-                self._committed(pending)
+                self._committed(pending, reread=True)
             else:
                 for _, d in pending:
                     d.errback(failure)
