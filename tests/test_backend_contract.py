@@ -240,3 +240,21 @@ async def test_reopened_store_has_every_acknowledged_write(open_store):
     assert [e.revision for e in again.changes("", 0)[1]] == [1, 2, 3, 4, 5, 6]
     kv = await again.put("k9", 1)
     assert kv.mod_revision == 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_readers_see_a_change_only_once_it_is_durable(open_store):
+    """Until a write is acknowledged, reads, listings and changes() show the
+    state before it; later writes are still decided on top of it (CAS)."""
+    store = open_store()
+    await store.put("k", "old")
+    d = store.put("k", "new")
+    cas = store.put("k", "newer", prev_revision=2)  # decided on the pending write
+    if open_store.kind == "sqlite":
+        assert not d.called
+        assert store.load("k") == "old" and store.revision == 1
+        assert [kv.value for kv in store.range("")[1]] == ["old"]
+        assert store.changes("", 1)[1] == []
+    await d
+    await cas
+    assert store.load("k") == "newer" and store.revision == 3
