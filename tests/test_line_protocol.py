@@ -1,0 +1,646 @@
+"""The line protocol, driven in memory through StringTransport and a Clock."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from kvconfig import __version__, errors
+from kvconfig.backends.memory import MemoryBackend
+from kvconfig.backends.sqlite import SQLiteBackend
+from kvconfig.limits import Limits
+from kvconfig.line import LineFactory
+from kvconfig.store import Store
+
+STATUS_WORDS = {"OK", "ERR", "VALUE", "NIL", "KEY", "CHANGE", "STAT", "HELP", "PONG", "END",
+                "HELLO", "EVENT"}
+ERR = re.compile(r"ERR (\S+) (-?\d+) \S")
+#: The XML-RPC Fault code of each error name.
+FAULT_CODES = {error.name: error.code for error in errors.ALL_ERRORS}
+
+
+class Line:
+    """A line-protocol connection on a StringTransport, over a memory (or
+    sqlite, committing on ``clock.advance(0)``) store."""
+
+    def __init__(self, backend: str = "memory", tmp_path=None, **limits) -> None:
+        self.clock = Clock()
+        self.limits = Limits(**limits)
+        if backend == "memory":
+            store_backend = MemoryBackend(self.clock, self.limits)
+        else:
+            store_backend = SQLiteBackend(str(tmp_path / "kv.db"), self.clock, self.limits)
+        self.store = Store(store_backend, self.limits)
+        self.store.start()
+        self.failures: list = []
+        self.factory = LineFactory(self.store, self.limits, self.clock)
+        self.transport, self.protocol = self.connect()
+        self.greeting = self.take()
+
+    def connect(self):
+        transport = StringTransport()
+        protocol = self.factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        return transport, protocol
+
+    def feed(self, data: bytes, chunk: int | None = None) -> None:
+        chunk = chunk or len(data) or 1
+        for i in range(0, len(data), chunk):
+            self.protocol.dataReceived(data[i:i + chunk])
+
+    def take(self) -> list[str]:
+        """The lines written since the last take, each checked to end in CRLF."""
+        out = self.transport.value()
+        self.transport.clear()
+        if not out:
+            return []
+        assert out.endswith(b"\r\n"), out
+        return out[:-2].decode("utf-8").split("\r\n")
+
+    def send(self, line: str | bytes) -> list[str]:
+        """Send one line (CRLF, as telnet does) and return every line written."""
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        self.feed(line + b"\r\n")
+        return self.take()
+
+    def put(self, key: str, value) -> None:
+        """A write through the store, as another interface would make it."""
+        self.store.put(key, value).addErrback(self.failures.append)
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+
+def error(line: str) -> tuple[str, int]:
+    """(name, code) of an ERR line, which must also carry a message; the
+    code is the XML-RPC Fault code of that name."""
+    match = ERR.match(line)
+    assert match, line
+    name, code = match.group(1), int(match.group(2))
+    assert FAULT_CODES.get(name) == code, line
+    return name, code
+
+
+def stats(lines: list[str]) -> dict:
+    assert lines[-1] == "END"
+    found = {}
+    for line in lines[:-1]:
+        word, name, value = line.split(" ", 2)
+        assert word == "STAT"
+        found[name] = json.loads(value)
+    return found
+
+
+def event_revisions(lines: list[str], watch_id: int = 1) -> list[int]:
+    """Revisions of the EVENT lines of one watch (put or delete)."""
+    revisions = []
+    for line in lines:
+        if line.startswith("EVENT "):
+            _, wid, kind, _key, revision, *_ = line.split(" ")
+            assert int(wid) == watch_id and kind in ("put", "delete")
+            revisions.append(int(revision))
+    return revisions
+
+
+def test_greeting_names_server_version_revision_and_help():
+    """On connecting, one HELLO line names kvconfig, its version and the
+    store's revision, and says to type HELP."""
+    conn = Line()
+    assert conn.greeting == [f"HELLO kvconfig {__version__} revision 0 - type HELP for commands"]
+    conn.put("g/a", 1)
+    conn.put("g/b", 2)
+    _, protocol = conn.connect()
+    assert protocol.transport.value() == (
+        b"HELLO kvconfig %s revision 2 - type HELP for commands\r\n" % __version__.encode())
+
+
+# One pipelined script: LF and CRLF, any case, blank lines, every command.
+SCRIPT = (
+    b"PING\r\n"
+    b"set app/name Guido\n"
+    b"\n"
+    b"SET app/ports [4050, 5100, 5200]\r\n"
+    b"  \t \r\n"
+    b"Get app/name\n"
+    b"GET app/ports\r\n"
+    b"get app/missing\n"
+    b'SET\tapp/tmp {"a": [1.5, null, true], "b": "x y"} ex 30\n'
+    b"GET app/tmp\n"
+    b"\r\n"
+    b"keys app/\r\n"
+    b"LIST app/ 1\n"
+    b"watch app/\r\n"
+    b"SET app/name Barry\n"
+    b"DEL app/tmp\r\n"
+    b"del app/tmp\n"
+    b"SET other/x 1\n"
+    b"UnWatch 1\n"
+    b"SET app/name Tim\n"
+    b"CHANGES 3 app/\r\n"
+    b"help ping\n"
+    b"STATS\r\n"
+    b"PING all done\n"
+)
+SCRIPT_REPLIES = [
+    "PONG",
+    "OK 1 1",
+    "OK 2 1",
+    'VALUE app/name 1 1 1 - "Guido"',
+    "VALUE app/ports 2 1 2 - [4050,5100,5200]",
+    "NIL app/missing",
+    "OK 3 1",
+    'VALUE app/tmp 3 1 3 30.0 {"a":[1.5,null,true],"b":"x y"}',
+    "KEY app/name", "KEY app/ports", "KEY app/tmp", "END 3 3",
+    'VALUE app/name 1 1 1 - "Guido"', "END 3 1",
+    "OK watching 1 app/ 3",
+    "OK 4 2",
+    "OK 5 deleted",
+    "OK 5 absent",
+    "OK 6 1",
+    "OK 1",
+    "OK 7 3",
+    'CHANGE put app/name 4 2 1 - "Barry"',
+    "CHANGE delete app/tmp 5 deleted",
+    'CHANGE put app/name 7 3 1 - "Tim"',
+    "END 7 3",
+    "HELP PING [text]", "HELP   Answers PONG [text].", "END",
+    # STAT lines are checked apart
+    "END",
+    "PONG all done",
+]
+SCRIPT_EVENTS = [
+    'EVENT 1 put app/name 4 2 1 - "Barry"',
+    "EVENT 1 delete app/tmp 5 deleted",
+]
+
+
+def run_script(chunk: int | None) -> tuple[bytes, Line]:
+    conn = Line()
+    conn.feed(SCRIPT, chunk)
+    return conn.transport.value(), conn
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 5, 6, 7, 8, 9, None])
+def test_pipelined_script_at_every_chunk_size(chunk):
+    """A pipelined script of every command (LF and CRLF, mixed case, blank
+    lines), fed 1..9 bytes at a time or whole, gets the same bytes back: each
+    reply correct and in request order, watch events only while watching."""
+    out, conn = run_script(chunk)
+    assert out == run_script(None)[0]
+    lines = conn.take()
+    events = [line for line in lines if line.startswith("EVENT ")]
+    replies = [line for line in lines if not line.startswith(("EVENT ", "STAT "))]
+    assert replies == SCRIPT_REPLIES
+    assert events == SCRIPT_EVENTS
+    assert all(line.split(" ", 1)[0] in STATUS_WORDS for line in lines)
+    start = lines.index("HELP PING [text]") + 3
+    counters = stats(lines[start:lines.index("PONG all done")])
+    assert counters["keys"] == 3 and counters["revision"] == 7
+    assert counters["line_connections"] == 1 and counters["line_errors"] == 0
+    assert not conn.closed
+
+
+def test_pipelined_replies_wait_for_earlier_writes(tmp_path):
+    """With sqlite, a write is answered only once committed; reads pipelined
+    behind it are answered after it, in request order, not before."""
+    conn = Line("sqlite", tmp_path)
+    conn.feed(b"SET p/a 1\nGET p/a\r\nSET p/b [true]\nKEYS p/\nDEL p/a\nGET p/a\nPING\n")
+    assert conn.take() == []
+    conn.clock.advance(0)
+    assert conn.take() == [
+        "OK 1 1", "VALUE p/a 1 1 1 - 1", "OK 2 1", "KEY p/a", "KEY p/b", "END 2 2",
+        "OK 3 deleted", "NIL p/a", "PONG",
+    ]
+
+
+def test_help_lists_every_command_and_explains_one():
+    """HELP lists the usage of every command; HELP SET explains SET; both
+    are HELP lines ended by END."""
+    conn = Line()
+    lines = conn.send("HELP")
+    assert lines[0].startswith("HELP ") and lines[-1] == "END"
+    assert all(line.startswith("HELP ") for line in lines[:-1])
+    for name in ("GET", "SET", "DEL", "KEYS", "LIST", "CHANGES", "WATCH", "UNWATCH",
+                 "STATS", "PING", "HELP", "QUIT"):
+        assert any(line.startswith(f"HELP   {name}") for line in lines), name
+    lines = conn.send("help set")
+    assert lines[0] == "HELP SET key value [EX seconds] [IF mod_revision]"
+    assert len(lines) > 2 and lines[-1] == "END"
+    assert all(line.startswith("HELP   ") for line in lines[1:-1])
+
+
+def test_bare_words_and_json_values():
+    """A bare word is a string; JSON values keep their type; bytes and
+    datetimes are written and shown in tagged JSON."""
+    conn = Line()
+    cases = [
+        ("Guido", "Guido", '"Guido"'),
+        ("8.8.8.8", "8.8.8.8", '"8.8.8.8"'),
+        ("12abc", "12abc", '"12abc"'),
+        ('"two words"', "two words", '"two words"'),
+        ("42", 42, "42"),
+        ("1.0", 1.0, "1.0"),
+        ("true", True, "true"),
+        ("null", None, "null"),
+        ('{"$bytes": "AAE="}', b"\x00\x01", '{"$bytes":"AAE="}'),
+        ('{"$datetime": "20261122T10:00:00"}', datetime(2026, 11, 22, 10, 0, 0),
+         '{"$datetime":"20261122T10:00:00"}'),
+        ('{"$dict": {"$bytes": 1}}', {"$bytes": 1}, '{"$dict":{"$bytes":1}}'),
+    ]
+    for i, (text, value, shown) in enumerate(cases):
+        key = f"bare/{i}"
+        assert conn.send(f"SET {key} {text}")[0].startswith("OK ")
+        assert conn.store.load(key) == value and type(conn.store.load(key)) is type(value)
+        assert conn.send(f"GET {key}")[0].endswith(" - " + shown)
+
+
+def test_compare_and_set_with_if():
+    """SET/DEL ... IF rev write only when the key's mod_revision is rev (0:
+    absent); otherwise ERR compare_failed 6 and nothing changes."""
+    conn = Line()
+    assert conn.send("SET cas/k 1 IF 0") == ["OK 1 1"]
+    assert error(conn.send("SET cas/k 2 IF 0")[0]) == ("compare_failed", 6)
+    assert conn.send("SET cas/k 3 IF 1") == ["OK 2 2"]
+    assert error(conn.send("DEL cas/k IF 1")[0]) == ("compare_failed", 6)
+    assert conn.store.load("cas/k") == 3
+    assert conn.send("DEL cas/k if 2") == ["OK 3 deleted"]
+
+
+BAD_INPUT = [
+    (b"FROB x", "no_such_method", -32601),
+    (b"HELP FROB", "no_such_method", -32601),
+    (b"GET", "wrong_arguments", -32602),
+    (b"GET a b", "wrong_arguments", -32602),
+    (b"SET bad/k", "wrong_arguments", -32602),
+    (b"SET", "wrong_arguments", -32602),
+    (b"SET bad/k 1 EX", "wrong_arguments", -32602),
+    (b"DEL", "wrong_arguments", -32602),
+    (b"DEL bad/k IF", "wrong_arguments", -32602),
+    (b"STATS now", "wrong_arguments", -32602),
+    (b"QUIT now", "wrong_arguments", -32602),
+    (b"SET bad/k {not json", "invalid_value", 3),
+    (b"SET bad/k [1, 2", "invalid_value", 3),
+    (b'SET bad/k "unterminated', "invalid_value", 3),
+    (b"SET bad/k [1,2]x", "invalid_value", 3),
+    (b'SET bad/k {"$nope": 1}', "invalid_value", 3),
+    (b'SET bad/k {"$bytes": "!!"}', "invalid_value", 3),
+    (b"SET bad/k 4294967296", "invalid_value", 3),
+    (b"GET a\x01b", "invalid_key", 1),
+    (b"SET bad\x7fk 1", "invalid_key", 1),
+    (b"GET " + b"k" * 300, "key_too_large", 2),
+    (b'SET bad/k "' + b"x" * 300 + b'"', "value_too_large", 4),
+    (b"SET bad/k 1 EX -1", "invalid_argument", 5),
+    (b"SET bad/k 1 EX soon", "invalid_argument", 5),
+    (b"SET bad/k 1 IF x", "invalid_argument", 5),
+    (b"SET bad/k 1 XX 1", "invalid_argument", 5),
+    (b"KEYS bad/ 0", "invalid_argument", 5),
+    (b"CHANGES soon", "invalid_argument", 5),
+    (b"CHANGES -1", "invalid_argument", 5),
+    (b"WATCH bad/ 0", "invalid_argument", 5),
+    (b"UNWATCH 7", "invalid_argument", 5),
+    (b"SET exists/k 2 IF 99", "compare_failed", 6),
+    (b"GET \xff\xfe", "bad_encoding", -32702),
+    (b"\xc3\x28", "bad_encoding", -32702),
+    (b"SET bad/k caf\xe9", "bad_encoding", -32702),
+]
+
+
+@pytest.mark.parametrize(("line", "name", "code"), BAD_INPUT,
+                         ids=[repr(line[:24]) for line, _, _ in BAD_INPUT])
+def test_bad_input_gets_one_err_line_and_changes_nothing(line, name, code):
+    """Each bad request gets exactly one ERR line with the kvconfig.errors
+    name and code, changes nothing in the store, and the next command on the
+    connection is answered."""
+    conn = Line(max_key_bytes=200, max_value_bytes=200)
+    conn.put("exists/k", 1)
+    revision, keys = conn.store.revision, conn.store.range("")[1]
+    conn.feed(line + b"\r\nPING next\n")
+    lines = conn.take()
+    assert len(lines) == 2, lines
+    assert error(lines[0]) == (name, code)
+    assert lines[1] == "PONG next"
+    assert conn.store.revision == revision and conn.store.range("")[1] == keys
+    assert not conn.closed
+    assert stats(conn.send("STATS"))["line_errors"] == 1
+
+
+def test_non_ascii_base64_in_tagged_bytes_is_invalid_value():
+    """SET with {"$bytes": "<non-ASCII>"} is a bad value (ERR invalid_value 3),
+    like any other malformed tag, not an internal error."""
+    conn = Line()
+    lines = conn.send('SET tag/k {"$bytes": "\u00e9"}')
+    assert len(lines) == 1 and error(lines[0]) == ("invalid_value", 3), lines
+    assert conn.store.load("tag/k") is None
+    assert conn.send("PING") == ["PONG"]
+
+
+@pytest.mark.parametrize("value", ["[" * 5000, "[" * 900 + "]" * 900],
+                         ids=["unterminated", "balanced"])
+def test_deeply_nested_json_is_invalid_value(value):
+    """A value nested deeper than max_value_depth, even deep enough to
+    exhaust Python's recursion limit, is ERR invalid_value 3, not an
+    internal error."""
+    conn = Line()
+    lines = conn.send("SET deep/k " + value)
+    assert len(lines) == 1 and error(lines[0]) == ("invalid_value", 3), lines[0][:80]
+    assert conn.store.load("deep/k") is None
+    assert conn.send("PING") == ["PONG"]
+
+
+@pytest.mark.parametrize("word", ["NaN", "Infinity", "-Infinity"])
+def test_words_that_are_not_json_are_bare_strings(word):
+    """NaN and Infinity are not JSON (RFC 8259), so like any other bare
+    word they are stored as strings."""
+    conn = Line()
+    assert conn.send(f"SET nonjson/k {word}") == ["OK 1 1"]
+    assert conn.store.load("nonjson/k") == word
+
+
+@pytest.mark.parametrize("space", ["\x85", "\u00a0", "\u2028", "\u3000"])
+def test_only_spaces_and_tabs_separate_words(space):
+    """Words are separated by spaces and tabs only: a bare word holding
+    another Unicode space character is one word, stored whole."""
+    conn = Line()
+    assert conn.send(f"SET sep/k a{space}b") == ["OK 1 1"]
+    assert conn.store.load("sep/k") == f"a{space}b"
+
+
+LIMITS_SMALL_LINES = {"max_key_bytes": 64, "max_value_bytes": 100, "max_line_bytes": 228}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 100, 1000])
+def test_over_long_line_is_skipped_without_being_kept(chunk):
+    """A line over max_line_bytes, fed in chunks, gets exactly one ERR
+    request_too_large 10; the buffer never holds more than a line's worth
+    of it, and the next line is answered."""
+    conn = Line(**LIMITS_SMALL_LINES)
+    limit = conn.limits.max_line_bytes
+    data = b"SET big/k " + b"x" * 20_000 + b"\r\nPING after\r\n"
+    most = 0
+    for i in range(0, len(data), chunk):
+        conn.protocol.dataReceived(data[i:i + chunk])
+        most = max(most, len(conn.protocol._buffer))
+    assert most <= limit + 1 + chunk
+    lines = conn.take()
+    assert len(lines) == 2, lines
+    assert error(lines[0]) == ("request_too_large", 10)
+    assert lines[1] == "PONG after"
+    assert conn.store.load("big/k") is None and not conn.closed
+    assert stats(conn.send("STATS"))["line_lines_too_long"] == 1
+
+
+def test_line_length_limit_boundary():
+    """A line of exactly max_line_bytes (before its CRLF) is served; one
+    byte more is ERR request_too_large, and the stream goes on."""
+    conn = Line(**LIMITS_SMALL_LINES)
+    limit = conn.limits.max_line_bytes
+    at_limit = b"PING " + b"a" * (limit - 5)
+    assert conn.send(at_limit) == [at_limit.decode().replace("PING", "PONG", 1)]
+    conn.feed(at_limit + b"\n")
+    assert conn.take() == [at_limit.decode().replace("PING", "PONG", 1)]
+    lines = conn.send(at_limit + b"b")
+    assert len(lines) == 1 and error(lines[0]) == ("request_too_large", 10)
+    conn.feed(b"x" * (3 * limit) + b"\nPING 1\n" + b"y" * (limit + 1) + b"\nPING 2\n")
+    lines = conn.take()
+    assert [error(line) for line in lines[0::2]] == [("request_too_large", 10)] * 2
+    assert lines[1::2] == ["PONG 1", "PONG 2"]
+
+
+GARBAGE_TOKENS = [b"GET", b"SET", b"WATCH", b"UNWATCH", b"DEL", b"KEYS", b"LIST", b"CHANGES",
+                  b"HELP", b"STATS", b"PING", b" ", b"\t", b"\n", b"\r", b"\r\n", b"x/", b"1",
+                  b"[", b"]", b"{", b"}", b'"', b"$bytes", b":", b"\xff", b"\xc3", b"\xa9",
+                  b"\x00", b"\x80", b"EX", b"IF", b"-"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400)
+       | st.lists(st.sampled_from(GARBAGE_TOKENS), max_size=80).map(b"".join))
+def test_garbage_never_raises_and_the_connection_still_answers(garbage):
+    """Any bytes at all (invalid UTF-8, binary, half commands) never raise;
+    every line written starts with a status word, and after a newline the
+    connection still answers PING."""
+    if b"QUIT" in garbage.upper():
+        return
+    conn = Line()
+    conn.feed(garbage, 3)
+    conn.feed(b"\nPING alive\r\n")
+    lines = conn.take()
+    assert lines[-1] == "PONG alive"
+    assert all(line.split(" ", 1)[0] in STATUS_WORDS for line in lines)
+    assert not conn.closed
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_watch_burst_arrives_complete_and_in_order(backend, tmp_path):
+    """A burst of 500 writes under the watched prefix arrives as 500 EVENT
+    lines, in revision order, none missing; writes elsewhere are not sent."""
+    conn = Line(backend, tmp_path)
+    assert conn.send("WATCH burst/") == ["OK watching 1 burst/ 0"]
+    for i in range(500):
+        conn.put(f"burst/{i % 7}", i)
+        if i % 50 == 0:
+            conn.put("elsewhere/k", i)
+        if i % 100 == 99:
+            conn.clock.advance(0)
+    conn.clock.advance(0)
+    assert conn.failures == []
+    lines = conn.take()
+    assert len(lines) == 500 and all(line.startswith("EVENT 1 put burst/") for line in lines)
+    expected, revision = [], 0
+    for i in range(500):
+        revision += 1
+        expected.append(revision)
+        revision += i % 50 == 0  # the write elsewhere
+    assert event_revisions(lines) == expected
+    assert [json.loads(line.rsplit(" ", 1)[1]) for line in lines] == list(range(500))
+
+
+def test_watch_from_past_revision_replays_then_streams_without_gap_or_duplicate(tmp_path):
+    """WATCH prefix from replays history from that revision, then streams
+    live changes: every revision from `from` on exactly once, in order, even
+    with writes decided but not yet committed when the WATCH arrives."""
+    conn = Line("sqlite", tmp_path)
+    for i in range(20):
+        conn.put(f"hist/{i}", i)
+    conn.clock.advance(0)
+    for i in range(20, 25):  # decided, not yet committed
+        conn.put(f"hist/{i}", i)
+    lines = conn.send("WATCH hist/ 5")
+    assert lines[0] == "OK watching 1 hist/ 20"
+    assert event_revisions(lines[1:]) == list(range(5, 21))
+    conn.clock.advance(0)
+    conn.put("hist/0", "again")
+    conn.put("other/0", "not watched")
+    conn.store.delete("hist/1")
+    conn.clock.advance(0)
+    live = conn.take()
+    assert event_revisions(live) == [21, 22, 23, 24, 25, 26, 28]
+    assert live[-1] == "EVENT 1 delete hist/1 28 deleted"
+
+
+def test_watch_from_compacted_revision_is_err_compacted():
+    """WATCH from a revision older than the history window gets ERR compacted
+    7 and starts no watch; from the oldest kept revision it replays."""
+    conn = Line(history_events=5)
+    for i in range(20):
+        conn.put(f"comp/{i}", i)
+    assert error(conn.send("WATCH comp/ 15")[0]) == ("compacted", 7)
+    assert error(conn.send("CHANGES 14 comp/")[0]) == ("compacted", 7)
+    assert conn.store.feed.consumers == 0
+    assert conn.send("PING") == ["PONG"]
+    lines = conn.send("WATCH comp/ 16")
+    assert lines[0] == "OK watching 1 comp/ 20" and event_revisions(lines[1:]) == [16, 17, 18,
+                                                                               19, 20]
+
+
+def test_events_never_appear_inside_a_multi_line_reply(tmp_path):
+    """Watch events committed while multi-line replies (LIST, KEYS, CHANGES,
+    STATS, HELP) and a write of the watcher's own are in flight come only
+    between replies, never inside one."""
+    conn = Line("sqlite", tmp_path)
+    conn.send("WATCH multi/")
+    requests = [b"LIST multi/\r\n", b"KEYS multi/\n", b"CHANGES 0 multi/\n", b"STATS\n",
+                b"HELP\n", b"SET multi/own 1\n"]
+    for i in range(60):
+        conn.put(f"multi/{i}", i)
+        conn.feed(requests[i % len(requests)], chunk=1 + i % 5)
+        if i % 3:
+            conn.clock.advance(0)
+    conn.clock.advance(0)
+    lines = conn.take()
+    in_reply = False
+    for line in lines:
+        word = line.split(" ", 1)[0]
+        if word == "EVENT":
+            assert not in_reply, line
+        elif word == "END":
+            in_reply = False
+        elif word in ("VALUE", "KEY", "CHANGE", "STAT", "HELP"):
+            in_reply = True
+    assert not in_reply
+    revisions = event_revisions(lines)
+    assert revisions == sorted(set(revisions)) and len(revisions) == 60 + 10
+
+
+def test_slow_consumer_is_dropped_with_a_reason_and_counted():
+    """While the transport is paused, a watcher's events queue up to
+    max_watch_backlog; one more ends its watches with one ERR slow_consumer
+    line (after resumeProducing), counted in STATS; it can WATCH again."""
+    conn = Line(max_watch_backlog=10)
+    conn.send("WATCH slow/")
+    conn.protocol.pauseProducing()
+    assert conn.transport.producerState == "paused"
+    most = 0
+    for i in range(25):
+        conn.put(f"slow/{i}", i)
+        most = max(most, len(conn.protocol._backlog))
+    assert most <= 10
+    assert conn.take() == []
+    conn.protocol.resumeProducing()
+    lines = conn.take()
+    assert len(lines) == 1 and error(lines[0]) == ("slow_consumer", errors.SlowConsumer.code)
+    assert conn.store.feed.consumers == 0
+    assert conn.send("UNWATCH") == ["OK 0"]
+    assert stats(conn.send("STATS"))["line_watchers_dropped"] == 1
+    lines = conn.send("WATCH slow/ 24")
+    assert lines[0] == "OK watching 2 slow/ 25" and event_revisions(lines[1:], 2) == [24, 25]
+
+
+def test_slow_consumer_backlog_is_bounded_with_a_reply_pending(tmp_path):
+    """Events committed while one of the watcher's own writes is pending and
+    its transport is paused are held to max_watch_backlog too: past it the
+    watcher gets ERR slow_consumer instead of every event being written."""
+    conn = Line("sqlite", tmp_path, max_watch_backlog=10)
+    conn.send("WATCH pend/")
+    conn.feed(b"SET own/k 1\n")
+    conn.protocol.pauseProducing()
+    for i in range(50):
+        conn.put(f"pend/{i}", i)
+    conn.clock.advance(0)
+    conn.protocol.resumeProducing()
+    lines = conn.take()
+    assert len([line for line in lines if line.startswith("EVENT ")]) <= 10, len(lines)
+    assert any(line.startswith("ERR slow_consumer ") for line in lines)
+
+
+def test_max_watches_per_connection():
+    """A WATCH past max_watches gets ERR limit_exceeded 9; after an UNWATCH
+    a new one is accepted."""
+    conn = Line(max_watches=2)
+    assert conn.send("WATCH a/") == ["OK watching 1 a/ 0"]
+    assert conn.send("WATCH") == ["OK watching 2 * 0"]
+    assert error(conn.send("WATCH c/")[0]) == ("limit_exceeded", 9)
+    assert conn.store.feed.consumers == 2
+    assert conn.send("UNWATCH 1") == ["OK 1"]
+    assert conn.send("WATCH c/") == ["OK watching 3 c/ 0"]
+
+
+def test_max_connections_refuses_past_the_limit():
+    """buildProtocol returns None once max_connections are connected (and
+    counts it); a closed connection frees its place."""
+    conn = Line(max_connections=3)
+    others = [conn.connect() for _ in range(2)]
+    assert conn.factory.buildProtocol(None) is None
+    assert conn.factory.counters["refused"] == 1
+    others[0][1].connectionLost(None)
+    assert conn.factory.buildProtocol(None) is not None
+
+
+def test_idle_connection_is_closed_after_idle_timeout():
+    """A connection that sends nothing for idle_timeout seconds gets ERR
+    limit_exceeded 9 and is closed; any input restarts the count."""
+    conn = Line(idle_timeout=10)
+    conn.clock.advance(9)
+    assert conn.send("PING") == ["PONG"]
+    conn.clock.advance(9)
+    assert not conn.closed
+    conn.clock.advance(1.5)
+    assert conn.closed
+    assert error(conn.take()[0]) == ("limit_exceeded", 9)
+
+
+def test_watching_connection_is_exempt_from_idle_timeout():
+    """A connection with a WATCH stays open however long it is quiet."""
+    conn = Line(idle_timeout=10)
+    conn.send("WATCH idle/")
+    for _ in range(10):
+        conn.clock.advance(10)
+    assert not conn.closed
+    conn.put("idle/k", 1)
+    assert conn.take() == ["EVENT 1 put idle/k 1 1 1 - 1"]
+
+
+def test_idle_timeout_applies_again_after_unwatch():
+    """Once a watching connection that sat quiet past idle_timeout ends its
+    watches, it is again closed after idle_timeout without input."""
+    conn = Line(idle_timeout=10)
+    conn.send("WATCH idle/")
+    conn.clock.advance(15)
+    assert not conn.closed
+    assert conn.send("UNWATCH") == ["OK 1"]
+    conn.clock.advance(11)
+    assert conn.closed
+
+
+def test_quit_answers_after_pending_replies_then_closes(tmp_path):
+    """QUIT answers OK bye after every earlier reply (a SET waiting for its
+    commit included), then closes; nothing pipelined after QUIT is run."""
+    conn = Line("sqlite", tmp_path)
+    conn.feed(b"SET q/a 1\r\nQUIT\r\nSET q/b 2\r\nPING\r\n")
+    assert conn.take() == [] and not conn.closed
+    conn.clock.advance(0)
+    conn.clock.advance(0)
+    assert conn.take() == ["OK 1 1", "OK bye"]
+    assert conn.closed
+    assert conn.store.load("q/a") == 1 and conn.store.load("q/b") is None
+    memory = Line()
+    assert memory.send("quit") == ["OK bye"] and memory.closed
