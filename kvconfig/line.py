@@ -197,6 +197,7 @@ class LineProtocol(Protocol, TimeoutMixin):
         self._discarding = False
         self._replies: deque[list] = deque()   # reply slots, in request order
         self._queued = 0                       # commands waiting in _replies
+        self._out: list[bytes] | None = None   # replies of the lines being read
         self._paused = False
         self._closing = False
         self._watches: dict[int, Callable[[], None]] = {}
@@ -256,6 +257,17 @@ class LineProtocol(Protocol, TimeoutMixin):
         self._process()
 
     def _process(self) -> None:
+        # Replies to everything read now leave in one write.
+        self._out = out = []
+        try:
+            self._read_lines()
+        finally:
+            self._out = None
+            if out and self.connected:
+                self.transport.write(b"".join(out))
+        self._close_if_done()
+
+    def _read_lines(self) -> None:
         buffer, limit = self._buffer, self.factory.max_line_bytes
         while not self._paused and not self._closing:
             end = buffer.find(b"\n")
@@ -277,7 +289,6 @@ class LineProtocol(Protocol, TimeoutMixin):
                 self._too_long(discarding=False)
                 continue
             self._line(line)
-        self._close_if_done()
 
     def _too_long(self, discarding: bool = True) -> None:
         if not self._discarding:
@@ -370,7 +381,7 @@ class LineProtocol(Protocol, TimeoutMixin):
 
     def _flush_backlog(self) -> None:
         while self._backlog and not self._paused and not self._replies:
-            self.transport.write(self._backlog.popleft())
+            self._send(self._backlog.popleft())
 
     def _lines(self, result: Any) -> list[bytes]:
         if isinstance(result, Failure):
@@ -386,8 +397,13 @@ class LineProtocol(Protocol, TimeoutMixin):
         return errors.InternalError("internal error")
 
     def _write_lines(self, lines: list[bytes]) -> None:
-        if self.transport is not None and self.connected:
-            self.transport.write(b"\r\n".join(lines) + b"\r\n")
+        self._send(b"\r\n".join(lines) + b"\r\n")
+
+    def _send(self, data: bytes) -> None:
+        if self._out is not None:
+            self._out.append(data)
+        elif self.transport is not None and self.connected:
+            self.transport.write(data)
 
     def _write(self, line: bytes) -> None:
         self._write_lines([line])
@@ -520,7 +536,7 @@ class LineProtocol(Protocol, TimeoutMixin):
 
     def _event(self, line: bytes) -> None:
         if not self._paused and not self._backlog and not self._replies:
-            self.transport.write(line + b"\r\n")
+            self._write_lines([line])
             return
         # Held while the client is not reading, or behind replies still being
         # computed (a WATCH's own replay among them, so that nothing of a
