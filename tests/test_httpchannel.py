@@ -5,14 +5,11 @@ from __future__ import annotations
 import xmlrpc.client
 
 import pytest
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from kvconfig.backends.memory import MemoryBackend
-from kvconfig.backends.sqlite import SQLiteBackend
-from kvconfig.limits import Limits
-from kvconfig.store import Store
 from kvconfig.xmlrpc import make_factory
+
+from stores import clocked_store
 
 
 def post(body: bytes, path: bytes = b"/RPC2", extra: bytes = b"",
@@ -68,14 +65,8 @@ class Connection:
     """A channel on a StringTransport, over a memory (or sqlite) store."""
 
     def __init__(self, backend: str = "memory", tmp_path=None, **limits) -> None:
-        self.clock = Clock()
-        self.limits = Limits(**limits)
-        if backend == "memory":
-            store_backend = MemoryBackend(self.clock, self.limits)
-        else:
-            store_backend = SQLiteBackend(str(tmp_path / "kv.db"), self.clock, self.limits)
-        self.store = Store(store_backend, self.limits)
-        self.store.start()
+        self.store = clocked_store(backend, tmp_path, **limits)
+        self.clock, self.limits = self.store.backend.clock, self.store.limits
         self.factory = make_factory(self.store, self.limits, self.clock)
         self.transport = StringTransport()
         self.channel = self.factory.buildProtocol(None)

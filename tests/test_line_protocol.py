@@ -9,15 +9,12 @@ from datetime import datetime
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from kvconfig import __version__, errors
-from kvconfig.backends.memory import MemoryBackend
-from kvconfig.backends.sqlite import SQLiteBackend
-from kvconfig.limits import Limits
 from kvconfig.line import LineFactory
-from kvconfig.store import Store
+
+from stores import clocked_store
 
 STATUS_WORDS = {"OK", "ERR", "VALUE", "NIL", "KEY", "CHANGE", "STAT", "HELP", "PONG", "END",
                 "HELLO", "EVENT"}
@@ -31,14 +28,8 @@ class Line:
     sqlite, committing on ``clock.advance(0)``) store."""
 
     def __init__(self, backend: str = "memory", tmp_path=None, **limits) -> None:
-        self.clock = Clock()
-        self.limits = Limits(**limits)
-        if backend == "memory":
-            store_backend = MemoryBackend(self.clock, self.limits)
-        else:
-            store_backend = SQLiteBackend(str(tmp_path / "kv.db"), self.clock, self.limits)
-        self.store = Store(store_backend, self.limits)
-        self.store.start()
+        self.store = clocked_store(backend, tmp_path, **limits)
+        self.clock, self.limits = self.store.backend.clock, self.store.limits
         self.failures: list = []
         self.factory = LineFactory(self.store, self.limits, self.clock)
         self.transport, self.protocol = self.connect()
