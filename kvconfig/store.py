@@ -109,7 +109,7 @@ class Store:
         except KVConfigError as e:
             return self._rejected(e)
         self.counters["puts"] += 1
-        return d.addCallback(_event_kv)
+        return d.addCallbacks(_event_kv, self._count_failure)
 
     def save(self, key: str, value: Any) -> Deferred:
         """The classic save: fires with None once durable."""
@@ -125,7 +125,13 @@ class Store:
         except KVConfigError as e:
             return self._rejected(e)
         self.counters["deletes"] += 1
-        return d.addCallback(lambda event: None if event is None else event.revision)
+        return d.addCallbacks(lambda event: None if event is None else event.revision,
+                              self._count_failure)
+
+    def _count_failure(self, failure):
+        if failure.check(CompareFailed):
+            self.counters["compare_failures"] += 1
+        return failure
 
     def _rejected(self, error: KVConfigError) -> Deferred:
         self.counters["compare_failures" if isinstance(error, CompareFailed) else "rejected"] += 1

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import marshal
 import os
 import signal
 import sqlite3
+from contextlib import closing
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
-from twisted.internet.task import deferLater
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
 
 from kvconfig.backends.sqlite import SQLiteBackend
+from kvconfig.backends.sqlitefile import open_db, write_batches
 from kvconfig.errors import Unavailable
 from kvconfig.limits import Limits
 from kvconfig.store import Store
@@ -113,3 +118,132 @@ async def test_killed_writer_loses_no_acknowledged_write(tmp_path):
     # The keyspace agrees with the file: nothing failed is readable.
     assert {kv.key for kv in store.range("")[1]} == set(acknowledged)
     await store.stop()
+
+
+class FakeWriterTransport:
+    """The pipes of a spawned writer, as the backend sees them."""
+
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.stdin_closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def frames(self) -> list:
+        """The batches sent, decoded as the writer decodes them."""
+        batches, data = [], bytes(self.data)
+        while data:
+            size = int.from_bytes(data[:4], "big")
+            batches.append(marshal.loads(data[4 : 4 + size]))
+            data = data[4 + size :]
+        return batches
+
+
+class FakeSpawner:
+    """Spawns no process: hands the backend's protocol a FakeWriterTransport."""
+
+    def __init__(self) -> None:
+        self.writers: list[tuple] = []
+
+    def spawnProcess(self, protocol, executable, args, env, childFDs):
+        transport = FakeWriterTransport()
+        protocol.makeConnection(transport)
+        self.writers.append((protocol, transport))
+        return transport
+
+
+@pytest.fixture
+def fake_writer(tmp_path):
+    clock, spawner = Clock(), FakeSpawner()
+    limits = Limits()
+    store = Store(SQLiteBackend(str(tmp_path / "kv.db"), clock, limits, spawner=spawner),
+                  limits)
+    store.start()
+    protocol, _ = spawner.writers[0]
+    protocol.outReceived(b"ready\n")
+    return store, clock, spawner
+
+
+def ended(protocol) -> None:
+    protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+
+
+def fired(d):
+    results = []
+    d.addBoth(results.append)
+    assert results, "not fired"
+    return results[0]
+
+
+def test_writer_that_committed_but_died_before_answering(fake_writer, tmp_path):
+    """A batch the writer committed but never acknowledged is acknowledged
+    and published after the file is re-read; the one it had not committed
+    fails with Unavailable; a new writer is started."""
+    store, clock, spawner = fake_writer
+    published = []
+    store.feed.subscribe(published.append)
+    protocol, transport = spawner.writers[0]
+    first = store.put("a", 1)
+    clock.advance(0)
+    second = store.put("b", 2)
+    clock.advance(0)
+    committed, _ = transport.frames()
+    with closing(open_db(str(tmp_path / "kv.db"))) as db:
+        write_batches(db, [committed])  # what the writer did before dying
+    ended(protocol)
+    assert fired(first).value == 1
+    assert fired(second).check(Unavailable)
+    assert [(e.key, e.revision) for e in published] == [("a", 1)]
+    assert store.load("a") == 1 and store.get("b") is None and store.revision == 1
+    clock.advance(1)
+    assert len(spawner.writers) == 2
+
+
+def test_writes_while_the_writer_restarts_fail_fast_and_change_nothing(fake_writer):
+    """Between a writer's death and its successor, writes fail with
+    Unavailable at once and nothing is decided; then writing resumes."""
+    store, clock, spawner = fake_writer
+    ended(spawner.writers[0][0])
+    failed = store.put("k", 1)
+    assert fired(failed).check(Unavailable)
+    assert store.get("k") is None and store.revision == 0
+    clock.advance(1)
+    protocol, transport = spawner.writers[1]
+    protocol.outReceived(b"ready\n")
+    d = store.put("k", 2)
+    clock.advance(0)
+    assert len(transport.frames()) == 1
+    protocol.outReceived(b"ok\n")
+    assert fired(d).mod_revision == 1 and store.load("k") == 2
+
+
+def test_answers_resting_on_a_pending_change_wait_for_it(fake_writer):
+    """A failed compare or an absent delete that rests on a change not yet
+    durable is answered only once it is, and fails if that change fails."""
+    store, clock, spawner = fake_writer
+    protocol, _ = spawner.writers[0]
+    store.put("k", 1)
+    deleted_again = [store.delete("k"), None]
+    deleted_again[1] = store.delete("k")           # rests on the pending delete
+    stale = store.put("k", 3, prev_revision=1)     # rests on it too
+    clock.advance(0)
+    assert not deleted_again[1].called and not stale.called
+    ended(protocol)                                # nothing was committed
+    assert fired(deleted_again[1]).check(Unavailable)
+    assert fired(stale).check(Unavailable)
+    assert store.get("k") is None and store.revision == 0
+
+
+def test_a_stray_acknowledgement_is_ignored(fake_writer):
+    """An ok for a batch never sent is logged, not trusted."""
+    store, clock, spawner = fake_writer
+    spawner.writers[0][0].outReceived(b"ok\n")
+    d = store.put("k", 1)
+    clock.advance(0)
+    assert not d.called

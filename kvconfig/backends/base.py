@@ -16,11 +16,15 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
-from kvconfig.errors import CompareFailed
+from kvconfig.errors import CompareFailed, Unavailable
 from kvconfig.feed import ChangeFeed
 from kvconfig.keyspace import Keyspace
 from kvconfig.limits import Limits
 from kvconfig.model import DELETE, PUT, Event, KeyValue
+
+
+def _raise(_: object, error: Exception) -> None:
+    raise error
 
 
 class IBackend(Interface):
@@ -75,6 +79,8 @@ class LocalBackend:
         self._expiry: dict[str, IDelayedCall] = {}
         # key -> (revision, KeyValue or None when deleted), not yet durable
         self._overlay: dict[str, tuple[int, KeyValue | None]] = {}
+        # (revision, Deferred) of answers waiting for that revision to be durable
+        self._waiters: list[tuple[int, Deferred]] = []
         self._decided_revision = 0
         self.expired = 0
 
@@ -89,8 +95,11 @@ class LocalBackend:
 
     def put(self, key: str, value: Any, raw: bytes, prev_revision: int | None = None,
             ttl: float | None = None) -> Deferred:
+        self._check_writable()
         current = self._decided(key)
-        self._compare(key, current, prev_revision)
+        failed = self._compare(key, current, prev_revision)
+        if failed is not None:
+            return failed
         revision = self._decided_revision + 1
         kv = KeyValue(
             key=key,
@@ -104,24 +113,49 @@ class LocalBackend:
         return self._change(Event(PUT, key, revision, kv))
 
     def delete(self, key: str, prev_revision: int | None = None) -> Deferred:
+        self._check_writable()
         current = self._decided(key)
-        self._compare(key, current, prev_revision)
+        failed = self._compare(key, current, prev_revision)
+        if failed is not None:
+            return failed
         if current is None:
-            return succeed(None)
+            return self._answer(key, None)
         return self._change(Event(DELETE, key, self._decided_revision + 1))
+
+    def _check_writable(self) -> None:
+        """Raise Unavailable when no change can be made durable now."""
 
     def _decided(self, key: str) -> KeyValue | None:
         """The key as the changes decided so far leave it, durable or not."""
         pending = self._overlay.get(key)
         return self.keyspace.get(key) if pending is None else pending[1]
 
-    @staticmethod
-    def _compare(key: str, current: KeyValue | None, prev_revision: int | None) -> None:
+    def _compare(self, key: str, current: KeyValue | None,
+                 prev_revision: int | None) -> Deferred | None:
+        """None if the compare holds, else the (failing) answer to give."""
         if prev_revision is None:
-            return
+            return None
         actual = current.mod_revision if current else 0
-        if actual != prev_revision:
-            raise CompareFailed(key, prev_revision, actual)
+        if actual == prev_revision:
+            return None
+        return self._answer(key, CompareFailed(key, prev_revision, actual))
+
+    def _answer(self, key: str, outcome: object) -> Deferred:
+        """An answer that changes nothing (a failed compare, an absent key).
+
+        If it rests on a change to *key* not yet durable, it waits for that
+        change, and fails with it, so that no client hears of state that a
+        failed commit could take back.
+        """
+        pending = self._overlay.get(key)
+        d: Deferred = Deferred()
+        if pending is None:
+            d.callback(None)
+        else:
+            self._waiters.append((pending[0], d))
+        if isinstance(outcome, Exception):
+            return d.addCallback(_raise, outcome)
+        return d.addCallback(lambda _: outcome)
 
     def _change(self, event: Event) -> Deferred:
         self._decided_revision = event.revision
@@ -144,12 +178,24 @@ class LocalBackend:
                 del overlay[event.key]
         for event in events:
             self.feed.publish(event)
+        if self._waiters:
+            durable = self.keyspace.revision
+            ready = [d for revision, d in self._waiters if revision <= durable]
+            self._waiters = [(r, d) for r, d in self._waiters if r > durable]
+            for d in ready:
+                d.callback(None)
 
     def _forget_undecided(self) -> None:
         """After a failure: only durable state (the keyspace) stands."""
         self._overlay.clear()
         self._decided_revision = self.keyspace.revision
         self._schedule_all_expiry()
+        waiters, self._waiters = self._waiters, []
+        for revision, d in waiters:
+            if revision <= self.keyspace.revision:
+                d.callback(None)
+            else:
+                d.errback(Unavailable("the change this answer rested on was not committed"))
 
     # TTL keys: one timer per key; a timer only deletes the write that set it.
 
@@ -165,6 +211,11 @@ class LocalBackend:
         self._expiry.pop(key, None)
         current = self._decided(key)
         if current is None or current.mod_revision != mod_revision:
+            return
+        try:
+            self._check_writable()
+        except Unavailable:
+            self._expiry[key] = self.clock.callLater(1.0, self._expire, key, mod_revision)
             return
         self.expired += 1
         event = Event(DELETE, key, self._decided_revision + 1, expired=True)

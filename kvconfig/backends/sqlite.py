@@ -18,7 +18,7 @@ committed in one of two ways:
   dies or a commit fails, the backend re-reads the file, acknowledges the
   batches that did commit, fails the rest with Unavailable, and starts a
   new writer.
-- **in process** (under a test Clock, or with ``writer=False``): the batch
+- **in process** (under a test Clock, with no process spawner): the batch
   is committed on the reactor, the only blocking call kvconfig then makes.
   If the commit fails, its writes fail with Unavailable and the keyspace is
   re-read from the file.
@@ -65,10 +65,15 @@ class SQLiteBackend(LocalBackend):
     log = Logger()
 
     def __init__(self, path: str, clock: IReactorTime, limits: Limits,
-                 writer: bool | None = None) -> None:
+                 spawner: IReactorProcess | None = None) -> None:
+        """*spawner* starts the writer process: by default the reactor given
+        as *clock*, if it can; without one, batches commit in process."""
         super().__init__(clock, limits)
         self.path = path
-        self.use_writer = IReactorProcess.providedBy(clock) if writer is None else writer
+        if spawner is None and IReactorProcess.providedBy(clock):
+            spawner = clock
+        self.spawner = spawner
+        self.use_writer = spawner is not None
         self._db: sqlite3.Connection | None = None   # in-process mode only
         self._writer: _WriterProtocol | None = None
         self._respawn: IDelayedCall | None = None
@@ -87,6 +92,7 @@ class SQLiteBackend(LocalBackend):
         try:
             db = open_db(self.path)
             self._load(db)
+            self.feed.revision = self.keyspace.revision
             if self.use_writer:
                 db.close()
                 self._spawn_writer()
@@ -115,13 +121,18 @@ class SQLiteBackend(LocalBackend):
         kvs, history, revision, compact_revision = read_state(db)
         self.keyspace.load(kvs, history, revision, compact_revision)
         self._trimmed_revision = compact_revision
-        self.feed.revision = max(self.feed.revision, revision)
+        # The feed's revision is left alone: after a failed commit, the
+        # batches found in the file are published (in order) by _recover.
 
     # Group commit
 
-    def _persist(self, event: Event) -> Deferred:
+    def _check_writable(self) -> None:
         if self._stopped is not None or (self._db is None and not self.use_writer):
             raise Unavailable("the sqlite store is closed")
+        if self.use_writer and self._writer is None:
+            raise Unavailable("the sqlite writer is restarting; try again")
+
+    def _persist(self, event: Event) -> Deferred:
         d = Deferred()
         self._pending.append((event, d))
         if self._flush_call is None:
@@ -140,9 +151,10 @@ class SQLiteBackend(LocalBackend):
                            compact if compact > self._trimmed_revision else 0)
         self._trimmed_revision = compact
         if self.use_writer:
+            # A writer is running: _check_writable refused the writes
+            # otherwise, and _recover failed the ones decided before it died.
             self._in_flight.append(pending)
-            if self._writer is not None:
-                self._writer.send(batch)
+            self._writer.send(batch)
             return
         try:
             write_batches(self._db, [batch])
@@ -196,17 +208,31 @@ class SQLiteBackend(LocalBackend):
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(kvconfig.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,
                                                           env.get("PYTHONPATH")]))
-        self._writer = _WriterProtocol(self)
-        self.clock.spawnProcess(
-            self._writer, sys.executable,
-            [sys.executable, "-m", "kvconfig.backends.sqlitewriter", self.path],
-            env=env, childFDs={0: "w", 1: "r", 2: "r"},
-        )
+        writer = _WriterProtocol(self)
+        try:
+            self.spawner.spawnProcess(
+                writer, sys.executable,
+                [sys.executable, "-m", "kvconfig.backends.sqlitewriter", self.path],
+                env=env, childFDs={0: "w", 1: "r", 2: "r"},
+            )
+        except Exception as e:
+            self.log.error("cannot start the sqlite writer: {error}", error=e)
+            self._schedule_respawn()
+            return
+        self._writer = writer
+
+    def _schedule_respawn(self) -> None:
+        if self._stopped is None:
+            self._respawn = self.clock.callLater(self._respawn_delay, self._spawn_writer)
+            self._respawn_delay = min(self._respawn_delay * 2, 60.0)
 
     def _writer_ready(self) -> None:
         self._respawn_delay = RESPAWN_DELAY
 
     def _writer_acked(self) -> None:
+        if not self._in_flight:
+            self.log.error("sqlite writer acknowledged a batch it was not sent")
+            return
         self._committed(self._in_flight.popleft())
 
     def _writer_ended(self, reason: str) -> None:
@@ -221,8 +247,7 @@ class SQLiteBackend(LocalBackend):
         if self._stopped is not None:
             self._stopped.callback(None)
             return
-        self._respawn = self.clock.callLater(self._respawn_delay, self._spawn_writer)
-        self._respawn_delay = min(self._respawn_delay * 2, 60.0)
+        self._schedule_respawn()
 
     @property
     def writer_pid(self) -> int | None:
@@ -252,7 +277,7 @@ class _WriterProtocol(ProcessProtocol):
                 self.backend._writer_ready()
 
     def errReceived(self, data: bytes) -> None:
-        self._errors += data[:4096]
+        self._errors += data[: max(0, 4096 - len(self._errors))]
 
     def processEnded(self, reason) -> None:
         message = self._errors.decode("utf-8", "replace").strip() or str(reason.value)
