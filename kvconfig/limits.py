@@ -34,6 +34,8 @@ class Limits:
     #: Most events held for a watcher that is not reading, before its
     #: watches are ended (slow_consumer).
     max_watch_backlog: int = 10_000
+    #: Most bytes of such events held.
+    max_watch_backlog_bytes: int = 16 << 20
     #: Most change events kept as history for ``changes(prefix, since)``.
     history_events: int = 10_000
     #: Most bytes of values kept in that history.

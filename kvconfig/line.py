@@ -59,9 +59,11 @@ request_too_large`` and is skipped up to its newline without being kept.
 
 A watcher that does not read fast enough is not buffered for without bound:
 while its connection's send buffer is full, events wait in a queue of at
-most ``--max-watch-backlog``; past that its watches end with ``ERR
-slow_consumer`` (counted in STATS) and it can WATCH again from the revision
-it last saw.  Connections with a watch are exempt from the idle timeout.
+most ``--max-watch-backlog`` events and ``--max-watch-backlog-bytes``; past
+that its watches end with ``ERR slow_consumer`` (counted in STATS) and it
+can WATCH again from the revision it last saw.  A client that pipelines
+faster than its writes commit is not read further until its queued commands
+are answered.  Connections with a watch are exempt from the idle timeout.
 """
 
 from __future__ import annotations
@@ -175,6 +177,21 @@ class Command:
     writes: bool = False    # changes the store
 
 
+def _settled(result: Any) -> Any:
+    """The result of a Deferred that has already fired, else *result* itself."""
+    if isinstance(result, Deferred) and result.called:
+        box: list = []
+        result.addBoth(box.append)
+        if box:
+            return box[0]
+    return result
+
+
+#: Commands held behind a pending write before reading pauses (flow
+#: control, not an error: reading resumes as they are answered).
+MAX_QUEUED_COMMANDS = 1024
+
+
 @dataclass(frozen=True)
 class _Queued:
     """A command waiting for the replies before it."""
@@ -197,7 +214,12 @@ class LineProtocol(Protocol, TimeoutMixin):
         self._discarding = False
         self._replies: deque[list] = deque()   # reply slots, in request order
         self._queued = 0                       # commands waiting in _replies
+        self._queued_bytes = 0
+        self._draining = False
+        self._held = False                     # reading stopped: queue full
         self._out: list[bytes] | None = None   # replies of the lines being read
+        self._out_bytes = 0
+        self._backlog_bytes = 0
         self._paused = False
         self._closing = False
         self._watches: dict[int, Callable[[], None]] = {}
@@ -242,7 +264,7 @@ class LineProtocol(Protocol, TimeoutMixin):
     def resumeProducing(self) -> None:
         self._paused = False
         self._flush_backlog()
-        if not self._paused:
+        if not self._paused and not self._held:
             self.transport.resumeProducing()
             self._process()
 
@@ -257,19 +279,33 @@ class LineProtocol(Protocol, TimeoutMixin):
         self._process()
 
     def _process(self) -> None:
-        # Replies to everything read now leave in one write.
-        self._out = out = []
+        # Replies to what is read now leave together, a write per 64 KiB, so
+        # that the transport can still pause us (a client not reading).
+        self._out = []
         try:
             self._read_lines()
         finally:
+            self._flush_out()
             self._out = None
-            if out and self.connected:
-                self.transport.write(b"".join(out))
+        if self._buffer and self._queue_full() and not self._held:
+            # Too many commands wait behind a pending write: stop reading
+            # until they drain (_drain resumes).
+            self._held = True
+            self.transport.pauseProducing()
         self._close_if_done()
+
+    def _flush_out(self) -> None:
+        out, self._out, self._out_bytes = self._out, [], 0
+        if out and self.connected:
+            self.transport.write(b"".join(out))
+
+    def _queue_full(self) -> bool:
+        return (self._queued >= MAX_QUEUED_COMMANDS
+                or self._queued_bytes > self.factory.max_line_bytes)
 
     def _read_lines(self) -> None:
         buffer, limit = self._buffer, self.factory.max_line_bytes
-        while not self._paused and not self._closing:
+        while not self._paused and not self._closing and not self._queue_full():
             end = buffer.find(b"\n")
             if end < 0:
                 if self._discarding:
@@ -321,6 +357,7 @@ class LineProtocol(Protocol, TimeoutMixin):
             # writes after it wait for it.  Consecutive writes do not wait:
             # each is decided seeing the ones before, and they share a commit.
             self._queued += 1
+            self._queued_bytes += len(rest)
             self._replies.append([_Queued(command, rest)])
             return
         self._reply(self._execute(command, rest))
@@ -346,6 +383,7 @@ class LineProtocol(Protocol, TimeoutMixin):
     # [lines] once ready.
 
     def _reply(self, result: Any) -> None:
+        result = _settled(result)
         if isinstance(result, Deferred):
             slot = [None]
             self._replies.append(slot)
@@ -359,29 +397,44 @@ class LineProtocol(Protocol, TimeoutMixin):
 
     def _fill(self, result: Any, slot: list) -> None:
         slot[0] = self._lines(result)
-        self._drain()
+        if not self._draining:
+            self._drain()
 
     def _drain(self) -> None:
-        replies = self._replies
-        while replies:
-            slot = replies[0]
-            if isinstance(slot[0], _Queued):
-                self._queued -= 1
-                result = self._execute(slot[0].command, slot[0].rest)
-                if isinstance(result, Deferred):
-                    slot[0] = None
-                    result.addBoth(self._fill, slot)
-                    return
-                slot[0] = self._lines(result)
-            if slot[0] is None:
-                return
-            self._write_lines(replies.popleft()[0])
+        """Write the replies at the head of the queue that are ready, running
+        the queued commands that come up, until one has to wait."""
+        self._draining = True
+        try:
+            replies = self._replies
+            while replies:
+                slot = replies[0]
+                if isinstance(slot[0], _Queued):
+                    queued, slot[0] = slot[0], None
+                    self._queued -= 1
+                    self._queued_bytes -= len(queued.rest)
+                    result = _settled(self._execute(queued.command, queued.rest))
+                    if isinstance(result, Deferred):
+                        result.addBoth(self._fill, slot)
+                    else:
+                        slot[0] = self._lines(result)
+                if slot[0] is None:
+                    break
+                self._write_lines(replies.popleft()[0])
+        finally:
+            self._draining = False
         self._flush_backlog()
+        if self._held and not self._queue_full():
+            self._held = False
+            if not self._paused:
+                self.transport.resumeProducing()
+            self._process()
         self._close_if_done()
 
     def _flush_backlog(self) -> None:
         while self._backlog and not self._paused and not self._replies:
-            self._send(self._backlog.popleft())
+            data = self._backlog.popleft()
+            self._backlog_bytes -= len(data)
+            self._send(data)
 
     def _lines(self, result: Any) -> list[bytes]:
         if isinstance(result, Failure):
@@ -402,6 +455,9 @@ class LineProtocol(Protocol, TimeoutMixin):
     def _send(self, data: bytes) -> None:
         if self._out is not None:
             self._out.append(data)
+            self._out_bytes += len(data)
+            if self._out_bytes >= 65536:
+                self._flush_out()
         elif self.transport is not None and self.connected:
             self.transport.write(data)
 
@@ -541,16 +597,20 @@ class LineProtocol(Protocol, TimeoutMixin):
         # Held while the client is not reading, or behind replies still being
         # computed (a WATCH's own replay among them, so that nothing of a
         # watch overtakes its start); bounded either way.
-        if len(self._backlog) >= self.limits.max_watch_backlog:
+        if (len(self._backlog) >= self.limits.max_watch_backlog
+                or self._backlog_bytes + len(line) > self.limits.max_watch_backlog_bytes):
             self.factory.counters["watchers_dropped"] += 1
             ended = self._end_watches()
             self._backlog.clear()
-            self._backlog.append(error_line(errors.SlowConsumer(
-                f"{ended} watch(es) ended: more than {self.limits.max_watch_backlog} "
-                "events waiting to be read; WATCH again from the last revision seen"))
-                + b"\r\n")
+            notice = error_line(errors.SlowConsumer(
+                f"{ended} watch(es) ended: more than {self.limits.max_watch_backlog} events "
+                f"or {self.limits.max_watch_backlog_bytes} bytes waiting to be read; "
+                "WATCH again from the last revision seen")) + b"\r\n"
+            self._backlog.append(notice)
+            self._backlog_bytes = len(notice)
             return
         self._backlog.append(line + b"\r\n")
+        self._backlog_bytes += len(line) + 2
 
     def _end_watches(self) -> int:
         ended = len(self._watches)
@@ -583,12 +643,13 @@ _HELP = {
     "HELP": ("HELP [command]", "This help."),
     "QUIT": ("QUIT", "Close the connection."),
 }
-_ARITY = {"GET": (1, 1), "SET": (0, 0), "DEL": (1, 3), "KEYS": (0, 2), "LIST": (0, 2),
+# Word counts; SET and PING parse the raw rest of the line themselves.
+_ARITY = {"GET": (1, 1), "SET": None, "DEL": (1, 3), "KEYS": (0, 2), "LIST": (0, 2),
           "CHANGES": (1, 2), "WATCH": (0, 2), "UNWATCH": (0, 1), "STATS": (0, 0),
-          "PING": (0, 0), "HELP": (0, 1), "QUIT": (0, 0)}
+          "PING": None, "HELP": (0, 1), "QUIT": (0, 0)}
 COMMANDS = {
-    name: Command(name.lower(), usage, text, *_ARITY[name], raw_rest=name in ("SET", "PING"),
-                  writes=name in ("SET", "DEL"))
+    name: Command(name.lower(), usage, text, *(_ARITY[name] or (0, 0)),
+                  raw_rest=_ARITY[name] is None, writes=name in ("SET", "DEL"))
     for name, (usage, text) in _HELP.items()
 }
 

@@ -105,7 +105,7 @@ class Store:
                 # Store a private, canonical copy (lists, not tuples; bytes,
                 # not bytearray) so reads return what any other interface would.
                 value = values.decode(raw)
-            d = self.backend.put(key, value, raw, prev_revision, ttl or None)
+            d = self.backend.put(key, value, raw, prev_revision, ttl)
         except KVConfigError as e:
             return self._rejected(e)
         self.counters["puts"] += 1
@@ -175,5 +175,5 @@ def _check_int(number: Any, name: str, minimum: int) -> None:
 
 
 def _check_ttl(ttl: Any) -> None:
-    if type(ttl) not in (int, float) or not math.isfinite(ttl) or ttl < 0:
-        raise InvalidArgument(f"ttl must be a number of seconds >= 0, not {brief(ttl)}")
+    if type(ttl) not in (int, float) or not math.isfinite(ttl) or ttl <= 0:
+        raise InvalidArgument(f"ttl must be a number of seconds > 0, not {brief(ttl)}")

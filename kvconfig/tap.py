@@ -32,6 +32,8 @@ _LIMIT_OPTIONS = [
     ("max-watches", "max_watches", "Most WATCHes per line-protocol connection."),
     ("max-watch-backlog", "max_watch_backlog",
      "Events held for a watcher that is not reading before its watches end."),
+    ("max-watch-backlog-bytes", "max_watch_backlog_bytes",
+     "Bytes of events held for a watcher that is not reading."),
     ("history-events", "history_events", "Most change events kept for changes()."),
     ("history-bytes", "history_bytes", "Most bytes of values kept in that history."),
 ]

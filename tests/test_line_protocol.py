@@ -635,3 +635,77 @@ def test_quit_answers_after_pending_replies_then_closes(tmp_path):
     assert conn.store.load("q/a") == 1 and conn.store.load("q/b") is None
     memory = Line()
     assert memory.send("quit") == ["OK bye"] and memory.closed
+
+
+class PausingTransport(StringTransport):
+    """A transport whose send buffer fills after *room* bytes: it pauses its
+    producer, as a real one does when the client is not reading."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > self.room and self.producerState == "producing":
+            self.producer.pauseProducing()
+
+
+def test_many_queued_answers_that_are_ready_do_not_recurse(tmp_path):
+    """A thousand pipelined commands queued behind a pending write, each
+    answered at once when its turn comes, are all answered, in order."""
+    conn = Line("sqlite", tmp_path)
+    # The GET queues behind the SET, and every DEL after it queues too.
+    conn.feed(b"SET q/k 1\r\nGET q/k\r\n" + b"DEL q/nosuch\r\n" * 1000 + b"PING\r\n")
+    for _ in range(5):
+        conn.clock.advance(0)
+    replies = conn.take()
+    assert replies[:2] == ["OK 1 1", "VALUE q/k 1 1 1 - 1"] and replies[-1] == "PONG"
+    assert len(replies) == 1003 and set(replies[2:-1]) == {"OK 1 absent"}
+
+
+def test_replies_to_one_read_still_stop_when_the_client_stops_reading():
+    """Replies to a big pipelined read leave as they are made, so a full send
+    buffer stops the commands still unread; they run after it drains."""
+    conn = Line(max_value_bytes=2000, max_key_bytes=64, max_line_bytes=4000)
+    for i in range(20):
+        conn.store.put(f"big/{i}", "x" * 1000)
+    transport = PausingTransport(room=100_000)
+    protocol = conn.factory.buildProtocol(None)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"LIST big/\r\n" * 2000)
+    assert transport.producerState == "paused"
+    answered = transport.value().count(b"\r\nEND ")
+    assert answered < 200
+    transport.clear()
+    protocol.resumeProducing()
+    assert transport.value().count(b"\r\nEND ") > 0
+
+
+def test_a_client_racing_ahead_of_its_writes_is_not_read_further(tmp_path):
+    """Commands queued behind a pending write are bounded: reading pauses,
+    and resumes (answering everything, in order) once the write commits."""
+    conn = Line("sqlite", tmp_path)
+    conn.feed(b"SET r/k 1\r\n" + b"GET r/k\r\n" * 3000)
+    assert conn.protocol._queued <= 1024
+    assert conn.transport.producerState == "paused"
+    for _ in range(10):
+        conn.clock.advance(0)
+    replies = conn.take()
+    assert replies[0] == "OK 1 1" and len(replies) == 3001
+    assert set(replies[1:]) == {"VALUE r/k 1 1 1 - 1"}
+    assert conn.transport.producerState == "producing"
+
+
+def test_slow_consumer_backlog_is_bounded_in_bytes():
+    """A paused watcher is dropped once its held events pass
+    max_watch_backlog_bytes, however few they are."""
+    conn = Line(max_watch_backlog_bytes=5000, max_value_bytes=2000, max_key_bytes=64,
+                max_line_bytes=4000)
+    assert conn.send("WATCH b/")[0].startswith("OK watching")
+    conn.protocol.pauseProducing()
+    for i in range(10):
+        conn.store.put(f"b/{i}", "y" * 1500)
+    assert conn.protocol._backlog_bytes <= 5000
+    conn.protocol.resumeProducing()
+    assert conn.take()[-1].startswith("ERR slow_consumer 12 ")

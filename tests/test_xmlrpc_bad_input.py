@@ -333,14 +333,14 @@ def test_unknown_option_is_invalid_argument(proxy, key):
 
 
 BAD_TTLS = {
-    "negative": -1, "negative_fraction": -0.5, "string": "60", "nan": math.nan,
+    "zero": 0, "negative": -1, "negative_fraction": -0.5, "string": "60", "nan": math.nan,
     "infinity": math.inf, "boolean": True, "array": [60], "struct": {},
 }
 
 
 @pytest.mark.parametrize("ttl", BAD_TTLS.values(), ids=BAD_TTLS)
 def test_bad_ttl_is_invalid_argument(proxy, key, ttl):
-    """A ttl that is not a finite number of seconds >= 0 is Fault 5
+    """A ttl that is not a finite number of seconds > 0 is Fault 5
     invalid_argument."""
     proxy.put(key, "before")
     with unchanged(proxy, key):
