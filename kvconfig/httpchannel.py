@@ -111,11 +111,10 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
 
     def pauseProducing(self) -> None:
         self._paused_by_transport = True
-        self.transport.pauseProducing()
+        self._update_reading()
 
     def resumeProducing(self) -> None:
         self._paused_by_transport = False
-        self.transport.resumeProducing()
         self._process()
 
     def stopProducing(self) -> None:
@@ -134,10 +133,19 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
                 pass
         except HTTPError as e:
             self._fail(e.status, str(e))
-        if self._busy and len(self._buffer) > self.factory.limits.max_body_bytes:
-            # A pipelining client racing ahead of a slow response: stop reading.
-            self._reading_paused = True
-            self.transport.pauseProducing()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read from the client unless it is not reading our responses, or it
+        is racing ahead of a slow response with a full buffer."""
+        pause = self._paused_by_transport or (
+            self._busy and len(self._buffer) > self.factory.limits.max_body_bytes)
+        if pause != self._reading_paused and self.connected:
+            self._reading_paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def _step(self) -> bool:
         """Consume what the buffer allows; False when more data is needed."""
@@ -293,9 +301,6 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         if self.transport is None or not self.connected:
             return
         self._send(response)
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resumeProducing()
         self._process()
 
     def _handler_failed(self, failure) -> None:

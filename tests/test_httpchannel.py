@@ -249,3 +249,18 @@ def test_pipelining_behind_a_slow_write_stops_reading_past_the_limit(tmp_path):
     assert conn.transport.producerState == "producing"
     assert len(conn.take()) == 21
     conn.store.stop()
+
+
+def test_a_slow_write_does_not_resume_a_client_that_is_not_reading(tmp_path):
+    """When the transport has paused the channel (responses not read), the
+    answer to a slow write does not resume reading; the buffer stays bounded."""
+    conn = Connection("sqlite", tmp_path, max_body_bytes=1000)
+    conn.feed(post(call("save", "a", 1)) + post(call("load", "a")) * 20)
+    conn.channel.pauseProducing()
+    conn.clock.advance(0)
+    assert conn.transport.producerState == "paused"
+    conn.feed(post(call("load", "a")) * 200)
+    conn.channel.resumeProducing()
+    assert conn.transport.producerState == "producing"
+    assert len(conn.take()) == 221
+    conn.store.stop()
