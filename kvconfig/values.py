@@ -33,7 +33,7 @@ from kvconfig.errors import InvalidKey, InvalidValue, KeyTooLarge, ValueTooLarge
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 
 # Characters XML 1.0 forbids (and lone surrogates, which UTF-8 cannot carry).
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _DATETIME_FORMAT = "%Y%m%dT%H:%M:%S"
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -80,7 +80,7 @@ def decode(raw: bytes) -> Any:
 
 
 def _check_text(text: str, what: str) -> None:
-    if _NOT_XML.search(text):
+    if NOT_XML.search(text):
         raise InvalidValue(f"{what} holds a character XML-RPC cannot carry: {brief(text)}")
 
 

@@ -66,6 +66,7 @@ from kvconfig.httpchannel import XMLRPCChannelFactory
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
 from kvconfig.store import Store
+from kvconfig.values import NOT_XML
 
 RPC_PATHS = (b"/RPC2", b"/")
 #: Methods that change the store; everything else only reads.
@@ -84,7 +85,6 @@ _SIMPLE_CALL = re.compile(
 _SIMPLE_PARAM = re.compile(
     rb"<value>(?:<string>([^<&\r]*)</string>|<(?:int|i4)>(-?[0-9]+)</(?:int|i4)>|(<nil/>))"
 )
-_NOT_XML_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 _DECLARED_ENCODING = re.compile(rb"""^<\?xml[^>]*encoding=["']([A-Za-z0-9._-]+)["']""")
 
 
@@ -106,8 +106,17 @@ class _Marshaller(Marshaller):
     def dump_struct(self, value, write, escape=_escape):
         Marshaller.dump_struct(self, value, write, escape)
 
+    def dump_long(self, value, write):
+        # Values are 32-bit, but revisions and counters outgrow <int>; the
+        # common <i8> extension carries them (the stdlib client reads it).
+        if -(2**31) <= value < 2**31:
+            write(f"<value><int>{value}</int></value>\n")
+        else:
+            write(f"<value><i8>{value}</i8></value>\n")
+
     dispatch[str] = dump_unicode
     dispatch[dict] = dump_struct
+    dispatch[int] = dump_long
 
 
 def dumps_response(result: tuple | Fault) -> bytes:
@@ -133,7 +142,7 @@ def _parse_simple_call(body: bytes) -> tuple[str, tuple] | None:
                 string = text.decode("utf-8")
             except UnicodeDecodeError:
                 return None
-            if _NOT_XML_TEXT.search(string):
+            if NOT_XML.search(string):
                 return None
             params.append(string)
     return call.group(1).decode("ascii"), tuple(params)

@@ -264,3 +264,14 @@ def test_a_slow_write_does_not_resume_a_client_that_is_not_reading(tmp_path):
     assert conn.transport.producerState == "producing"
     assert len(conn.take()) == 221
     conn.store.stop()
+
+
+def test_counters_beyond_32_bits_are_sent_as_i8():
+    """Revisions and counters that outgrow XML-RPC's <int> go out as <i8>,
+    which the stdlib client reads as an int, instead of failing to marshal."""
+    conn = Connection()
+    conn.store.counters["reads"] = 2**31 + 5
+    conn.feed(post(call("stats")))
+    ((_, _, body),) = conn.take()
+    assert b"<i8>2147483653</i8>" in body
+    assert result(body)["reads"] >= 2**31 + 5

@@ -5,6 +5,6 @@ from twisted.application.service import ServiceMaker
 kvconfig = ServiceMaker(
     "kvconfig",
     "kvconfig.tap",
-    "A durable, revisioned configuration server (XML-RPC, line protocol, UDP).",
+    "A durable, revisioned configuration server (XML-RPC and a line protocol).",
     "kvconfig",
 )
