@@ -453,23 +453,35 @@ class SystemHandler(_Dispatcher):
         if len(calls) > limit:
             raise errors.BatchTooLarge(f"{len(calls)} calls in one multicall; the limit is {limit}")
         # Each call sees the calls before it, as if run one by one.  Reads
-        # show durable state only, so a read waits for every call before it,
+        # show durable state only, so a read waits for the writes before it,
         # and a write after a read waits for that read.  A run of consecutive
         # writes starts together: they are decided in order, so each sees
         # the ones before it, and they share one group commit.
-        done: list[Deferred] = []
-        run_start: list[Deferred] | None = None
-        for call in calls:
-            write = type(call) is dict and _is_write(call.get("methodName"))
-            if not write or run_start is None:
-                run_start = list(done) if write else None
-            waits = run_start if write else list(done)
-            if waits:
-                d = DeferredList(waits).addCallback(lambda _, call=call: self._one(call))
-            else:
-                d = self._one(call)
-            done.append(d.addCallbacks(lambda result: [result], self._fault_struct))
-        return gatherResults(done)
+        results: list[Deferred] = []
+        finished: Deferred = Deferred()
+        unanswered: list[Deferred] = []   # writes since the last read
+
+        def run(start: int) -> None:
+            for index in range(start, len(calls)):
+                call = calls[index]
+                write = type(call) is dict and _is_write(call.get("methodName"))
+                if not write and any(not d.called for d in unanswered):
+                    DeferredList(unanswered).addCallback(lambda _, i=index: run(i))
+                    unanswered.clear()
+                    return
+                d = self._one(call).addCallbacks(lambda result: [result], self._fault_struct)
+                results.append(d)
+                if write:
+                    unanswered.append(d)
+                else:
+                    unanswered.clear()
+                    if not d.called:
+                        d.addCallback(_continue, run, index + 1)
+                        return
+            gatherResults(results).chainDeferred(finished)
+
+        run(0)
+        return finished
 
     def _one(self, call: Any) -> Deferred:
         if type(call) is not dict or "methodName" not in call:
@@ -484,6 +496,11 @@ class SystemHandler(_Dispatcher):
     def _fault_struct(self, failure: Failure) -> dict:
         fault = self.parent.fault(failure)
         return {"faultCode": fault.faultCode, "faultString": fault.faultString}
+
+
+def _continue(result: Any, run, start: int) -> Any:
+    run(start)
+    return result
 
 
 def _is_write(method_name: Any) -> bool:
