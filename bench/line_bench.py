@@ -58,34 +58,25 @@ collect it.
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import platform
+import functools
 import selectors
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
-KEY_COUNT = 1000
+import benchlib
+from benchlib import CellKey, CellRun, CellSummary, Layout, LoadGeneratorBase, Row, Server
+
 SERVERS = ("kvconfig", "redis")
 TARGET_RATIO = 0.5
-WARMUP_SECONDS = 0.3
-DRAIN_TIMEOUT_S = 10.0
-START_TIMEOUT_S = 20.0
-STOP_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
-PREFILL_CLIENTS = 8
 PREFILL_DEPTH = 16
 RECV_BYTES = 262144
 BUSY_GENERATOR = 0.9  # cores: above this the load generator may be the bottleneck
@@ -94,35 +85,16 @@ BUSY_GENERATOR = 0.9  # cores: above this the load generator may be the bottlene
 # Servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def twistd_path() -> str:
-    """The twistd installed beside the running Python, else the one on PATH."""
-    candidate = Path(sys.executable).with_name("twistd")
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("twistd")
-    if found is None:
-        raise SystemExit("twistd not found: run with the venv's python (.venv/bin/python)")
-    return found
-
-
-def kvconfig_command(directory: Path, port: int) -> list[str]:
-    return [
-        twistd_path(), "-n", "--pidfile=", f"--logfile={directory / 'twistd.log'}",
-        "kvconfig", f"--store=sqlite:{directory / 'kvconfig.db'}",
-        f"--xmlrpc=tcp:0:interface={HOST}",  # not measured here; any free port
-        f"--line=tcp:{port}:interface={HOST}",
-    ]
+def server_command(name: str, directory: Path) -> Callable[[int], list[str]]:
+    """What gives the command line of a server, given its port."""
+    if name == "kvconfig":
+        return lambda port: benchlib.kvconfig_command(directory, line_port=port)
+    return functools.partial(redis_command, directory)
 
 
 def redis_command(directory: Path, port: int) -> list[str]:
     return [
-        "redis-server", "--port", str(port), "--bind", HOST, "--dir", str(directory),
+        "redis-server", "--port", str(port), "--bind", benchlib.HOST, "--dir", str(directory),
         "--appendonly", "yes", "--appendfsync", "always", "--save", "",
         "--daemonize", "no", "--protected-mode", "yes",
         "--logfile", str(directory / "redis.log"),
@@ -139,119 +111,13 @@ def redis_version() -> str:
     return out.stdout.strip() or out.stderr.strip() or "?"
 
 
-def wait_until_listening(process: subprocess.Popen, port: int, name: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{read_log(log)}")
-        try:
-            socket.create_connection((HOST, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{name} did not listen on port {port}:\n{read_log(log)}")
-
-
-def read_log(log: Path) -> str:
-    return log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it is still there after a while."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@dataclass
-class Server:
-    """A running server process."""
-
-    name: str
-    port: int
-    pid: int
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its threads so far (Linux; else nan): from
-    schedstat (nanoseconds, so that windows of a fraction of a second read
-    well), else user + system time in clock ticks."""
-    try:
-        total = 0
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-            except FileNotFoundError:
-                continue  # a thread that has just ended
-        return total / 1e9
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return math.nan
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and its descendants (kvconfig's sqlite writer is a child of twistd)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return [pid]
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(parent, []).append(int(entry))
-    tree, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        tree.append(current)
-        pending.extend(children.get(current, []))
-    return tree
-
-
-def tree_cpu_seconds(pids: list[int]) -> float:
-    return sum(cpu_seconds(pid) for pid in pids)
-
-
-@contextmanager
-def running_server(name: str, directory: Path) -> Iterator[Server]:
-    """Start one of the two servers; yield it once it accepts connections."""
-    port = free_port()
-    log = directory / f"{name}.stderr"
-    if name == "kvconfig":
-        command = kvconfig_command(directory, port)
-    else:
-        command = redis_command(directory, port)
-    with open(log, "wb") as stderr:
-        process = subprocess.Popen(command, cwd=directory, stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        wait_until_listening(process, port, name, log)
-        yield Server(name, port, process.pid)
-    finally:
-        stop(process)
-
-
 # Requests and replies
 
 
 def bench_items() -> list[tuple[bytes, bytes]]:
     """The keys and their values: short JSON strings (addresses), as bytes."""
     return [(f"bench/k{i}".encode(), f'"10.0.{i // 250}.{i % 250 + 1}"'.encode())
-            for i in range(KEY_COUNT)]
+            for i in range(benchlib.KEY_COUNT)]
 
 
 def resp_command(*words: bytes) -> bytes:
@@ -362,84 +228,35 @@ class Connection:
     inbox: bytearray = field(default_factory=bytearray)
 
 
-@dataclass
-class PhaseResult:
-    """What one run of the load generator saw; times in seconds."""
-
-    latencies: list[float] = field(default_factory=list)  # good replies, drain included
-    unfinished: list[float] = field(default_factory=list)  # requests given up, time so far
-    errors: Counter = field(default_factory=Counter)
-    window: float = 0.0  # up to the time bound, or to the last reply if that came sooner
-    ops_in_window: int = 0  # good replies received within the window
-    generator_cpu: float = 0.0  # CPU time of the load generator within the window
-    server_cpu: float = math.nan  # CPU time of the server (and children) within the window
-
-
-class LoadGenerator:
+class LoadGenerator(LoadGeneratorBase):
     """N connections on one selector, each keeping depth requests in flight,
     cycling through the pre-built requests."""
 
     def __init__(self, server: Server, requests: list[bytes], parse: Parser,
                  clients: int, depth: int) -> None:
-        self.server = server
+        super().__init__(server, [Connection() for _ in range(clients)])
         self.requests = requests
         self.parse = parse
         self.depth = depth
         self.greeting = server.name == "kvconfig"
-        self.selector = selectors.DefaultSelector()
-        self.connections = [Connection() for _ in range(clients)]
         self.next_request = 0
-        self.in_flight = 0
-        self.ops_left = 0
-        self.stop_issuing_at = 0.0
-        self.result = PhaseResult()
-        self.server_pids: list[int] = []
-        self.window_open = False
-        self.window_start = (0.0, 0.0, 0.0)  # wall clock, generator CPU, server CPU
 
-    def run(self, max_ops: int, seconds: float, measure_server: bool = False) -> PhaseResult:
-        """Send requests until max_ops are sent or seconds have passed, then wait
-        (at most DRAIN_TIMEOUT_S) for the replies still due.  With
-        measure_server, measure the server's CPU time within the window too."""
+    def before_run(self) -> None:
         self.connect_all()
-        self.result = result = PhaseResult()
-        self.server_pids = process_tree(self.server.pid) if measure_server else []
-        start = time.perf_counter()
-        self.window_start = (start, time.process_time(), self.server_cpu_seconds())
-        self.window_open = True
-        self.ops_left = max_ops
-        self.stop_issuing_at = start + seconds
-        give_up_at = self.stop_issuing_at + DRAIN_TIMEOUT_S
+
+    def start_issuing(self) -> None:
         for connection in self.connections:
             if connection.sock is not None:
                 self.issue(connection, self.depth, time.perf_counter())
-        while self.in_flight:
-            now = time.perf_counter()
-            if self.window_open and now >= self.stop_issuing_at:
-                self.close_window(now)
-            if now >= give_up_at:
-                break
-            wake_at = self.stop_issuing_at if self.window_open else give_up_at
-            for key, mask in self.selector.select(wake_at - now):
-                connection = key.data
-                if mask & selectors.EVENT_READ:
-                    self.receive(connection)
-                if mask & selectors.EVENT_WRITE and connection.sock is not None:
-                    self.flush(connection)
-        if self.window_open:
-            self.close_window(time.perf_counter())
-        self.give_up_unfinished()
-        return result
 
-    def close_window(self, now: float) -> None:
-        start, generator_cpu, server_cpu = self.window_start
-        self.window_open = False
-        self.result.window = now - start
-        self.result.generator_cpu = time.process_time() - generator_cpu
-        self.result.server_cpu = self.server_cpu_seconds() - server_cpu
+    def on_event(self, connection: Connection, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            self.receive(connection)
+        if mask & selectors.EVENT_WRITE and connection.sock is not None:
+            self.flush(connection)
 
-    def server_cpu_seconds(self) -> float:
-        return tree_cpu_seconds(self.server_pids) if self.server_pids else math.nan
+    def most_in_flight(self) -> int:
+        return len(self.connections) * self.depth
 
     def give_up_unfinished(self) -> None:
         now = time.perf_counter()
@@ -450,11 +267,6 @@ class LoadGenerator:
                 connection.sent.clear()
                 self.disconnect(connection)  # its late replies must not be read as new ones
 
-    def close(self) -> None:
-        for connection in self.connections:
-            self.disconnect(connection)
-        self.selector.close()
-
     # Connections
 
     def connect_all(self) -> None:
@@ -464,7 +276,8 @@ class LoadGenerator:
                 self.connect(connection)
 
     def connect(self, connection: Connection) -> None:
-        sock = socket.create_connection((HOST, self.server.port), timeout=CONNECT_TIMEOUT_S)
+        sock = socket.create_connection((benchlib.HOST, self.server.port),
+                                        timeout=CONNECT_TIMEOUT_S)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.greeting:
@@ -512,7 +325,7 @@ class LoadGenerator:
         """Queue up to count new requests, sent at now, and send them."""
         if now >= self.stop_issuing_at:
             return
-        count = min(count, self.ops_left)
+        count = min(count, self.issue_left)
         if count <= 0:
             return
         requests, total = self.requests, len(self.requests)
@@ -525,18 +338,14 @@ class LoadGenerator:
             if index == total:
                 index = 0
         self.next_request = index
-        self.ops_left -= count
+        self.issue_left -= count
         self.in_flight += count
         self.flush(connection)
 
     def flush(self, connection: Connection) -> None:
         if connection.unsent:
-            try:
-                done = connection.sock.send(connection.unsent)
-            except BlockingIOError:
-                done = 0
-            except OSError as e:
-                self.fail(connection, f"send: {e.strerror}")
+            done = self.send_some(connection, connection.unsent)
+            if done is None:
                 return
             del connection.unsent[:done]
         writing = bool(connection.unsent)
@@ -585,208 +394,48 @@ class LoadGenerator:
                     result.latencies.append(now - started)
         self.in_flight -= count
         if self.window_open:
-            result.ops_in_window += count - len(bad)
+            result.good_in_window += count - len(bad)
         self.issue(connection, count, now)
 
 
 # Cells
 
 
-@dataclass
-class CellRun:
-    """One measured run of one server x op x clients x depth; latencies in ms."""
-
-    ops_per_s: float
-    p50_ms: float
-    p99_ms: float
-    max_ms: float  # a lower bound if requests were given up
-    unfinished: int  # given up DRAIN_TIMEOUT_S after the time bound
-    errors: Counter
-    generator_cpu: float  # cores used by the load generator within the window
-    server_cpu: float  # cores used by the server within the window
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile; nan for no values."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(fraction * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
-def summarize(result: PhaseResult, warmup: PhaseResult) -> CellRun:
-    latencies = sorted(result.latencies)
-    every_time = latencies + result.unfinished
-    window = result.window or math.nan
-    errors = result.errors + Counter({f"warm-up: {e}": n for e, n in warmup.errors.items()})
-    if warmup.unfinished:
-        errors[f"warm-up: requests given up after {DRAIN_TIMEOUT_S:g} s"] += \
-            len(warmup.unfinished)
-    return CellRun(
-        ops_per_s=result.ops_in_window / window,
-        p50_ms=percentile(latencies, 0.50) * 1000,
-        p99_ms=percentile(latencies, 0.99) * 1000,
-        max_ms=max(every_time, default=math.nan) * 1000,
-        unfinished=len(result.unfinished),
-        errors=errors,
-        generator_cpu=result.generator_cpu / window,
-        server_cpu=result.server_cpu / window,
-    )
-
-
-def run_cell(server: Server, op: str, clients: int, depth: int,
-             max_ops: int, seconds: float) -> CellRun:
-    """Warm up, then measure, on the same connections."""
+def measure(args: argparse.Namespace, server: Server, row: Row) -> CellRun:
+    """One run of one cell: warm up, then measure, on the same connections."""
+    op, clients, depth = row
     generator = LoadGenerator(server, build_requests(server.name, op),
                               parser_for(server.name, op), clients, depth)
-    try:
-        warmup = generator.run(max(clients * depth, max_ops // 10), WARMUP_SECONDS)
-        result = generator.run(max_ops, seconds, measure_server=True)
-    finally:
-        generator.close()
-    return summarize(result, warmup)
+    return benchlib.run_cell(generator, args.max_ops, args.seconds, "requests")
 
 
-def prefill(server: Server) -> None:
-    """SET every key once, so that GET finds them whatever ops are run."""
-    generator = LoadGenerator(server, build_requests(server.name, "set"),
-                              parser_for(server.name, "set"), PREFILL_CLIENTS, PREFILL_DEPTH)
-    try:
-        result = generator.run(KEY_COUNT, seconds=60.0)
-    finally:
-        generator.close()
-    if result.errors or len(result.latencies) != KEY_COUNT:
-        raise RuntimeError(f"{server.name}: setting the {KEY_COUNT} keys failed: "
-                           f"{len(result.latencies)} set, errors {dict(result.errors)}")
+def progress_row(row: Row) -> str:
+    op, clients, depth = row
+    return f"{op} {clients:>3} clients depth {depth:>2}"
 
 
-CellKey = tuple[str, str, int, int]  # server name, op, clients, depth
+def progress_stats(run: CellRun) -> str:
+    return (f"{run.per_s:7.0f} ops/s, p99 {run.p99_ms:7.2f} ms, max {run.max_ms:8.1f} ms, "
+            f"{run.unfinished} given up, {sum(run.errors.values())} errors, "
+            f"cpu server {run.server_cpu:.2f} generator {run.generator_cpu:.2f}")
 
 
-def run_all(args: argparse.Namespace, servers: list[Server]) -> dict[CellKey, list[CellRun]]:
-    """Every cell, repeated, the servers taking turns."""
-    runs: dict[CellKey, list[CellRun]] = {}
-    for op in args.ops:
-        for clients in args.clients:
-            for depth in args.depths:
-                for repeat in range(args.repeat):
-                    for server in servers:
-                        run = run_cell(server, op, clients, depth, args.max_ops, args.seconds)
-                        runs.setdefault((server.name, op, clients, depth), []).append(run)
-                        progress(f"  {op} {clients:>3} clients depth {depth:>2} "
-                                 f"{server.name:<8} run {repeat + 1}/{args.repeat}: "
-                                 f"{run.ops_per_s:7.0f} ops/s, p99 {run.p99_ms:7.2f} ms, "
-                                 f"max {run.max_ms:8.1f} ms, {run.unfinished} given up, "
-                                 f"{sum(run.errors.values())} errors, "
-                                 f"cpu server {run.server_cpu:.2f} "
-                                 f"generator {run.generator_cpu:.2f}")
-    return runs
+# Report
 
 
-# Aggregation and report
+def target_text(kvconfig: CellSummary | None, redis: CellSummary | None, _row: Row) -> str:
+    """Whether a row meets its target (the same on every row), and if not, why."""
+    given_up = ["given up"] if kvconfig and kvconfig.unfinished else []
+    return benchlib.target_text(kvconfig, redis, "redis", TARGET_RATIO, given_up)
 
 
-@dataclass
-class CellSummary:
-    """The repeats of one server x op x clients x depth, combined."""
-
-    ops_per_s: float  # median
-    p50_ms: float  # median
-    p99_ms: float  # median
-    max_ms: float  # max
-    unfinished: int  # sum
-    errors: Counter  # sum
-    generator_cpu: float  # max
-    server_cpu: float  # median
-
-    @classmethod
-    def of(cls, runs: list[CellRun]) -> CellSummary:
-        return cls(
-            ops_per_s=statistics.median(r.ops_per_s for r in runs),
-            p50_ms=statistics.median(r.p50_ms for r in runs),
-            p99_ms=statistics.median(r.p99_ms for r in runs),
-            max_ms=max(r.max_ms for r in runs),
-            unfinished=sum(r.unfinished for r in runs),
-            errors=sum((r.errors for r in runs), Counter()),
-            generator_cpu=max(r.generator_cpu for r in runs),
-            server_cpu=statistics.median(r.server_cpu for r in runs),
-        )
-
-    def latency_text(self) -> str:
-        at_least = ">=" if self.unfinished else ""
-        return f"{self.p50_ms:.2f}/{self.p99_ms:.2f}/{at_least}{self.max_ms:.1f}"
-
-
-def target_text(kvconfig: CellSummary | None, redis: CellSummary | None) -> str:
-    """Whether a row meets its target, and if not, why."""
-    if kvconfig is None:
-        return "-"
-    failures = []
-    if kvconfig.errors:
-        failures.append("errors")
-    if kvconfig.unfinished:
-        failures.append("given up")
-    if redis and kvconfig.ops_per_s < TARGET_RATIO * redis.ops_per_s:
-        failures.append(f"ratio<{TARGET_RATIO:g}")
-    if failures:
-        return f"NO ({', '.join(failures)})"
-    return "? (no redis run)" if redis is None else "yes"
-
-
-def format_table(rows: list[list[str]]) -> str:
-    """First column left-aligned, the others right-aligned, a rule under the header."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(w) if i == 0 else cell.rjust(w)
-                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
-        lines.append("  ".join(cells))
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def rows_of(args: argparse.Namespace) -> Iterator[tuple[str, int, int]]:
-    for op in args.ops:
-        for clients in args.clients:
-            for depth in args.depths:
-                yield op, clients, depth
-
-
-def result_table(args: argparse.Namespace, cells: dict[CellKey, CellSummary]) -> str:
-    rows = [["op", "clients", "depth", "kvconfig ops/s", "redis ops/s", "ratio",
-             "kvconfig p50/p99/max ms", "redis p50/p99/max ms", "target"]]
-    for op, clients, depth in rows_of(args):
-        kvconfig = cells.get(("kvconfig", op, clients, depth))
-        redis = cells.get(("redis", op, clients, depth))
-        ratio = "-"
-        if kvconfig and redis and redis.ops_per_s:
-            ratio = f"{kvconfig.ops_per_s / redis.ops_per_s:.2f}"
-        rows.append([
-            op.upper(), str(clients), str(depth),
-            f"{kvconfig.ops_per_s:.0f}" if kvconfig else "-",
-            f"{redis.ops_per_s:.0f}" if redis else "-",
-            ratio,
-            kvconfig.latency_text() if kvconfig else "-",
-            redis.latency_text() if redis else "-",
-            target_text(kvconfig, redis),
-        ])
-    return format_table(rows)
-
-
-def cpu_table(args: argparse.Namespace, cells: dict[CellKey, CellSummary]) -> str:
-    rows = [["op", "clients", "depth", "kvconfig server+writer", "redis server",
-             "load generator (max)"]]
-    for op, clients, depth in rows_of(args):
-        kvconfig = cells.get(("kvconfig", op, clients, depth))
-        redis = cells.get(("redis", op, clients, depth))
-        generator = max(c.generator_cpu for c in (kvconfig, redis) if c)
-        rows.append([
-            op.upper(), str(clients), str(depth),
-            f"{kvconfig.server_cpu:.2f}" if kvconfig else "-",
-            f"{redis.server_cpu:.2f}" if redis else "-",
-            f"{generator:.2f}",
-        ])
-    return format_table(rows)
+def layout(args: argparse.Namespace) -> Layout:
+    return Layout(rows=[(op, clients, depth) for op in args.ops for clients in args.clients
+                        for depth in args.depths],
+                  columns=["op", "clients", "depth"],
+                  label=lambda row: [row[0].upper(), str(row[1]), str(row[2])],
+                  other="redis", rate="ops/s", target=target_text,
+                  cpu_titles=("kvconfig server+writer", "redis server"))
 
 
 def notes(cells: dict[CellKey, CellSummary]) -> list[str]:
@@ -796,7 +445,7 @@ def notes(cells: dict[CellKey, CellSummary]) -> list[str]:
         where = f"{name} {op.upper()} {clients} clients depth {depth}"
         if cell.unfinished:
             lines.append(f"{where}: {cell.unfinished} request(s) given up after "
-                         f">= {DRAIN_TIMEOUT_S:g} s")
+                         f">= {benchlib.DRAIN_TIMEOUT_S:g} s")
         for error, count in cell.errors.most_common():
             lines.append(f"{where}: {count} error(s): {error}")
         if cell.generator_cpu > BUSY_GENERATOR:
@@ -806,56 +455,15 @@ def notes(cells: dict[CellKey, CellSummary]) -> list[str]:
                      "a full core"]
 
 
-def filesystem_of(path: Path) -> str:
-    """The type of the filesystem path is on, from /proc/mounts ("?" if unknown)."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return "?"
-    target = str(path.resolve())
-    best_mount, kind = "", "?"
-    for line in mounts:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        mount, fs_type = fields[1], fields[2]
-        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) > len(best_mount):
-            best_mount, kind = mount, fs_type
-    return kind
-
-
-def machine_info() -> list[str]:
-    cpu = platform.processor() or "?"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.partition(":")[2].strip()
-                break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-    return [
-        f"machine: nproc {usable} (cpu_count {os.cpu_count()}), {cpu}, {platform.platform()}",
-        f"python: {platform.python_version()} ({sys.executable})",
-        f"load average at start: {load_average()} (other work on the machine adds noise)",
-    ]
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{load:.2f}" for load in os.getloadavg())
-    except OSError:
-        return "?"
-
-
 def header(args: argparse.Namespace, names: list[str], directory: Path,
            redis: str) -> list[str]:
     fsync = "both fsync" if len(names) > 1 else "it fsyncs"
     lines = [
-        *machine_info(),
+        *benchlib.machine_info(),
+        f"load average at start: {benchlib.load_average()} (other work on the machine adds noise)",
         f"redis: {redis}",
-        (f"servers: {', '.join(names)}, on loopback {HOST}; {fsync} every acknowledged "
-         f"write; store{'s' if len(names) > 1 else ''} on {filesystem_of(directory)}"),
+        (f"servers: {', '.join(names)}, on loopback {benchlib.HOST}; {fsync} every acknowledged "
+         f"write; store{'s' if len(names) > 1 else ''} on {benchlib.filesystem_of(directory)}"),
     ]
     if "kvconfig" in names:
         lines.append("  kvconfig: twistd -n kvconfig --store sqlite:<tmp>, line protocol; SET "
@@ -867,12 +475,13 @@ def header(args: argparse.Namespace, names: list[str], directory: Path,
         *lines,
         (f"load: ops {','.join(op.upper() for op in args.ops)}, clients "
          f"{','.join(map(str, args.clients))}, pipeline depths "
-         f"{','.join(map(str, args.depths))}, {KEY_COUNT} keys, short JSON string values;"),
+         f"{','.join(map(str, args.depths))}, {benchlib.KEY_COUNT} keys, "
+         "short JSON string values;"),
         ("  one Python thread for both servers (selectors, pre-built requests); latency "
          "from a request's send to its reply"),
-        (f"  per cell {WARMUP_SECONDS:g} s warm-up, then at most {args.max_ops} ops and "
+        (f"  per cell {benchlib.WARMUP_SECONDS:g} s warm-up, then at most {args.max_ops} ops and "
          f"{args.seconds:g} s (replies still due are waited for up to "
-         f"{DRAIN_TIMEOUT_S:g} s more);"),
+         f"{benchlib.DRAIN_TIMEOUT_S:g} s more);"),
         f"  {args.repeat} repeat(s) of each cell, the servers taking turns",
         ("report: ops/s = good replies within the time bound / its length; medians over "
          "repeats of ops/s, p50, p99;"),
@@ -884,66 +493,24 @@ def header(args: argparse.Namespace, names: list[str], directory: Path,
 # Main
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
-
-
-def op_list(text: str) -> list[str]:
-    ops = [part.lower() for part in text.split(",") if part]
-    unknown = set(ops) - {"set", "get"}
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown op(s): {', '.join(sorted(unknown))}")
-    return ops
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
-    parser.add_argument("--clients", type=int_list, default=[1, 50],
-                        help="concurrent clients per cell, comma-separated (default 1,50)")
-    parser.add_argument("--depths", type=int_list, default=[1, 16],
+    parser = benchlib.argument_parser(__doc__.strip().split("\n")[0], [1, 50])
+    parser.add_argument("--depths", type=benchlib.int_list, default=[1, 16],
                         help="requests in flight per client, comma-separated (default 1,16)")
-    parser.add_argument("--ops", type=op_list, default=["set", "get"],
-                        help="operations, comma-separated (default set,get)")
-    parser.add_argument("--seconds", type=float, default=3.0,
-                        help="time bound of a cell (default 3)")
-    parser.add_argument("--max-ops", type=int, default=50000,
-                        help="op bound of a cell (default 50000)")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each cell, the servers taking turns (default 3)")
-    parser.add_argument("--only", choices=["kvconfig", "redis", "both"], default="both",
-                        help="which server(s) to run (default both)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 s per cell, 1 repeat")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seconds, args.repeat = 1.0, 1
-    if not args.clients or min(args.clients) < 1:
-        parser.error("--clients must be positive numbers")
-    if not args.depths or min(args.depths) < 1:
-        parser.error("--depths must be positive numbers")
-    if not args.ops:
-        parser.error("--ops needs at least one of set, get")
-    if args.seconds <= 0 or args.max_ops < 1 or args.repeat < 1:
-        parser.error("--seconds, --max-ops and --repeat must be positive")
-    return args
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def exit_on_sigterm(signum: int, frame: object) -> None:
-    # SystemExit unwinds through the finally clauses, which stop the servers.
-    raise SystemExit(128 + signum)
+    benchlib.add_cell_arguments(parser, ops=["set", "get"], fold_case=True, unit="op",
+                                max_default=50000, other="redis")
+    return benchlib.parse_checked(parser, argv, "op", [
+        (lambda args: not args.depths or min(args.depths) < 1,
+         "--depths must be positive numbers"),
+        (lambda args: not args.ops, "--ops needs at least one of set, get"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    signal.signal(signal.SIGTERM, benchlib.exit_on_sigterm)
     names = list(SERVERS) if args.only == "both" else [args.only]
+    table = layout(args)
     if "redis" in names and shutil.which("redis-server") is None:
         message = ("redis-server is not installed (not on PATH; on Debian: "
                    "apt-get install redis-server)")
@@ -955,22 +522,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         redis = redis_version() if "redis" in names else "not run (--only kvconfig)"
     began = time.monotonic()
-    with ExitStack() as stack:
-        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvbench-")))
-        print("\n".join(header(args, names, directory, redis)), flush=True)
-        servers = [stack.enter_context(running_server(name, directory)) for name in names]
+    with benchlib.servers_running(names, functools.partial(header, args, names, redis=redis),
+                                  server_command) as servers:
         for server in servers:
-            prefill(server)
-        runs = run_all(args, servers)
-    cells = {key: CellSummary.of(cell_runs) for key, cell_runs in runs.items()}
-    print()
-    print(result_table(args, cells))
-    print()
-    print("CPU use within the time bound, in cores (servers: median over repeats):")
-    print(cpu_table(args, cells))
-    print()
-    print("\n".join(notes(cells)))
-    print(f"load average at end: {load_average()}")
+            generator = LoadGenerator(server, build_requests(server.name, "set"),
+                                      parser_for(server.name, "set"),
+                                      benchlib.PREFILL_CLIENTS, PREFILL_DEPTH)
+            benchlib.prefill(generator, benchlib.KEY_COUNT, "setting", "set")
+        runs = benchlib.run_all(table.rows, servers, args.repeat,
+                                functools.partial(measure, args), progress_row, progress_stats)
+    cells = benchlib.summaries(runs)
+    benchlib.print_report(table, cells, notes(cells))
+    print(f"load average at end: {benchlib.load_average()}")
     print(f"total time: {time.monotonic() - began:.0f} s")
     return 0
 
