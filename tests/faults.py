@@ -6,7 +6,8 @@ state them here rather than importing them.
 
 from __future__ import annotations
 
-from xmlrpc.client import Fault
+from contextlib import contextmanager
+from xmlrpc.client import Fault, ServerProxy
 
 import pytest
 
@@ -38,3 +39,18 @@ def expect_fault(error: tuple[int, str], method, *args) -> Fault:
         method(*args)
     check_fault(info.value, error)
     return info.value
+
+
+@contextmanager
+def unchanged(proxy: ServerProxy, *keys: str):
+    """Check that the block changed nothing: each key reads as before, and
+    the store made no change (TTL expiries, which no client asks for, aside).
+
+    The calls made afterwards also show that the server still serves.
+    """
+    before = [proxy.get(key) for key in keys]
+    revision = proxy.stats()["revision"]
+    yield
+    assert [proxy.get(key) for key in keys] == before
+    events = proxy.changes("", revision)["events"]
+    assert [event for event in events if not event["expired"]] == []

@@ -24,7 +24,6 @@ import math
 import re
 import socket
 import xmlrpc.client
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -48,6 +47,7 @@ from faults import (
     WRONG_ARGUMENTS,
     check_fault,
     expect_fault,
+    unchanged,
 )
 from serverprocess import KVConfigProcess
 
@@ -60,21 +60,6 @@ SMALL_HISTORY_EVENTS = 5
 
 
 # Checks
-
-
-@contextmanager
-def unchanged(proxy: ServerProxy, *keys: str):
-    """Check that the block changed nothing: each key reads as before, and
-    the store made no change (TTL expiries, which no client asks for, aside).
-
-    The calls made afterwards also show that the server still serves.
-    """
-    before = [proxy.get(key) for key in keys]
-    revision = proxy.stats()["revision"]
-    yield
-    assert [proxy.get(key) for key in keys] == before
-    events = proxy.changes("", revision)["events"]
-    assert [event for event in events if not event["expired"]] == []
 
 
 # Raw requests

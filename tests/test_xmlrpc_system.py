@@ -10,8 +10,7 @@ failure not stopping the others), a cap on batch size and no nesting.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
-from xmlrpc.client import Fault, MultiCall, ServerProxy
+from xmlrpc.client import Fault, MultiCall
 
 import pytest
 
@@ -24,6 +23,7 @@ from faults import (
     WRONG_ARGUMENTS,
     check_fault,
     expect_fault,
+    unchanged,
 )
 from serverprocess import KVConfigProcess
 
@@ -56,18 +56,6 @@ def check_fault_entry(entry, error: tuple[int, str]) -> None:
 
 def entry(method: str, *params) -> dict:
     return {"methodName": method, "params": list(params)}
-
-
-@contextmanager
-def unchanged(proxy: ServerProxy, *keys: str):
-    """Check that the block changed nothing: each key reads as before, and
-    the store made no change (TTL expiries aside)."""
-    before = [proxy.get(key) for key in keys]
-    revision = proxy.stats()["revision"]
-    yield
-    assert [proxy.get(key) for key in keys] == before
-    events = proxy.changes("", revision)["events"]
-    assert [event for event in events if not event["expired"]] == []
 
 
 @pytest.fixture
