@@ -354,6 +354,9 @@ class XMLRPCChannelFactory(Factory):
             return None
         return XMLRPCChannel(self)
 
+    def stats(self) -> dict[str, int]:
+        return {"connections": self.connections, "refused": self.refused}
+
     def date_header(self) -> bytes:
         """The Date header line, formatted once a second."""
         now = int(self.clock.seconds())

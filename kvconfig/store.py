@@ -153,6 +153,7 @@ class Store:
             "compact_revision": keyspace.compact_revision,
             "history_events": keyspace.history_length,
             "feed_consumers": backend.feed.consumers,
+            "feed_published": backend.feed.published,
             "expired": getattr(backend, "expired", 0),
         }
         stats.update(self.counters)

@@ -515,4 +515,6 @@ def _failed(error: Exception) -> Deferred:
 
 def make_factory(store: Store, limits: Limits, clock) -> XMLRPCChannelFactory:
     """The protocol factory the XML-RPC endpoint listens with."""
-    return XMLRPCChannelFactory(KVConfigXMLRPC(store, limits), limits, clock)
+    factory = XMLRPCChannelFactory(KVConfigXMLRPC(store, limits), limits, clock)
+    store.add_stats("xmlrpc", factory.stats)
+    return factory
