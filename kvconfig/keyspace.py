@@ -72,10 +72,6 @@ class Keyspace:
     def history_length(self) -> int:
         return len(self._history)
 
-    def history(self) -> list[Event]:
-        """Every event in the window, oldest first."""
-        return list(self._history)
-
     def apply(self, event: Event) -> None:
         """Make *event* the latest change."""
         key = event.key

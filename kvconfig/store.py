@@ -154,12 +154,9 @@ class Store:
             "history_events": keyspace.history_length,
             "feed_consumers": backend.feed.consumers,
             "feed_published": backend.feed.published,
-            "expired": getattr(backend, "expired", 0),
         }
+        stats.update(backend.stats())
         stats.update(self.counters)
-        for name in ("commits", "commit_failures"):
-            if hasattr(backend, name):
-                stats[name] = getattr(backend, name)
         for interface, interface_stats in self._interface_stats.items():
             stats.update({f"{interface}_{name}": value
                           for name, value in interface_stats().items()})

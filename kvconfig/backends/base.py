@@ -54,6 +54,9 @@ class IBackend(Interface):
     def delete(key: str, prev_revision: int | None) -> Deferred:
         """Delete *key*; fires with the delete Event, or None if it was absent."""
 
+    def stats() -> dict:
+        """The backend's own counters, for the store's stats()."""
+
 
 class LocalBackend:
     """A backend that decides every change itself.
@@ -176,6 +179,10 @@ class LocalBackend:
             pending = overlay.get(event.key)
             if pending is not None and pending[0] <= event.revision:
                 del overlay[event.key]
+        self._publish(events)
+
+    def _publish(self, events: list[Event]) -> None:
+        """Publish durable *events*, and release the answers waiting on them."""
         for event in events:
             self.feed.publish(event)
         if self._waiters:
@@ -184,6 +191,9 @@ class LocalBackend:
             self._waiters = [(r, d) for r, d in self._waiters if r > durable]
             for d in ready:
                 d.callback(None)
+
+    def stats(self) -> dict[str, int]:
+        return {"expired": self.expired}
 
     def _forget_undecided(self) -> None:
         """After a failure: only durable state (the keyspace) stands."""

@@ -167,9 +167,7 @@ class SQLiteBackend(LocalBackend):
         self.commits += 1
         events = [event for event, _ in pending]
         if reread:
-            # The keyspace was re-read from the file and holds them already.
-            for event in events:
-                self.feed.publish(event)
+            self._publish(events)  # the keyspace re-read from the file holds them
         else:
             self._make_durable(events)
         for event, d in pending:
@@ -248,6 +246,10 @@ class SQLiteBackend(LocalBackend):
             self._stopped.callback(None)
             return
         self._schedule_respawn()
+
+    def stats(self) -> dict[str, int]:
+        return dict(super().stats(), commits=self.commits,
+                    commit_failures=self.commit_failures)
 
     @property
     def writer_pid(self) -> int | None:
