@@ -234,8 +234,8 @@ class LineProtocol(Protocol, TimeoutMixin):
             self.transport.setTcpNoDelay(True)
         self.transport.registerProducer(self, True)
         self.setTimeout(self.limits.idle_timeout)
-        self._write(b"HELLO kvconfig %s revision %d - type HELP for commands"
-                    % (__version__.encode(), self.store.revision))
+        self._write_lines([b"HELLO kvconfig %s revision %d - type HELP for commands"
+                           % (__version__.encode(), self.store.revision)])
 
     def connectionLost(self, reason=None) -> None:
         self.factory.connections -= 1
@@ -250,8 +250,8 @@ class LineProtocol(Protocol, TimeoutMixin):
             # fired, so it is set anew rather than reset.)
             self.setTimeout(self.limits.idle_timeout)
             return
-        self._write(error_line(errors.LimitExceeded(
-            f"idle for {self.limits.idle_timeout} s; closing")))
+        self._write_lines([error_line(errors.LimitExceeded(
+            f"idle for {self.limits.idle_timeout} s; closing"))])
         self.transport.loseConnection()
 
     # IPushProducer for our own transport: paused when the client stops
@@ -460,9 +460,6 @@ class LineProtocol(Protocol, TimeoutMixin):
                 self._flush_out()
         elif self.transport is not None and self.connected:
             self.transport.write(data)
-
-    def _write(self, line: bytes) -> None:
-        self._write_lines([line])
 
     # Commands
 
