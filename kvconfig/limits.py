@@ -40,11 +40,30 @@ class Limits:
     history_events: int = 10_000
     #: Most bytes of values kept in that history.
     history_bytes: int = 64 << 20
+    #: Most UDP subscriptions held at once, and most on any one prefix.
+    max_subscriptions: int = 10_000
+    max_subscriptions_per_prefix: int = 5_000
+    #: Largest notification datagram, signature included; a value that does
+    #: not fit is announced without it, to be pulled.
+    max_datagram_bytes: int = 1200
+    #: Most datagrams a second to one subscriber (also its burst); past that
+    #: events are skipped, which the subscriber sees as a gap and pulls.
+    max_send_rate: int = 1000
+    #: Most cookie answers a second to unproven addresses, in total.
+    max_cookie_rate: int = 1000
+    #: Seconds a subscription lives unless renewed.
+    lease_seconds: int = 30
+    #: Seconds between heartbeats to each subscriber.
+    heartbeat_seconds: int = 2
+    #: Seconds a signed datagram's timestamp may be off (replay window).
+    max_clock_skew: int = 30
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
+        if self.max_datagram_bytes < 512:
+            raise ValueError("max_datagram_bytes must be at least 512")
         # SET key <value> [EX n] [IF n] must fit on one line.
         needed = self.max_value_bytes + self.max_key_bytes + 64
         if self.max_line_bytes < needed:

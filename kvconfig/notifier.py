@@ -1,0 +1,514 @@
+"""
+UDP change notifications: the wire format, and the server's notifier.
+
+Wire format, version 1
+======================
+
+Notify-then-pull, like DNS NOTIFY: the server pushes small datagrams to
+subscribed addresses; a subscriber that sees a gap pulls what it missed over
+TCP with ``changes(prefix, since)`` (or ``list(prefix)`` after ``compacted``).
+Default port 15002 on 127.0.0.1 (``--udp udp:15002:interface=127.0.0.1``).
+
+Every datagram is one UTF-8 JSON object with ``"v": 1`` and a type ``"t"``.
+With a shared secret (``--secret-file``) the object also carries ``"ts"``
+(the sender's Unix time) and ``"nonce"`` (16 random hex digits), and is
+followed by a newline and the lowercase hex HMAC-SHA256 of the JSON bytes
+under the secret.  A receiver drops, and counts, a datagram that is not
+signed, whose signature is wrong, whose ``ts`` is more than
+``--max-clock-skew`` seconds from its own clock, or whose nonce it has seen.
+Without a secret, datagrams carry no ``ts``, ``nonce`` or signature.
+
+Subscriber to server::
+
+    {"v":1,"t":"subscribe","prefix":P,"cookie":C,"pad":"..."}
+    {"v":1,"t":"unsubscribe","prefix":P,"cookie":C,"pad":"..."}
+
+Without a valid ``cookie`` the server only answers ``{"v":1,"t":"cookie",
+"cookie":C}``, and only if that answer is no larger than the request (so a
+subscriber pads its request with ``pad``; 256 bytes is plenty), at most
+``--max-cookie-rate`` such answers a second.  The cookie proves the sender
+receives at its address; nothing else is ever sent to an address before it
+returns one.  Cookies last at least a minute; an expired one is answered with
+a fresh one.  With a valid cookie, ``subscribe`` creates the subscription of
+that address to prefix ``P``, or renews its lease, and is answered::
+
+    {"v":1,"t":"subscribed","sub":S,"prefix":P,"seq":N,"rev":R,"head":H,
+     "lease":L,"heartbeat":B}
+
+``S`` names this subscription (16 hex digits): a new ``S`` means a new
+subscription whose sequence starts again at 0 (the server restarted, or the
+lease ran out).  ``N`` is the last sequence number sent on it, ``R`` the
+revision of its last event (0: none yet), ``H`` the store's revision, ``L``
+the lease in seconds (renew well before, say every L/3) and ``B`` the
+heartbeat interval.  ``unsubscribe`` is answered ``{"v":1,"t":"unsubscribed",
+"prefix":P,"sub":S|null}``.  A refused subscribe (a bad prefix, a limit) is
+answered ``{"v":1,"t":"error","prefix":P,"code":C,"error":NAME,
+"message":TEXT}`` with the codes of kvconfig.errors.
+
+Server to subscriber, once subscribed, one event per datagram::
+
+    {"v":1,"t":"event","sub":S,"seq":N,"rev":R,"op":"put","key":K,"value":V}
+    {"v":1,"t":"event","sub":S,"seq":N,"rev":R,"op":"put","key":K,"pull":true}
+    {"v":1,"t":"event","sub":S,"seq":N,"rev":R,"op":"delete","key":K[,"expired":true]}
+    {"v":1,"t":"event","sub":S,"seq":N,"rev":R,"pull":true}
+    {"v":1,"t":"heartbeat","sub":S,"seq":N,"rev":R,"head":H}
+
+``seq`` goes up by exactly one per event, starting at 1, including events
+the server skipped (past ``--max-send-rate``) or could not send, so every
+loss shows as a gap.  Events of one revision carry the same ``rev``.  ``V``
+is the value in kvconfig's tagged JSON (see kvconfig.values).  A value that
+would make the datagram larger than ``--max-datagram-bytes`` is left out
+(``"pull":true``: read the key); if even the key does not fit, so is the key
+(pull ``changes`` from the previous revision).  A heartbeat every
+``--heartbeat`` seconds carries the subscription's last ``seq`` and event
+``rev``, and ``H``, the store's revision: a subscriber whose last seq is
+lower lost the tail and pulls; one that hears nothing for a few heartbeats
+subscribes again.  After skipping events for the rate limit the server sends
+a heartbeat as soon as the rate allows, so the gap is seen at once.
+
+Subscriptions can also be made over TCP, for the caller's own peer address:
+XML-RPC ``subscribe(prefix, udp_port)`` / ``unsubscribe(prefix, udp_port)``
+and the line protocol's ``SUBSCRIBE``/``UNSUBSCRIBE``; the TCP handshake is
+the proof of address there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from kvconfig import errors, values
+from kvconfig.limits import Limits
+from kvconfig.model import DELETE, Event
+from kvconfig.store import Store
+
+WIRE_VERSION = 1
+#: Datagrams larger than this are not read at all.
+MAX_REQUEST_BYTES = 4096
+#: Bytes of a signature: a newline and 64 hex digits.
+SIGNATURE_BYTES = 65
+#: Room kept in every event datagram for its head (type, sub, seq, ts, nonce).
+_HEAD_ROOM = 128
+#: Seconds in one cookie period; a cookie is good for this one and the next.
+COOKIE_PERIOD = 60
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_loads = json.JSONDecoder().decode
+
+
+class BadDatagram(Exception):
+    """A datagram was dropped; ``reason`` names the counter it goes to."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+#: Why datagrams are dropped: the counters both ends keep.
+DROP_REASONS = ("malformed", "unsigned", "bad_signature", "stale", "replayed")
+
+
+class Sealer:
+    """Seals outgoing datagrams and opens incoming ones, signed or not.
+
+    Both the notifier and the agent use one; with a secret every datagram is
+    signed and carries a timestamp and a nonce, and ``open`` rejects
+    forgeries, stale datagrams and replays within the skew window.
+    """
+
+    def __init__(self, secret: bytes | None, clock: IReactorTime, max_skew: float = 30,
+                 max_nonces: int = 200_000) -> None:
+        self.secret = secret
+        self.clock = clock
+        self.max_skew = max_skew
+        self.max_nonces = max_nonces
+        self._nonces: OrderedDict[str, float] = OrderedDict()
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+
+    @property
+    def overhead(self) -> int:
+        """Bytes a seal adds to a message's JSON."""
+        return SIGNATURE_BYTES + 48 if self.secret else 0
+
+    def seal(self, message: dict[str, Any]) -> bytes:
+        message = {"v": WIRE_VERSION, **message}
+        if self.secret:
+            message["ts"] = round(self.clock.seconds(), 3)
+            message["nonce"] = os.urandom(8).hex()
+        return self.sign(_dumps(message).encode())
+
+    def head(self) -> bytes:
+        """The start of a hand-built datagram: ``{"v":1`` and, when signing,
+        a fresh ``ts`` and ``nonce``."""
+        if self.secret:
+            return b'{"v":1,"ts":%.3f,"nonce":"%s"' % (self.clock.seconds(),
+                                                       os.urandom(8).hex().encode())
+        return b'{"v":1'
+
+    def sign(self, body: bytes) -> bytes:
+        if not self.secret:
+            return body
+        mac = hmac.new(self.secret, body, hashlib.sha256).hexdigest()
+        return body + b"\n" + mac.encode()
+
+    def open(self, datagram: bytes) -> dict[str, Any]:
+        """The message in *datagram*, or BadDatagram (counted)."""
+        try:
+            return self._open(datagram)
+        except BadDatagram as e:
+            self.dropped[e.reason] += 1
+            raise
+
+    def _open(self, datagram: bytes) -> dict[str, Any]:
+        if len(datagram) > MAX_REQUEST_BYTES * 16:
+            raise BadDatagram("malformed")
+        body = datagram
+        if self.secret:
+            body, newline, mac = datagram.rpartition(b"\n")
+            if not newline:
+                raise BadDatagram("unsigned")
+            expected = hmac.new(self.secret, body, hashlib.sha256).hexdigest().encode()
+            if not hmac.compare_digest(mac, expected):
+                raise BadDatagram("bad_signature")
+        try:
+            message = _loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise BadDatagram("malformed") from None
+        if (type(message) is not dict or message.get("v") != WIRE_VERSION
+                or type(message.get("t")) is not str):
+            raise BadDatagram("malformed")
+        if self.secret:
+            self._check_fresh(message)
+        return message
+
+    def _check_fresh(self, message: dict[str, Any]) -> None:
+        ts, nonce = message.get("ts"), message.get("nonce")
+        if type(ts) not in (int, float) or type(nonce) is not str or len(nonce) > 64:
+            raise BadDatagram("malformed")
+        now = self.clock.seconds()
+        if abs(now - ts) > self.max_skew:
+            raise BadDatagram("stale")
+        nonces = self._nonces
+        # A nonce older than the window cannot be replayed (it would be
+        # stale), so it need not be remembered.
+        while nonces and (next(iter(nonces.values())) < now - self.max_skew
+                          or len(nonces) >= self.max_nonces):
+            nonces.popitem(last=False)
+        if nonce in nonces:
+            raise BadDatagram("replayed")
+        nonces[nonce] = ts
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A lease on a key prefix held by one UDP address."""
+
+    id: str
+    address: tuple[str, int]
+    prefix: str
+    expires_at: float
+    tokens: float
+    refilled_at: float
+    #: The last sequence number used, and the revision of the last event.
+    seq: int = 0
+    rev: int = 0
+    #: A catch-up heartbeat is due (events were skipped).
+    behind: Any = field(default=None, repr=False)
+
+    def description(self, head: int, limits: Limits) -> dict[str, Any]:
+        return {"sub": self.id, "prefix": self.prefix, "seq": self.seq, "rev": self.rev,
+                "head": head, "lease": limits.lease_seconds,
+                "heartbeat": limits.heartbeat_seconds}
+
+
+class Notifier:
+    """Holds the subscriptions and sends each of them its events.
+
+    It consumes the store's change feed; ``received`` handles requests that
+    arrive on the UDP port, and ``subscribe``/``unsubscribe`` serve the TCP
+    interfaces.  Datagrams go out through ``transport`` (a UDP port, set by
+    NotifierProtocol), and are never queued: one that cannot be sent now is
+    skipped and shows as a gap.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: Store, limits: Limits, clock: IReactorTime,
+                 secret: bytes | None = None) -> None:
+        self.store = store
+        self.limits = limits
+        self.clock = clock
+        self.sealer = Sealer(secret, clock, limits.max_clock_skew)
+        self.transport = None
+        self._cookie_key = os.urandom(32)
+        self._subscriptions: dict[tuple[str, int, str], Subscription] = {}
+        # prefix -> subscriptions to it: one encoding per prefix and event.
+        self._by_prefix: dict[str, dict[tuple[str, int, str], Subscription]] = {}
+        self._cookie_tokens = float(limits.max_cookie_rate)
+        self._cookie_refilled_at = clock.seconds()
+        self._unsubscribe_feed: Callable[[], None] | None = None
+        self._heartbeat = LoopingCall(self.tick)
+        self._heartbeat.clock = clock
+        self.counters = dict.fromkeys(
+            ("datagrams_sent", "events_skipped", "send_errors", "heartbeats_sent",
+             "cookies_sent", "cookies_withheld", "subscribes", "renewals",
+             "unsubscribes", "expired", "refused"), 0)
+
+    # Life
+
+    def start(self) -> None:
+        self._unsubscribe_feed = self.store.feed.subscribe(self.publish)
+        self._heartbeat.start(self.limits.heartbeat_seconds, now=False)
+
+    def stop(self) -> None:
+        if self._unsubscribe_feed is not None:
+            self._unsubscribe_feed()
+            self._unsubscribe_feed = None
+        if self._heartbeat.running:
+            self._heartbeat.stop()
+        for subscription in self._subscriptions.values():
+            if subscription.behind is not None and subscription.behind.active():
+                subscription.behind.cancel()
+
+    def stats(self) -> dict[str, int]:
+        stats = {"subscriptions": len(self._subscriptions), **self.counters}
+        stats.update({f"dropped_{reason}": count
+                      for reason, count in self.sealer.dropped.items()})
+        return stats
+
+    # Subscriptions
+
+    def subscribe(self, address: tuple[str, int], prefix: Any) -> Subscription:
+        """Create *address*'s subscription to *prefix*, or renew its lease."""
+        values.check_prefix(prefix, self.limits.max_key_bytes)
+        host, port = address
+        if type(port) is not int or not 0 < port < 65536:
+            raise errors.InvalidArgument(f"port must be 1..65535, not {errors.brief(port)}")
+        now = self.clock.seconds()
+        index = (host, port, prefix)
+        subscription = self._subscriptions.get(index)
+        if subscription is not None:
+            subscription.expires_at = now + self.limits.lease_seconds
+            self.counters["renewals"] += 1
+            return subscription
+        if len(self._subscriptions) >= self.limits.max_subscriptions:
+            raise errors.LimitExceeded(
+                f"{self.limits.max_subscriptions} subscriptions is the limit")
+        same_prefix = self._by_prefix.setdefault(prefix, {})
+        if len(same_prefix) >= self.limits.max_subscriptions_per_prefix:
+            raise errors.LimitExceeded(
+                f"{self.limits.max_subscriptions_per_prefix} subscriptions to one "
+                "prefix is the limit")
+        subscription = Subscription(
+            id=os.urandom(8).hex(), address=(host, port), prefix=prefix,
+            expires_at=now + self.limits.lease_seconds,
+            tokens=float(self.limits.max_send_rate), refilled_at=now)
+        self._subscriptions[index] = same_prefix[index] = subscription
+        self.counters["subscribes"] += 1
+        return subscription
+
+    def unsubscribe(self, address: tuple[str, int], prefix: Any) -> Subscription | None:
+        """End *address*'s subscription to *prefix*; returns it, or None."""
+        values.check_prefix(prefix, self.limits.max_key_bytes)
+        subscription = self._remove((address[0], address[1], prefix))
+        if subscription is not None:
+            self.counters["unsubscribes"] += 1
+        return subscription
+
+    def _remove(self, index: tuple[str, int, str]) -> Subscription | None:
+        subscription = self._subscriptions.pop(index, None)
+        if subscription is None:
+            return None
+        same_prefix = self._by_prefix[subscription.prefix]
+        del same_prefix[index]
+        if not same_prefix:
+            del self._by_prefix[subscription.prefix]
+        if subscription.behind is not None and subscription.behind.active():
+            subscription.behind.cancel()
+        return subscription
+
+    def description(self, subscription: Subscription) -> dict[str, Any]:
+        """What a subscriber is told about its subscription."""
+        return subscription.description(self.store.revision, self.limits)
+
+    # Requests on the UDP port
+
+    def received(self, datagram: bytes, address: tuple[str, int]) -> None:
+        """Handle one datagram from *address*; bad ones are counted and dropped."""
+        if len(datagram) > MAX_REQUEST_BYTES:
+            self.sealer.dropped["malformed"] += 1
+            return
+        try:
+            message = self.sealer.open(datagram)
+        except BadDatagram:
+            return
+        kind = message["t"]
+        if kind not in ("subscribe", "unsubscribe"):
+            self.sealer.dropped["malformed"] += 1
+            return
+        if not self._cookie_is_good(message.get("cookie"), address):
+            self._send_cookie(len(datagram), address)
+            return
+        prefix = message.get("prefix")
+        try:
+            if kind == "subscribe":
+                answer = {"t": "subscribed", **self.description(self.subscribe(address, prefix))}
+            else:
+                subscription = self.unsubscribe(address, prefix)
+                answer = {"t": "unsubscribed", "prefix": prefix,
+                          "sub": None if subscription is None else subscription.id}
+        except errors.KVConfigError as e:
+            self.counters["refused"] += 1
+            answer = {"t": "error", "prefix": prefix if type(prefix) is str else None,
+                      "code": e.code, "error": e.name, "message": e.message}
+        self._send(self.sealer.seal(answer), address)
+
+    def cookie_for(self, address: tuple[str, int], period: int | None = None) -> str:
+        if period is None:
+            period = int(self.clock.seconds() // COOKIE_PERIOD)
+        text = f"{address[0]}|{address[1]}|{period}".encode()
+        return hmac.new(self._cookie_key, text, hashlib.sha256).hexdigest()[:32]
+
+    def _cookie_is_good(self, cookie: Any, address: tuple[str, int]) -> bool:
+        if type(cookie) is not str:
+            return False
+        period = int(self.clock.seconds() // COOKIE_PERIOD)
+        return any(hmac.compare_digest(cookie, self.cookie_for(address, p))
+                   for p in (period, period - 1))
+
+    def _send_cookie(self, request_size: int, address: tuple[str, int]) -> None:
+        answer = self.sealer.seal({"t": "cookie", "cookie": self.cookie_for(address)})
+        # Never more bytes to an unproven address than it sent, and never
+        # more than the cookie rate in all: no reflection, no amplification.
+        if len(answer) > request_size or not self._take_cookie_token():
+            self.counters["cookies_withheld"] += 1
+            return
+        self.counters["cookies_sent"] += 1
+        self._send(answer, address)
+
+    def _take_cookie_token(self) -> bool:
+        now = self.clock.seconds()
+        rate = self.limits.max_cookie_rate
+        self._cookie_tokens = min(rate, self._cookie_tokens + (now - self._cookie_refilled_at)
+                                  * rate)
+        self._cookie_refilled_at = now
+        if self._cookie_tokens < 1:
+            return False
+        self._cookie_tokens -= 1
+        return True
+
+    # Sending
+
+    def publish(self, event: Event) -> None:
+        """The change feed's consumer: one datagram per subscription whose
+        prefix the key is under."""
+        key = event.key
+        tails = None
+        for prefix, subscriptions in self._by_prefix.items():
+            if not key.startswith(prefix):
+                continue
+            if tails is None:
+                tails = self._tails(event)
+            self._fan_out(event.revision, tails, subscriptions)
+
+    def _tails(self, event: Event) -> bytes:
+        """The part of an event datagram after ``seq`` (the same for every
+        subscriber): the fullest form that fits."""
+        room = self.limits.max_datagram_bytes - _HEAD_ROOM - self.sealer.overhead
+        head = b',"rev":%d' % event.revision
+        key = _dumps(event.key).encode()
+        if event.type == DELETE:
+            tail = head + b',"op":"delete","key":' + key + (
+                b',"expired":true}' if event.expired else b"}")
+            forms = [tail]
+        else:
+            forms = [head + b',"op":"put","key":' + key + b',"value":' + event.kv.raw + b"}",
+                     head + b',"op":"put","key":' + key + b',"pull":true}']
+        forms.append(head + b',"pull":true}')
+        return next(form for form in forms if len(form) <= room)
+
+    def _fan_out(self, revision: int, tail: bytes,
+                 subscriptions: dict[Any, Subscription]) -> None:
+        sealer, send = self.sealer, self._send
+        now = self.clock.seconds()
+        rate = self.limits.max_send_rate
+        sent = skipped = 0
+        for subscription in subscriptions.values():
+            subscription.seq += 1
+            subscription.rev = revision
+            tokens = subscription.tokens + (now - subscription.refilled_at) * rate
+            subscription.refilled_at = now
+            if tokens < 1:
+                subscription.tokens = tokens
+                skipped += 1
+                self._catch_up_later(subscription)
+                continue
+            subscription.tokens = min(tokens, rate) - 1
+            datagram = b'%s,"t":"event","sub":"%s","seq":%d%s' % (
+                sealer.head(), subscription.id.encode(), subscription.seq, tail)
+            if send(sealer.sign(datagram), subscription.address):
+                sent += 1
+            else:
+                self._catch_up_later(subscription)
+        self.counters["datagrams_sent"] += sent
+        self.counters["events_skipped"] += skipped
+
+    def _catch_up_later(self, subscription: Subscription) -> None:
+        if subscription.behind is None or not subscription.behind.active():
+            subscription.behind = self.clock.callLater(
+                1 / self.limits.max_send_rate, self._heartbeat_to, subscription)
+
+    def _heartbeat_to(self, subscription: Subscription) -> None:
+        message = {"t": "heartbeat", "sub": subscription.id, "seq": subscription.seq,
+                   "rev": subscription.rev, "head": self.store.revision}
+        if self._send(self.sealer.seal(message), subscription.address):
+            self.counters["heartbeats_sent"] += 1
+
+    def tick(self) -> None:
+        """Every heartbeat interval: expire leases, send heartbeats."""
+        now = self.clock.seconds()
+        for index, subscription in list(self._subscriptions.items()):
+            if subscription.expires_at <= now:
+                self._remove(index)
+                self.counters["expired"] += 1
+            else:
+                self._heartbeat_to(subscription)
+
+    def _send(self, datagram: bytes, address: tuple[str, int]) -> bool:
+        if self.transport is None:
+            self.counters["send_errors"] += 1
+            return False
+        try:
+            self.transport.write(datagram, address)
+        except Exception as e:  # a full socket buffer, an unroutable address ...
+            self.counters["send_errors"] += 1
+            self.log.debug("cannot send to {address}: {error}", address=address, error=e)
+            return False
+        return True
+
+
+class NotifierProtocol(DatagramProtocol):
+    """The UDP port: hands datagrams to the notifier and lends it the port."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+
+    def startProtocol(self) -> None:
+        self.notifier.transport = self.transport
+
+    def stopProtocol(self) -> None:
+        self.notifier.transport = None
+
+    def datagramReceived(self, datagram: bytes, address: tuple[str, int]) -> None:
+        self.notifier.received(datagram, address)
