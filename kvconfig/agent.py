@@ -1,0 +1,706 @@
+"""
+The kvconfig agent: keeps a machine's copy of a key prefix exactly in step
+with the server, and tells the application when it changes.
+
+It subscribes to the server's UDP notifications (kvconfig.notifier holds the
+wire format) and renews the lease.  Datagrams are only a hint that something
+changed: each carries a per-subscription sequence number, and whatever the
+agent cannot vouch for (a gap in the numbers that does not fill within
+``reorder_wait``, a heartbeat announcing a later number, a value too large to
+travel, a new subscription after a server restart or an expired lease) it
+pulls over XML-RPC with ``changes(prefix, since)``, or ``list(prefix)`` after
+``compacted``.  Events are applied in revision order and idempotently, so
+loss, duplication and reordering only cost a pull.
+
+Why the bookkeeping is sound: the server sends an event's datagram when the
+event is durable, so a pull sent after datagram *n* was received answers at
+a revision that includes every event numbered up to *n*.  A pull therefore
+covers every number seen (or announced by a heartbeat) before it was sent;
+datagrams that arrive while it is under way wait, and are applied after it
+if they are newer than its answer.
+
+What changed is handed to a listener: FileOutput writes the prefix as one
+JSON file (atomically, debounced) and runs a reload command, restoring the
+last known-good file when the command fails; EventPrinter prints changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from xmlrpc.client import Binary, Fault
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kvconfig import errors, values
+from kvconfig.notifier import BadDatagram, Sealer
+
+#: Seconds between the agent's checks of its subscription (renewal, silence).
+TICK = 0.5
+#: Subscribe requests are padded to this size: the server answers an
+#: unproven address with no more bytes than it was sent.
+SUBSCRIBE_PAD_TO = 320
+#: Datagrams held while a gap waits to fill or a pull is under way.
+MAX_HELD = 4096
+
+
+@dataclass
+class Change:
+    """One change the agent applied to its mirror."""
+
+    op: str               # "put" or "delete"
+    key: str
+    revision: int
+    value: Any = None     # tagged JSON, for a put
+
+
+@dataclass
+class Mirror:
+    """The agent's copy of the prefix: values as tagged JSON, complete up to
+    ``revision``."""
+
+    items: dict[str, Any] = field(default_factory=dict)
+    revision: int = 0
+
+    def put(self, key: str, value: Any, revision: int) -> Change | None:
+        self.revision = max(self.revision, revision)
+        if key in self.items and self.items[key] == value:
+            return None
+        self.items[key] = value
+        return Change("put", key, revision, value)
+
+    def delete(self, key: str, revision: int) -> Change | None:
+        self.revision = max(self.revision, revision)
+        if self.items.pop(key, _ABSENT) is _ABSENT:
+            return None
+        return Change("delete", key, revision)
+
+    def replace(self, items: dict[str, Any], revision: int) -> list[Change]:
+        """Become the snapshot *items* at *revision*; returns the differences."""
+        changes = [Change("delete", key, revision) for key in self.items if key not in items]
+        changes += [Change("put", key, revision, value) for key, value in items.items()
+                    if self.items.get(key, _ABSENT) != value]
+        self.items, self.revision = dict(items), revision
+        return changes
+
+
+_ABSENT = object()
+
+
+class Source(Protocol):
+    """Where the agent pulls from: the server's ``changes`` and ``list``."""
+
+    def changes(self, prefix: str, since: int) -> Deferred:
+        """Fires with (revision, [Change, ...]); fails with errors.Compacted."""
+
+    def snapshot(self, prefix: str) -> Deferred:
+        """Fires with (revision, {key: tagged value})."""
+
+
+class Listener(Protocol):
+    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
+        """*changes* were applied; *mirror* is complete at mirror.revision."""
+
+
+class XMLRPCSource:
+    """Pulls over XML-RPC with twisted.web's non-blocking Proxy."""
+
+    def __init__(self, url: str, clock: IReactorTime, timeout: float = 30) -> None:
+        from twisted.web.xmlrpc import Proxy
+
+        self.proxy = Proxy(url.encode(), allowNone=True, useDateTime=True,
+                           connectTimeout=timeout, reactor=clock)
+        self.clock, self.timeout = clock, timeout
+
+    def _call(self, method: str, *args: Any) -> Deferred:
+        return self.proxy.callRemote(method, *args).addTimeout(self.timeout, self.clock)
+
+    def changes(self, prefix: str, since: int) -> Deferred:
+        def parse(result: dict) -> tuple[int, list[Change]]:
+            return result["revision"], [
+                Change(event["type"], event["key"], event["revision"],
+                       _tagged(event.get("value")))
+                for event in result["events"]]
+        return self._call("changes", prefix, since).addCallbacks(parse, _compacted)
+
+    def snapshot(self, prefix: str) -> Deferred:
+        def parse(result: dict) -> tuple[int, dict[str, Any]]:
+            return result["revision"], {item["key"]: _tagged(item["value"])
+                                        for item in result["items"]}
+        return self._call("list", prefix).addCallback(parse)
+
+
+def _compacted(failure: Failure) -> Failure:
+    if failure.check(Fault) and failure.value.faultCode == errors.Compacted.code:
+        raise errors.Compacted(0, 0)
+    return failure
+
+
+def _tagged(value: Any) -> Any:
+    """An XML-RPC value as the tagged JSON the datagrams carry."""
+    return values.to_tagged(_builtin(value), max_depth=1 << 16)
+
+
+def _builtin(value: Any) -> Any:
+    if isinstance(value, Binary):
+        return value.data
+    if type(value) is list:
+        return [_builtin(item) for item in value]
+    if type(value) is dict:
+        return {name: _builtin(item) for name, item in value.items()}
+    return value
+
+
+class Agent:
+    """Subscribes to one prefix and keeps a Mirror of it in step.
+
+    ``transport`` is a UDP port (AgentProtocol sets it); ``server`` the
+    notifier's (ip, port).  Time comes only from *clock*.
+    """
+
+    log = Logger()
+
+    def __init__(self, prefix: str, server: tuple[str, int], source: Source,
+                 listener: Listener, clock: IReactorTime, sealer: Sealer,
+                 reorder_wait: float = 0.05, max_backoff: float = 30) -> None:
+        self.prefix, self.server, self.source, self.listener = prefix, server, source, listener
+        self.clock, self.sealer = clock, sealer
+        self.reorder_wait, self.max_backoff = reorder_wait, max_backoff
+        self.transport = None
+        self.mirror = Mirror()
+        self.synced = False            # the mirror holds a snapshot
+        self.counters = dict.fromkeys(
+            ("datagrams", "applied", "duplicates", "gaps", "pulls", "snapshots",
+             "pull_failures", "subscribes", "resubscriptions", "foreign"), 0)
+        # The subscription
+        self.cookie: str | None = None
+        self.sub: str | None = None
+        self.lease, self.heartbeat = 30.0, 2.0
+        self.last_heard = 0.0
+        self._renew_at = 0.0
+        self._subscribe_backoff = 1.0
+        # Sequence bookkeeping: every number <= last_seq is applied or covered.
+        self.last_seq = 0
+        self._highest_seen = 0
+        self._held: dict[int, dict[str, Any]] = {}
+        self._gap_timer = None
+        # Pulls
+        self._pulling = False
+        self._pull_again = False
+        self._pull_backoff = 0.1
+        self._retry_call = None
+        self._tick_call = None
+        self._running = False
+
+    # Life
+
+    def start(self) -> None:
+        self._running = True
+        self.pull()
+        self._subscribe()
+        self._tick_call = self.clock.callLater(TICK, self._tick)
+
+    def stop(self) -> None:
+        self._running = False
+        for call in (self._tick_call, self._gap_timer, self._retry_call):
+            if call is not None and call.active():
+                call.cancel()
+        if self.sub is not None and self.cookie is not None:
+            self._send({"t": "unsubscribe", "prefix": self.prefix, "cookie": self.cookie},
+                       pad=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {"revision": self.mirror.revision, "keys": len(self.mirror.items),
+                "subscription": self.sub, "last_seq": self.last_seq, **self.counters,
+                **{f"dropped_{reason}": n for reason, n in self.sealer.dropped.items()}}
+
+    # Subscribing
+
+    def _subscribe(self) -> None:
+        message = {"t": "subscribe", "prefix": self.prefix}
+        if self.cookie is not None:
+            message["cookie"] = self.cookie
+        self.counters["subscribes"] += 1
+        self._send(message, pad=True)
+
+    def _tick(self) -> None:
+        now = self.clock.seconds()
+        if self.sub is not None and now - self.last_heard > 3 * self.heartbeat + 1:
+            # Heartbeats stopped: the server is down, restarted, or the path
+            # is lost.  Keep the mirror and subscribe again, backing off.
+            self.log.warn("no word from the server for {seconds:.1f} s; subscribing again",
+                          seconds=now - self.last_heard)
+            self.sub = None
+            self._renew_at = now
+            self._subscribe_backoff = 1.0
+        if now >= self._renew_at:
+            self._subscribe()
+            if self.sub is None:
+                self._renew_at = now + self._subscribe_backoff
+                self._subscribe_backoff = min(self._subscribe_backoff * 2, self.max_backoff)
+            else:
+                self._renew_at = now + self.lease / 3
+        if self._running:
+            self._tick_call = self.clock.callLater(TICK, self._tick)
+
+    # Datagrams
+
+    def received(self, datagram: bytes, address: tuple[str, int]) -> None:
+        if address != self.server:
+            self.counters["foreign"] += 1
+            return
+        try:
+            message = self.sealer.open(datagram)
+        except BadDatagram:
+            return
+        self.counters["datagrams"] += 1
+        handler = getattr(self, "_on_" + message["t"], None)
+        if handler is None:
+            self.sealer.dropped["malformed"] += 1
+            return
+        try:
+            handler(message)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            # A well-signed but ill-formed datagram: a bug or another version.
+            self.sealer.dropped["malformed"] += 1
+            self.log.failure("ill-formed datagram {datagram!r}", datagram=datagram[:200])
+
+    def _on_cookie(self, message: dict[str, Any]) -> None:
+        cookie = message["cookie"]
+        if type(cookie) is not str:
+            raise TypeError("cookie")
+        self.cookie = cookie
+        self._subscribe()
+
+    def _on_subscribed(self, message: dict[str, Any]) -> None:
+        if message["prefix"] != self.prefix:
+            return
+        now = self.clock.seconds()
+        self.last_heard = now
+        self.lease = float(message["lease"])
+        self.heartbeat = float(message["heartbeat"])
+        self._renew_at = now + self.lease / 3
+        self._subscribe_backoff = 1.0
+        sub, seq = message["sub"], int(message["seq"])
+        if sub != self.sub:
+            # A new subscription (first, or after a restart or an expired
+            # lease): its numbers start afresh, and what happened before it
+            # must be pulled.
+            if self.sub is not None or self.counters["resubscriptions"]:
+                self.log.info("new subscription {sub}; resynchronising", sub=sub)
+            self.counters["resubscriptions"] += 1
+            self.sub = sub
+            self.last_seq = self._highest_seen = seq
+            self._held.clear()
+            self.pull(seq)
+        elif seq > self.last_seq:
+            self._announced(seq)
+
+    def _on_heartbeat(self, message: dict[str, Any]) -> None:
+        if message["sub"] != self.sub:
+            return
+        self.last_heard = self.clock.seconds()
+        self._announced(int(message["seq"]))
+
+    def _on_event(self, message: dict[str, Any]) -> None:
+        if message["sub"] != self.sub:
+            return
+        self.last_heard = self.clock.seconds()
+        seq = int(message["seq"])
+        if seq <= self.last_seq or seq in self._held:
+            self.counters["duplicates"] += 1
+            return
+        self._highest_seen = max(self._highest_seen, seq)
+        if len(self._held) < MAX_HELD:
+            self._held[seq] = message
+        # else: dropped; the next pull covers it (it was seen), or a later
+        # one does after the gap it leaves.
+        self._drain()
+
+    def _on_error(self, message: dict[str, Any]) -> None:
+        self.log.error("the server refused the subscription to {prefix!r}: {error} {message}",
+                       prefix=self.prefix, error=message["error"], message=message["message"])
+
+    def _on_unsubscribed(self, message: dict[str, Any]) -> None:
+        pass
+
+    def _announced(self, seq: int) -> None:
+        """The server has sent up to *seq*: pull now if some are missing."""
+        if seq <= self.last_seq:
+            return
+        self._highest_seen = max(self._highest_seen, seq)
+        if all(n in self._held for n in range(self.last_seq + 1, seq + 1)):
+            return
+        self.counters["gaps"] += 1
+        self.pull(seq)
+
+    def _drain(self) -> None:
+        """Apply held datagrams that follow on without a gap."""
+        if not self.synced:
+            return          # nothing is applied before the first snapshot
+        held = self._held
+        while not self._pulling and self.last_seq + 1 in held:
+            self.last_seq += 1
+            self._apply(held.pop(self.last_seq))
+        if self._pulling:
+            return
+        if held:
+            if self._gap_timer is None or not self._gap_timer.active():
+                self._gap_timer = self.clock.callLater(self.reorder_wait, self._gap)
+        elif self._gap_timer is not None and self._gap_timer.active():
+            self._gap_timer.cancel()
+
+    def _gap(self) -> None:
+        if self._held:
+            self.counters["gaps"] += 1
+            self.pull()
+
+    def _apply(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        revision = int(message["rev"])
+        if op is None or message.get("pull"):
+            self.pull()
+            return
+        if revision < self.mirror.revision:
+            return          # a pull already brought something newer
+        key = message["key"]
+        if op == "put":
+            change = self.mirror.put(key, message["value"], revision)
+        elif op == "delete":
+            change = self.mirror.delete(key, revision)
+        else:
+            raise ValueError(f"unknown op {op!r}")
+        self.counters["applied"] += 1
+        self.listener.mirror_changed(self.mirror, [change] if change else [])
+
+    # Pulling
+
+    def pull(self, announced: int = 0) -> None:
+        """Bring the mirror up to date over TCP: covers every sequence
+        number seen or announced before the request goes out."""
+        self._highest_seen = max(self._highest_seen, announced)
+        for call in (self._gap_timer, self._retry_call):
+            if call is not None and call.active():
+                call.cancel()
+        if self._pulling:
+            self._pull_again = True
+            return
+        self._pulling = True
+        self._pull_again = False
+        covered = self._highest_seen
+        since = self.mirror.revision
+        if not self.synced:
+            self.counters["snapshots"] += 1
+            d = self.source.snapshot(self.prefix).addCallback(self._snapshot_arrived)
+        else:
+            self.counters["pulls"] += 1
+            d = self.source.changes(self.prefix, since).addCallback(self._changes_arrived,
+                                                                     since)
+        d.addCallbacks(self._pulled, self._pull_failed, callbackArgs=(covered,))
+
+    def _snapshot_arrived(self, result: tuple[int, dict[str, Any]]) -> None:
+        revision, items = result
+        changes = self.mirror.replace(items, revision)
+        self.synced = True
+        self.listener.mirror_changed(self.mirror, changes)
+
+    def _changes_arrived(self, result: tuple[int, list[Change]], since: int) -> None:
+        revision, events = result
+        if revision < since:
+            # The server's history went backwards (its store was replaced):
+            # only a snapshot can be trusted.
+            self.log.warn("server revision {revision} is behind ours ({since}); "
+                          "taking a snapshot", revision=revision, since=since)
+            self.synced = False
+            raise _Resnapshot()
+        applied = []
+        mirror = self.mirror
+        for change in events:
+            if change.op == "put":
+                applied.append(mirror.put(change.key, change.value, change.revision))
+            else:
+                applied.append(mirror.delete(change.key, change.revision))
+        mirror.revision = max(mirror.revision, revision)
+        self.listener.mirror_changed(mirror, [c for c in applied if c])
+
+    def _pulled(self, _: Any, covered: int) -> None:
+        self._pulling = False
+        self._pull_backoff = 0.1
+        self.last_seq = max(self.last_seq, covered)
+        for seq in [n for n in self._held if n <= self.last_seq]:
+            del self._held[seq]
+        if self._pull_again:
+            self.pull()
+        else:
+            self._drain()
+
+    def _pull_failed(self, failure: Failure) -> None:
+        self._pulling = False
+        if failure.check(errors.Compacted):
+            self.log.info("history compacted; taking a snapshot of {prefix!r}",
+                          prefix=self.prefix)
+            self.synced = False
+            self.pull()
+            return
+        if failure.check(_Resnapshot):
+            self.pull()
+            return
+        self.counters["pull_failures"] += 1
+        self.log.warn("cannot pull from the server ({error}); retrying in {delay:.1f} s",
+                      error=failure.getErrorMessage() or failure.type.__name__,
+                      delay=self._pull_backoff)
+        delay = self._pull_backoff
+        self._pull_backoff = min(self._pull_backoff * 2, self.max_backoff)
+        if self._running:
+            self._retry_call = self.clock.callLater(delay, self.pull)
+
+    def _send(self, message: dict[str, Any], pad: bool = False) -> None:
+        if self.transport is None:
+            return
+        datagram = self.sealer.seal(message)
+        if pad and len(datagram) < SUBSCRIBE_PAD_TO:
+            message = {**message, "pad": "-" * (SUBSCRIBE_PAD_TO - len(datagram) - 9)}
+            datagram = self.sealer.seal(message)
+        try:
+            self.transport.write(datagram, self.server)
+        except Exception as e:  # no route, a full buffer: the next tick retries
+            self.log.warn("cannot send to the server: {error}", error=e)
+
+
+class _Resnapshot(Exception):
+    pass
+
+
+class AgentProtocol(DatagramProtocol):
+    """The agent's UDP socket."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def startProtocol(self) -> None:
+        self.agent.transport = self.transport
+
+    def stopProtocol(self) -> None:
+        self.agent.transport = None
+
+    def datagramReceived(self, datagram: bytes, address: tuple[str, int]) -> None:
+        self.agent.received(datagram, address)
+
+
+# Listeners
+
+
+def render(items: dict[str, Any]) -> bytes:
+    """The output file's content: the prefix as one JSON object, keys sorted."""
+    return (json.dumps(items, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def write_atomically(path: str, content: bytes) -> None:
+    """Replace *path* with *content*: a temporary file in the same directory,
+    fsync, rename, fsync of the directory.  Readers see the old file or the
+    new one, never a mix; the file keeps its permissions (0644 if new)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o644
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".kvconfig-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    directory_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+class _CommandProtocol(ProcessProtocol):
+    log = Logger()
+
+    def __init__(self, done: Deferred, command: str) -> None:
+        self.done, self.command = done, command
+
+    def outReceived(self, data: bytes) -> None:
+        self.log.info("{command}: {output}", command=self.command,
+                      output=data.decode("utf-8", "replace").rstrip())
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        self.done.callback(reason)
+
+
+def run_command(reactor: Any, command: str, timeout: float) -> Deferred:
+    """Run *command* with /bin/sh; fires with None on success, or a text
+    saying how it failed (exit status, signal, timeout)."""
+    ended: Deferred = Deferred()
+    process = reactor.spawnProcess(_CommandProtocol(ended, command), "/bin/sh",
+                                   ["/bin/sh", "-c", command], env=dict(os.environ))
+    timed_out = []
+
+    def kill(sig: str) -> None:
+        timed_out.append(True)
+        try:
+            process.signalProcess(sig)
+        except Exception:
+            pass
+
+    term = reactor.callLater(timeout, kill, "TERM")
+    hard = reactor.callLater(timeout + 5, kill, "KILL")
+
+    def result(reason: Failure) -> str | None:
+        for call in (term, hard):
+            if call.active():
+                call.cancel()
+        if timed_out:
+            return f"timed out after {timeout} s"
+        if reason.check(ProcessDone):
+            return None
+        return reason.getErrorMessage()
+
+    return ended.addCallback(result)
+
+
+class FileOutput:
+    """Writes the mirror to a file, debounced, and runs a reload command.
+
+    A burst of changes makes one write and one reload: the write waits until
+    no change has come for *debounce* seconds, but never more than
+    *max_delay* after the first.  Nothing is written when the content is
+    unchanged.  If the reload command fails the last known-good file (the
+    one the last successful reload read, or the file found at start) is put
+    back and the failure logged.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str, clock: IReactorTime, command: str | None = None,
+                 debounce: float = 0.2, max_delay: float = 2.0,
+                 run: Callable[[str], Deferred] | None = None) -> None:
+        self.path, self.clock, self.command = path, clock, command
+        self.debounce, self.max_delay = debounce, max_delay
+        self.run = run
+        self.counters = dict.fromkeys(("writes", "reloads", "reload_failures",
+                                       "restores"), 0)
+        try:
+            with open(path, "rb") as f:
+                self.known_good: bytes | None = f.read()
+        except FileNotFoundError:
+            self.known_good = None
+        self.written = self.known_good
+        self._items: dict[str, Any] | None = None
+        self._first_change_at: float | None = None
+        self._timer = None
+        self._reloading = False
+        self._failed: bytes | None = None
+        self.synced = False
+
+    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
+        if not changes and self.synced:
+            return
+        self.synced = True
+        self._items = dict(mirror.items)
+        now = self.clock.seconds()
+        if self._first_change_at is None:
+            self._first_change_at = now
+        delay = min(self.debounce, self._first_change_at + self.max_delay - now)
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(max(delay, 0))
+        else:
+            self._timer = self.clock.callLater(max(delay, 0), self.flush)
+
+    def flush(self) -> None:
+        if self._reloading:
+            return      # flushed again when the reload ends
+        self._first_change_at = None
+        if self._items is None:
+            return
+        content = render(self._items)
+        if content == self.written or content == self._failed:
+            return
+        write_atomically(self.path, content)
+        self.written = content
+        self.counters["writes"] += 1
+        self.log.info("wrote {path} ({size} bytes)", path=self.path, size=len(content))
+        if not self.command or self.run is None:
+            self.known_good = content
+            return
+        self._reloading = True
+        self.counters["reloads"] += 1
+        self.run(self.command).addCallback(self._reloaded, content)
+
+    def _reloaded(self, failure: str | None, content: bytes) -> None:
+        self._reloading = False
+        if failure is None:
+            self.known_good = content
+            self._failed = None
+        else:
+            self._failed = content
+            self.counters["reload_failures"] += 1
+            if self.known_good is None:
+                self.log.error("reload command {command!r} failed ({failure}); there is no "
+                               "known-good {path} to restore, keeping the new one",
+                               command=self.command, failure=failure, path=self.path)
+            else:
+                write_atomically(self.path, self.known_good)
+                self.written = self.known_good
+                self.counters["restores"] += 1
+                self.log.error("reload command {command!r} failed ({failure}); restored "
+                               "the last known-good {path}", command=self.command,
+                               failure=failure, path=self.path)
+        self.flush()    # changes that came during the reload
+
+
+class EventPrinter:
+    """Prints each change as a JSON line, for watching from a terminal."""
+
+    def __init__(self, out=None, count: int | None = None,
+                 done: Callable[[], None] | None = None) -> None:
+        self.out = out or sys.stdout
+        self.remaining = count
+        self.done = done
+
+    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
+        for change in changes:
+            line = {"op": change.op, "key": change.key, "revision": change.revision}
+            if change.op == "put":
+                line["value"] = change.value
+            self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            self.out.flush()
+            if self.remaining is not None:
+                self.remaining -= 1
+                if self.remaining == 0 and self.done is not None:
+                    self.done()
+                    return
+
+
+class Fanout:
+    """Hands every change to several listeners."""
+
+    def __init__(self, *listeners: Listener) -> None:
+        self.listeners = listeners
+
+    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
+        for listener in self.listeners:
+            listener.mirror_changed(mirror, changes)

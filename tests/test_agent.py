@@ -1,0 +1,277 @@
+"""The agent's bookkeeping on a Clock: subscribing, gaps, pulls, restarts.
+
+A store, its notifier and an agent talk through an in-memory network that
+can drop, duplicate and reorder datagrams (tests/agentworld.py); pulls are
+answered from the same store.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from kvconfig.agent import MAX_HELD, Mirror
+
+from agentworld import World, expected_mirror
+from stores import clocked_store
+
+
+def random_writes(world: World, count: int, seed: int, prefix: str = "app/") -> None:
+    """*count* random puts and deletes, a few outside the prefix, some with
+    values too large for a datagram, committed one reactor turn at a time
+    with small random pauses."""
+    rng = random.Random(seed)
+    store, clock = world.store, world.clock
+    keys = [f"{prefix}k{i}" for i in range(40)] + ["other/x", "apple"]
+    for n in range(count):
+        key = rng.choice(keys)
+        roll = rng.random()
+        if roll < 0.2:
+            store.delete(key)
+        elif roll < 0.25:
+            store.put(key, "x" * rng.randint(1200, 3000))
+        else:
+            store.put(key, {"n": n, "bytes": bytes([n % 256]), "list": [n, str(n)]})
+        clock.advance(0)        # commit
+        clock.advance(rng.choice([0, 0, 0.0001, 0.001, 0.005]))
+
+
+def test_agent_takes_a_snapshot_then_follows_datagrams():
+    store = clocked_store()
+    store.put("app/a", 1)
+    store.put("other/b", 2)
+    store.backend.clock.advance(0)
+    world = World(store)
+    world.run(0.1)
+    assert world.agent.mirror.items == {"app/a": 1}
+    assert world.agent.sub is not None
+    pulls = world.source.calls
+    store.put("app/c", [1, 2])
+    store.delete("app/a")
+    world.run(0.1)
+    assert world.agent.mirror.items == {"app/c": [1, 2]}
+    assert world.agent.mirror.revision == store.revision
+    # Both came by datagram: no pull was needed.
+    assert world.source.calls == pulls
+    assert world.agent.counters["applied"] == 2
+
+
+def test_a_value_too_large_for_a_datagram_is_pulled():
+    store = clocked_store()
+    world = World(store)
+    world.run(0.1)
+    pulls = world.source.calls
+    store.put("app/big", "x" * 5000)
+    world.run(0.1)
+    assert world.agent.mirror.items == {"app/big": "x" * 5000}
+    assert world.source.calls == pulls + 1
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_mirror_converges_through_20_percent_loss_duplication_and_reordering(seed):
+    """1,000 random writes while 20% of datagrams each way are dropped, 20%
+    duplicated and 20% reordered: the mirror ends equal to the server's
+    prefix, at the server's revision."""
+    store = clocked_store()
+    world = World(store, seed=seed, drop=0.2, duplicate=0.2, reorder=0.2)
+    world.run(0.5)
+    random_writes(world, 1000, seed)
+    world.run(3 * world.agent.heartbeat)
+    assert world.network.dropped > 100 and world.network.reordered > 100
+    assert world.agent.mirror.items == expected_mirror(store, "app/")
+    assert world.agent.mirror.revision == store.revision
+    counters = world.agent.counters
+    assert counters["gaps"] > 0 and counters["duplicates"] > 0
+
+
+def test_mirror_converges_with_a_signed_lossy_link():
+    store = clocked_store()
+    world = World(store, secret=b"s3cret", seed=7, drop=0.2, duplicate=0.2, reorder=0.2)
+    world.run(0.5)
+    random_writes(world, 300, 7)
+    world.run(6)
+    assert world.agent.mirror.items == expected_mirror(store, "app/")
+    # Duplicates were refused as replays before the sequence check saw them.
+    assert world.agent.sealer.dropped["replayed"] > 0
+    assert world.notifier.sealer.dropped["replayed"] >= 0
+
+
+def test_compacted_history_falls_back_to_a_snapshot():
+    store = clocked_store(history_events=20)
+    world = World(store, seed=4)
+    world.run(0.5)
+    world.network.up = False            # the agent hears nothing
+    random_writes(world, 200, 4)
+    world.network.up = True
+    world.run(3 * world.agent.heartbeat + 2)
+    assert world.agent.mirror.items == expected_mirror(store, "app/")
+    assert world.agent.counters["snapshots"] >= 2
+
+
+def test_tail_loss_is_found_by_the_heartbeat():
+    store = clocked_store()
+    world = World(store)
+    world.run(0.5)
+    world.network.drop = 1.0            # the last events are lost ...
+    store.put("app/last", "lost")
+    world.run(0.1)
+    world.network.drop = 0.0
+    assert "app/last" not in world.agent.mirror.items
+    world.run(world.agent.heartbeat + 0.1)   # ... until the next heartbeat
+    assert world.agent.mirror.items == {"app/last": "lost"}
+    assert world.agent.counters["gaps"] == 1
+
+
+def test_server_restart_resubscribes_and_resynchronises():
+    store = clocked_store()
+    world = World(store)
+    world.run(0.5)
+    old = world.agent.sub
+    store.put("app/before", 1)
+    world.run(0.1)
+    world.restart_server()
+    # Written while the new server has no subscription for the agent.
+    store.put("app/during", 2)
+    store.delete("app/before")
+    world.run(3 * world.agent.heartbeat + 2)
+    assert world.agent.sub not in (None, old)
+    assert world.agent.mirror.items == {"app/during": 2}
+    store.put("app/after", 3)
+    world.run(0.1)
+    assert world.agent.mirror.items == {"app/during": 2, "app/after": 3}
+
+
+def test_server_down_backs_off_then_picks_up_where_it_left_off():
+    store = clocked_store()
+    world = World(store)
+    world.run(0.5)
+    world.network.up = world.source.up = False
+    store.put("app/x", "while down")
+    world.run(60)
+    agent = world.agent
+    assert agent.sub is None
+    # Subscribe attempts backed off: far fewer than one per tick.
+    attempts = agent.counters["subscribes"]
+    world.run(60)
+    assert agent.counters["subscribes"] - attempts <= 60 / agent.max_backoff + 2
+    world.network.up = world.source.up = True
+    world.run(agent.max_backoff + 5)
+    assert agent.sub is not None
+    assert agent.mirror.items == {"app/x": "while down"}
+
+
+def test_pull_failures_retry_with_backoff():
+    store = clocked_store()
+    world = World(store)
+    world.source.up = False
+    world.run(10)
+    failures = world.agent.counters["pull_failures"]
+    # 0.1, 0.2, 0.4 ... doubling: about log2(10 / 0.1) attempts in 10 s.
+    assert 4 <= failures <= 9
+    world.source.up = True
+    store.put("app/k", "v")
+    world.run(31)
+    assert world.agent.mirror.items == {"app/k": "v"}
+
+
+def test_lease_is_renewed_before_it_expires():
+    store = clocked_store(lease_seconds=6)
+    world = World(store)
+    world.run(0.5)
+    sub = world.agent.sub
+    world.run(60)
+    assert world.agent.sub == sub
+    assert world.notifier.counters["expired"] == 0
+    assert world.notifier.counters["renewals"] >= 60 // 2 - 2
+
+
+def test_a_store_that_went_back_in_time_is_resnapshotted():
+    store = clocked_store()
+    world = World(store)
+    world.run(0.5)
+    for n in range(5):
+        store.put(f"app/{n}", n)
+    world.run(0.1)
+    assert len(world.agent.mirror.items) == 5
+    # The server comes back on an empty store: its revisions restart.
+    fresh = clocked_store(clock=world.clock)
+    fresh.put("app/new", "only")
+    world.clock.advance(0)
+    world.store = world.source.store = fresh
+    world.restart_server()
+    world.run(3 * world.agent.heartbeat + 2)
+    assert world.agent.mirror.items == {"app/new": "only"}
+
+
+def test_garbage_and_foreign_datagrams_change_nothing():
+    store = clocked_store()
+    store.put("app/a", 1)
+    store.backend.clock.advance(0)
+    world = World(store)
+    world.run(0.5)
+    agent = world.agent
+    rng = random.Random(5)
+    for size in range(0, 3000, 7):
+        agent.received(rng.randbytes(size), ("127.0.0.1", 15002))
+    for message in [{"v": 1, "t": "event", "sub": agent.sub, "seq": "x"},
+                    {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.last_seq + 1},
+                    {"v": 1, "t": "heartbeat"}, {"v": 1, "t": "nonsense"}, [1, 2],
+                    {"v": 2, "t": "event"}]:
+        agent.received(json.dumps(message).encode(), ("127.0.0.1", 15002))
+    forged = {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.last_seq + 1,
+              "rev": 99, "op": "put", "key": "app/evil", "value": 1}
+    agent.received(json.dumps(forged).encode(), ("10.9.9.9", 15002))
+    assert agent.counters["foreign"] == 1
+    world.run(1)
+    assert agent.mirror.items == {"app/a": 1}
+    assert agent.sealer.dropped["malformed"] > 400
+
+
+def test_without_the_secret_forged_events_are_refused():
+    store = clocked_store()
+    world = World(store, secret=b"k1")
+    world.run(0.5)
+    agent = world.agent
+    forged = {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.last_seq + 1,
+              "rev": 99, "op": "put", "key": "app/evil", "value": 1}
+    agent.received(json.dumps(forged).encode(), ("127.0.0.1", 15002))
+    agent.received(json.dumps(forged).encode() + b"\n" + b"0" * 64, ("127.0.0.1", 15002))
+    assert agent.sealer.dropped["unsigned"] == 1
+    assert agent.sealer.dropped["bad_signature"] == 1
+    world.run(1)
+    assert agent.mirror.items == {}
+
+
+def test_held_datagrams_are_bounded():
+    store = clocked_store(max_send_rate=100_000)
+    world = World(store, reorder=0.0)
+    world.run(0.5)
+    agent = world.agent
+    world.source.up = False             # pulls fail: the gap cannot close
+    world.network.drop = 0.0
+    # Lose one datagram, then send many more than can be held.
+    world.network.up = False
+    store.put("app/lost", 0)
+    world.clock.advance(0)
+    world.network.up = True
+    for n in range(MAX_HELD + 100):
+        store.put("app/k", n)
+        world.clock.advance(0)
+    world.run(0.2)
+    assert len(agent._held) <= MAX_HELD
+    world.source.up = True
+    world.run(35)
+    assert agent.mirror.items == expected_mirror(store, "app/")
+
+
+def test_mirror_replace_reports_differences():
+    mirror = Mirror({"a": 1, "b": 2}, 5)
+    changes = mirror.replace({"b": 2, "c": 3, "a": 0}, 9)
+    assert {(c.op, c.key) for c in changes} == {("put", "c"), ("put", "a")}
+    changes = mirror.replace({}, 10)
+    assert {(c.op, c.key) for c in changes} == {("delete", "a"), ("delete", "b"),
+                                                ("delete", "c")}
+    assert mirror.revision == 10
+
