@@ -1,0 +1,175 @@
+"""The agent's file output on a Clock: debounce, atomic writes, reloads and
+the last known-good file."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from kvconfig.agent import Change, EventPrinter, FileOutput, Mirror, render
+
+
+class Reloads:
+    """A reload command that answers when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred] = []
+        self.contents: list[bytes] = []
+        self.path = None
+
+    def __call__(self, command: str) -> Deferred:
+        with open(self.path, "rb") as f:
+            self.contents.append(f.read())
+        d: Deferred = Deferred()
+        self.pending.append(d)
+        return d
+
+    def finish(self, failure: str | None = None) -> None:
+        self.pending.pop(0).callback(failure)
+
+
+def output(tmp_path, command="reload", **options):
+    clock = Clock()
+    reloads = Reloads()
+    path = str(tmp_path / "config.json")
+    reloads.path = path
+    out = FileOutput(path, clock, command, run=reloads, **options)
+    return clock, out, reloads, path
+
+
+def change(mirror: Mirror, out: FileOutput, key: str, value) -> None:
+    mirror.revision += 1
+    out.mirror_changed(mirror, [mirror.put(key, value, mirror.revision)])
+
+
+def read(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_a_burst_is_one_write_and_one_reload(tmp_path):
+    clock, out, reloads, path = output(tmp_path, debounce=0.2, max_delay=2.0)
+    mirror = Mirror()
+    for n in range(10):
+        change(mirror, out, "app/n", n)
+        clock.advance(0.05)
+    assert not os.path.exists(path)
+    clock.advance(0.2)
+    assert read(path) == {"app/n": 9}
+    assert out.counters["writes"] == 1
+    assert len(reloads.pending) == 1
+    assert reloads.contents == [render({"app/n": 9})]
+
+
+def test_a_long_burst_is_written_after_max_delay(tmp_path):
+    clock, out, reloads, path = output(tmp_path, debounce=0.2, max_delay=1.0)
+    mirror = Mirror()
+    for n in range(20):
+        change(mirror, out, "app/n", n)
+        clock.advance(0.1)
+    # Changes never stopped for 0.2 s, yet the file was written within 1 s.
+    assert out.counters["writes"] >= 1
+    assert out.counters["writes"] <= 3
+
+
+def test_unchanged_content_is_not_written(tmp_path):
+    clock, out, reloads, path = output(tmp_path)
+    mirror = Mirror()
+    change(mirror, out, "app/a", 1)
+    clock.advance(1)
+    reloads.finish()
+    mtime = os.stat(path).st_mtime_ns
+    change(mirror, out, "app/a", 2)
+    change(mirror, out, "app/a", 1)     # back to what is on disk
+    clock.advance(1)
+    assert out.counters["writes"] == 1
+    assert os.stat(path).st_mtime_ns == mtime
+    assert not reloads.pending
+
+
+def test_failed_reload_restores_the_last_known_good_file(tmp_path):
+    clock, out, reloads, path = output(tmp_path)
+    mirror = Mirror()
+    change(mirror, out, "app/a", "good")
+    clock.advance(1)
+    reloads.finish()
+    change(mirror, out, "app/a", "bad")
+    clock.advance(1)
+    assert read(path) == {"app/a": "bad"}      # the command reads the new file
+    reloads.finish("exit status 1")
+    assert read(path) == {"app/a": "good"}
+    assert out.counters["restores"] == 1
+    # The failed content is not retried by itself ...
+    clock.advance(10)
+    assert not reloads.pending
+    # ... but the next change is written and reloaded.
+    change(mirror, out, "app/a", "fixed")
+    clock.advance(1)
+    assert read(path) == {"app/a": "fixed"}
+    reloads.finish()
+    assert out.known_good == render({"app/a": "fixed"})
+
+
+def test_the_file_found_at_start_is_known_good(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"app/a": "old"}\n')
+    clock, out, reloads, _ = output(tmp_path)
+    mirror = Mirror()
+    change(mirror, out, "app/a", "new")
+    clock.advance(1)
+    reloads.finish("killed by signal 9")
+    assert path.read_bytes() == b'{"app/a": "old"}\n'
+
+
+def test_changes_during_a_reload_wait_for_it(tmp_path):
+    clock, out, reloads, path = output(tmp_path)
+    mirror = Mirror()
+    change(mirror, out, "app/a", 1)
+    clock.advance(1)
+    change(mirror, out, "app/a", 2)
+    clock.advance(1)
+    # One reload at a time: the second write waits for the first reload.
+    assert len(reloads.pending) == 1 and read(path) == {"app/a": 1}
+    reloads.finish()
+    assert read(path) == {"app/a": 2}
+    assert len(reloads.pending) == 1
+
+
+def test_writes_are_atomic_and_keep_the_file_mode(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b"{}\n")
+    os.chmod(path, 0o640)
+    clock, out, reloads, _ = output(tmp_path, command=None)
+    inode = os.stat(path).st_ino
+    mirror = Mirror()
+    change(mirror, out, "app/a", {"$bytes": "AA=="})
+    clock.advance(1)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert os.stat(path).st_ino != inode            # renamed over, not rewritten
+    assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left
+    assert read(path) == {"app/a": {"$bytes": "AA=="}}
+
+
+def test_the_first_snapshot_is_written_even_when_empty(tmp_path):
+    clock, out, reloads, path = output(tmp_path, command=None)
+    out.mirror_changed(Mirror({}, 7), [])
+    clock.advance(1)
+    assert read(path) == {}
+
+
+def test_event_printer_prints_json_lines_and_stops_after_count(tmp_path):
+    import io
+
+    lines = io.StringIO()
+    done = []
+    printer = EventPrinter(lines, count=2, done=lambda: done.append(True))
+    printer.mirror_changed(Mirror(), [Change("put", "app/a", 3, {"x": 1}),
+                                      Change("delete", "app/b", 4)])
+    assert [json.loads(line) for line in lines.getvalue().splitlines()] == [
+        {"op": "put", "key": "app/a", "revision": 3, "value": {"x": 1}},
+        {"op": "delete", "key": "app/b", "revision": 4}]
+    assert done == [True]
