@@ -381,7 +381,8 @@ class Notifier:
         return hmac.new(self._cookie_key, text, hashlib.sha256).hexdigest()[:32]
 
     def _cookie_is_good(self, cookie: Any, address: tuple[str, int]) -> bool:
-        if type(cookie) is not str:
+        # compare_digest raises TypeError on non-ASCII text; no cookie is.
+        if type(cookie) is not str or not cookie.isascii():
             return False
         period = int(self.clock.seconds() // COOKIE_PERIOD)
         return any(hmac.compare_digest(cookie, self.cookie_for(address, p))
