@@ -78,6 +78,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ _HEAD_ROOM = 128
 COOKIE_PERIOD = 60
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _loads = json.JSONDecoder().decode
 
 
@@ -370,7 +372,10 @@ class Notifier:
                           "sub": None if subscription is None else subscription.id}
         except errors.KVConfigError as e:
             self.counters["refused"] += 1
-            answer = {"t": "error", "prefix": prefix if type(prefix) is str else None,
+            # JSON's "\ud800" decodes to a lone surrogate, which UTF-8
+            # cannot carry back: such a prefix is not echoed.
+            echo = prefix if type(prefix) is str and _SURROGATE.search(prefix) is None else None
+            answer = {"t": "error", "prefix": echo,
                       "code": e.code, "error": e.name, "message": e.message}
         self._send(self.sealer.seal(answer), address)
 
