@@ -199,7 +199,9 @@ class Sealer:
         if type(ts) not in (int, float) or type(nonce) is not str or len(nonce) > 64:
             raise BadDatagram("malformed")
         now = self.clock.seconds()
-        if abs(now - ts) > self.max_skew:
+        # Compared, not subtracted: NaN is then never fresh, and a huge
+        # integer cannot overflow a float.
+        if not now - self.max_skew <= ts <= now + self.max_skew:
             raise BadDatagram("stale")
         nonces = self._nonces
         # A nonce older than the window cannot be replayed (it would be
