@@ -402,8 +402,8 @@ class Notifier:
         if len(answer) > request_size or not self._take_cookie_token():
             self.counters["cookies_withheld"] += 1
             return
-        self.counters["cookies_sent"] += 1
-        self._send(answer, address)
+        if self._send(answer, address):
+            self.counters["cookies_sent"] += 1
 
     def _take_cookie_token(self) -> bool:
         now = self.clock.seconds()
