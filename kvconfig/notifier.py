@@ -187,7 +187,8 @@ class Sealer:
             message = _loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise BadDatagram("malformed") from None
-        if (type(message) is not dict or message.get("v") != WIRE_VERSION
+        if (type(message) is not dict or type(message.get("v")) is not int
+                or message["v"] != WIRE_VERSION
                 or type(message.get("t")) is not str):
             raise BadDatagram("malformed")
         if self.secret:
