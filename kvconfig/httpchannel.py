@@ -7,7 +7,9 @@ package for form decoding, canonicalised header objects, sessions, the
 resource tree); measured, that is most of each call's cost.  This channel
 parses exactly what XML-RPC over HTTP needs and hands the body to the
 handler (the twisted.web.xmlrpc resource in kvconfig.xmlrpc), whose
-``respond(body)`` returns the response body or a Deferred of it.
+``respond(body, peer)`` returns the response body or a Deferred of it;
+``peer`` is the connection's peer host (the caller's IP address, which UDP
+subscriptions are made for), or None for a peer without one.
 
 What it speaks:
 
@@ -55,8 +57,9 @@ _STATUS = {
 class Handler(TypingProtocol):
     paths: tuple[bytes, ...]
 
-    def respond(self, body: bytes | None) -> bytes | Deferred:
-        """The response body for a request body (None: it was too large)."""
+    def respond(self, body: bytes | None, peer: str | None) -> bytes | Deferred:
+        """The response body for a request body (None: it was too large)
+        from the peer host *peer*."""
 
 
 class HTTPError(Exception):
@@ -86,11 +89,14 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         # The request being read
         self._remaining = 0          # body (or chunk) bytes still to read
         self._body: bytearray | None = None   # None while discarding
+        self._peer: str | None = None
 
     # Connection life
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
+        # A UNIX socket's peer has no host.
+        self._peer = getattr(self.transport.getPeer(), "host", None)
         if hasattr(self.transport, "setTcpNoDelay"):
             # Responses are written whole; waiting for more (Nagle) only adds latency.
             self.transport.setTcpNoDelay(True)
@@ -285,7 +291,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
 
     def _dispatch(self, body: bytes | None) -> None:
         try:
-            result = self.factory.handler.respond(body)
+            result = self.factory.handler.respond(body, self._peer)
         except Exception:
             self.log.failure("XML-RPC handler failed")
             self._fail(500, "internal error")

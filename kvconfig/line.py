@@ -32,6 +32,9 @@ Commands::
     WATCH [prefix [from]]             OK watching <id> <prefix|*> <revision>,
                                       then EVENT <id> ... lines as changes happen
     UNWATCH [id]                      OK <number of watches ended>
+    SUBSCRIBE port [prefix]           OK subscribed <sub> <seq> <rev> <head> <lease>
+                                            <heartbeat>
+    UNSUBSCRIBE port [prefix]         OK 1 | OK 0
     STATS                             STAT <name> <json> ... END
     PING [text]                       PONG [text]
     HELP [command]                    HELP <text> ... END
@@ -42,6 +45,16 @@ compare-and-set on the key's mod_revision (``IF 0``: only if absent).
 ``CHANGES`` lists changes after revision ``since``; ``WATCH ... from`` first
 replays the changes from revision ``from`` on (etcd's start revision), then
 streams live ones.  ``expires_at`` is a Unix time.
+
+``SUBSCRIBE`` makes (or renews the lease of) a UDP subscription to
+``prefix`` (default: every key) for this connection's peer host at UDP
+``port``: notifications then arrive as datagrams (kvconfig.notifier's wire
+format), not on this connection, and outlive it until the lease runs out.
+The reply gives the subscription's name, its last sequence number and event
+revision, the store's revision, the lease and the heartbeat interval in
+seconds; renew by subscribing again well within the lease.  ``UNSUBSCRIBE``
+answers ``OK 1``, or ``OK 0`` if there was no such subscription.  A server
+without a notifier answers both with ``ERR unavailable``.
 
 Every reply line starts with a status word: ``OK``, ``ERR``, ``VALUE``,
 ``NIL``, ``KEY``, ``CHANGE``, ``STAT``, ``HELP``, ``PONG``, ``END``,
@@ -85,6 +98,7 @@ from twisted.python.failure import Failure
 from kvconfig import __version__, errors, values
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
+from kvconfig.notifier import Notifier
 from kvconfig.store import Store
 
 
@@ -555,6 +569,31 @@ class LineProtocol(Protocol, TimeoutMixin):
         unsubscribe()
         return b"OK 1"
 
+    def do_subscribe(self, port: str, prefix: str = "") -> bytes:
+        notifier, address = self._udp_address(port)
+        description = notifier.description(notifier.subscribe(address, prefix))
+        return b"OK subscribed %s %d %d %d %d %d" % (
+            description["sub"].encode(), description["seq"], description["rev"],
+            description["head"], description["lease"], description["heartbeat"])
+
+    def do_unsubscribe(self, port: str, prefix: str = "") -> bytes:
+        notifier, address = self._udp_address(port)
+        return b"OK 0" if notifier.unsubscribe(address, prefix) is None else b"OK 1"
+
+    def _udp_address(self, port: str) -> tuple[Notifier, tuple[str, int]]:
+        """The notifier, and this peer's host with *port*."""
+        notifier = self.factory.notifier
+        if notifier is None:
+            raise errors.Unavailable("this server sends no UDP notifications")
+        host = getattr(self.transport.getPeer(), "host", None)
+        if host is None:
+            raise errors.Unavailable("UDP subscriptions need a peer with an IP address")
+        number = parse_int(port, "port")
+        # Notifier.subscribe checks the port too, but unsubscribe does not.
+        if not 0 < number < 65536:
+            raise errors.InvalidArgument(f"port must be 1..65535, not {errors.brief(port)}")
+        return notifier, (host, number)
+
     def do_stats(self) -> list[bytes]:
         lines = [b"STAT %s %s" % (name.encode(), _encode(value).encode())
                  for name, value in self.store.stats().items()]
@@ -635,6 +674,11 @@ _HELP = {
     "WATCH": ("WATCH [prefix [from]]", "Stream changes to keys starting with prefix as\n"
               "EVENT id lines; from a past revision, replay history first."),
     "UNWATCH": ("UNWATCH [id]", "End one watch, or all of this connection's."),
+    "SUBSCRIBE": ("SUBSCRIBE port [prefix]",
+                  "Send UDP notifications of changes under prefix to this host's port,\n"
+                  "or renew that lease: OK subscribed sub seq rev head lease heartbeat."),
+    "UNSUBSCRIBE": ("UNSUBSCRIBE port [prefix]",
+                    "End this host's UDP subscription: OK 1, or OK 0 if there was none."),
     "STATS": ("STATS", "Server counters: STAT name json lines, then END."),
     "PING": ("PING [text]", "Answers PONG [text]."),
     "HELP": ("HELP [command]", "This help."),
@@ -642,7 +686,8 @@ _HELP = {
 }
 # Word counts; SET and PING parse the raw rest of the line themselves.
 _ARITY = {"GET": (1, 1), "SET": None, "DEL": (1, 3), "KEYS": (0, 2), "LIST": (0, 2),
-          "CHANGES": (1, 2), "WATCH": (0, 2), "UNWATCH": (0, 1), "STATS": (0, 0),
+          "CHANGES": (1, 2), "WATCH": (0, 2), "UNWATCH": (0, 1), "SUBSCRIBE": (1, 2),
+          "UNSUBSCRIBE": (1, 2), "STATS": (0, 0),
           "PING": None, "HELP": (0, 1), "QUIT": (0, 0)}
 COMMANDS = {
     name: Command(name.lower(), usage, text, *(_ARITY[name] or (0, 0)),
@@ -652,12 +697,15 @@ COMMANDS = {
 
 
 class LineFactory(Factory):
-    """Builds line-protocol connections over one store; refuses past the limit."""
+    """Builds line-protocol connections over one store (and the notifier that
+    SUBSCRIBE uses, if any); refuses past the limit."""
 
-    def __init__(self, store: Store, limits: Limits, clock: IReactorTime) -> None:
+    def __init__(self, store: Store, limits: Limits, clock: IReactorTime,
+                 notifier: Notifier | None = None) -> None:
         self.store = store
         self.limits = limits
         self.clock = clock
+        self.notifier = notifier
         self.max_line_bytes = limits.max_line_bytes
         self.connections = 0
         self.counters = {"commands": 0, "errors": 0, "watches": 0, "watchers_dropped": 0,

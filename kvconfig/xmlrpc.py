@@ -29,6 +29,10 @@ Richer calls (``options`` is an optional struct)::
     changes(prefix, since)   -> {revision, events: [{type: "put"|"delete", key,
                                  revision, expired, [value, version,
                                  create_revision, mod_revision, expires_at]}]}
+    subscribe(prefix, udp_port)
+                          -> {sub, prefix, seq, rev, head, lease, heartbeat}
+    unsubscribe(prefix, udp_port)
+                          -> {unsubscribed: bool}
     stats()               -> struct of counters
 
     system.listMethods(), system.methodHelp(name), system.methodSignature(name),
@@ -40,6 +44,15 @@ Richer calls (``options`` is an optional struct)::
 greater than ``since``; when those are older than the history window it
 fails with ``compacted``, and the client takes ``list(prefix)`` and goes on
 from its revision.
+
+``subscribe`` makes (or renews the lease of) a UDP subscription to
+``prefix`` for the caller's own address: the host is always the TCP peer of
+the call, the UDP port is the caller's choice.  The notifications and the
+struct's fields are those of the UDP wire format (kvconfig.notifier): the
+subscription's name, its last sequence number and event revision, the
+store's revision, the lease and the heartbeat interval in seconds.  Renew
+well within the lease.  A server built without a notifier answers both
+calls with ``unavailable``.
 
 Every error is a Fault whose faultCode is the code of a kvconfig.errors type
 and whose faultString starts with that type's name, as in
@@ -65,6 +78,7 @@ from kvconfig import errors
 from kvconfig.httpchannel import XMLRPCChannelFactory
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
+from kvconfig.notifier import Notifier
 from kvconfig.store import Store
 from kvconfig.values import NOT_XML
 
@@ -177,6 +191,13 @@ def _options(options: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+def with_peer(method):
+    """Pass the caller's TCP peer host (None if it has none) as the first
+    argument, before the XML-RPC params."""
+    method.with_peer = True
+    return method
+
+
 def signature(*signatures: list[str]):
     """Attach XML-RPC type signatures for system.methodSignature."""
 
@@ -207,10 +228,12 @@ class KVConfigXMLRPC(_Dispatcher):
 
     log = Logger()
 
-    def __init__(self, store: Store, limits: Limits | None = None) -> None:
+    def __init__(self, store: Store, limits: Limits | None = None,
+                 notifier: Notifier | None = None) -> None:
         super().__init__(allowNone=True, useDateTime=True)
         self.store = store
         self.limits = limits or store.limits
+        self.notifier = notifier
         self.putSubHandler("system", SystemHandler(self))
         self._arity: dict[Any, tuple[int, int]] = {}
 
@@ -218,10 +241,11 @@ class KVConfigXMLRPC(_Dispatcher):
 
     paths = RPC_PATHS
 
-    def respond(self, body: bytes | None) -> bytes | Deferred:
+    def respond(self, body: bytes | None, peer: str | None = None) -> bytes | Deferred:
         """The XML response to an XML-RPC request body (None: the body was
-        over the limit and discarded).  Reads answer at once; writes with a
-        Deferred that fires once they are durable."""
+        over the limit and discarded) from the TCP peer host *peer*.  Reads
+        answer at once; writes with a Deferred that fires once they are
+        durable."""
         try:
             if body is None:
                 raise errors.RequestTooLarge(
@@ -230,7 +254,7 @@ class KVConfigXMLRPC(_Dispatcher):
             method, args = self.parse(body)
         except errors.KVConfigError as e:
             return self.marshal(Failure(e))
-        d = self.call(method, args)
+        d = self.call(method, args, peer)
         if d.called:
             # No Deferred plumbing for answers that are ready.
             ready = []
@@ -242,7 +266,9 @@ class KVConfigXMLRPC(_Dispatcher):
         """Serve the same calls when mounted in a twisted.web Site (whose own
         limits then apply to the body as it arrives)."""
         body = request.content.read()
-        response = self.respond(body if len(body) <= self.limits.max_body_bytes else None)
+        peer = getattr(request.getClientAddress(), "host", None)
+        response = self.respond(body if len(body) <= self.limits.max_body_bytes else None,
+                                peer)
         request.setHeader(b"content-type", b"text/xml; charset=utf-8")
         if not isinstance(response, Deferred):
             return response
@@ -279,20 +305,24 @@ class KVConfigXMLRPC(_Dispatcher):
             raise errors.InvalidRequest("request is not an XML-RPC methodCall")
         return method, params
 
-    def call(self, method_name: str, args: tuple) -> Deferred:
-        """Call an XML-RPC method; the Deferred fails with a KVConfigError
-        for anything the client did wrong."""
+    def call(self, method_name: str, args: tuple, peer: str | None = None) -> Deferred:
+        """Call an XML-RPC method for the TCP peer host *peer*; the Deferred
+        fails with a KVConfigError for anything the client did wrong."""
         try:
             function = self.lookupProcedure(method_name)
             self._check_arguments(function, args)
         except errors.KVConfigError as e:
             return _failed(e)
+        if getattr(function, "with_peer", False):
+            return maybeDeferred(function, peer, *args)
         return maybeDeferred(function, *args)
 
     def _check_arguments(self, function, args: tuple) -> None:
         arity = self._arity.get(function)
         if arity is None:
-            parameters = inspect.signature(function).parameters.values()
+            parameters = list(inspect.signature(function).parameters.values())
+            if getattr(function, "with_peer", False):
+                parameters = parameters[1:]
             arity = self._arity[function] = (
                 sum(p.default is inspect.Parameter.empty for p in parameters),
                 len(parameters),
@@ -409,6 +439,39 @@ class KVConfigXMLRPC(_Dispatcher):
         revision, events = self.store.changes(prefix, since)
         return {"revision": revision, "events": [event_struct(e) for e in events]}
 
+    @signature(["struct", "string", "int"])
+    @with_peer
+    def xmlrpc_subscribe(self, peer, prefix, udp_port):
+        """subscribe(prefix, udp_port): notify the caller's host at udp_port, by
+        UDP datagrams, of every change to keys starting with prefix ("" for
+        all); calling again renews the lease.  Returns {sub, prefix, seq, rev,
+        head, lease, heartbeat}: the subscription's name (a new one means
+        sequence numbers start again), the last sequence number sent and the
+        revision of the last event, the store's revision, the lease and the
+        heartbeat interval in seconds.  Renew within the lease (every lease/3,
+        say).  The host is always the address this call came from."""
+        notifier, address = self._udp_address(peer, udp_port)
+        return notifier.description(notifier.subscribe(address, prefix))
+
+    @signature(["struct", "string", "int"])
+    @with_peer
+    def xmlrpc_unsubscribe(self, peer, prefix, udp_port):
+        """unsubscribe(prefix, udp_port): end the caller's subscription to
+        prefix at udp_port.  Returns {unsubscribed}: false if there was none."""
+        notifier, address = self._udp_address(peer, udp_port)
+        return {"unsubscribed": notifier.unsubscribe(address, prefix) is not None}
+
+    def _udp_address(self, peer: str | None, port: Any) -> tuple[Notifier, tuple[str, int]]:
+        """The notifier, and the caller's host with *port*."""
+        if self.notifier is None:
+            raise errors.Unavailable("this server sends no UDP notifications")
+        if peer is None:
+            raise errors.Unavailable("UDP subscriptions need a caller with an IP address")
+        # Notifier.subscribe checks the port too, but unsubscribe does not.
+        if type(port) is not int or not 0 < port < 65536:
+            raise errors.InvalidArgument(f"udp_port must be 1..65535, not {errors.brief(port)}")
+        return self.notifier, (peer, port)
+
     @signature(["struct"])
     def xmlrpc_stats(self):
         """stats(): the server's counters (keys, revision, reads, puts, ...)."""
@@ -441,7 +504,8 @@ class SystemHandler(_Dispatcher):
         return self.parent.lookupProcedure(method_name).signature
 
     @signature(["array", "array"])
-    def xmlrpc_multicall(self, calls):
+    @with_peer
+    def xmlrpc_multicall(self, peer, calls):
         """system.multicall([{methodName, params}, ...]): make several calls in
         one request, in order.  Returns a list with [result] for each call
         that succeeded and {faultCode, faultString} for each that failed;
@@ -469,7 +533,7 @@ class SystemHandler(_Dispatcher):
                     DeferredList(unanswered).addCallback(lambda _, i=index: run(i))
                     unanswered.clear()
                     return
-                d = self._one(call).addCallbacks(lambda result: [result], self._fault_struct)
+                d = self._one(call, peer).addCallbacks(lambda result: [result], self._fault_struct)
                 results.append(d)
                 if write:
                     unanswered.append(d)
@@ -483,7 +547,7 @@ class SystemHandler(_Dispatcher):
         run(0)
         return finished
 
-    def _one(self, call: Any) -> Deferred:
+    def _one(self, call: Any, peer: str | None) -> Deferred:
         if type(call) is not dict or "methodName" not in call:
             return _failed(errors.InvalidRequest("each call must be a struct with methodName"))
         name, params = call["methodName"], call.get("params", [])
@@ -491,7 +555,7 @@ class SystemHandler(_Dispatcher):
             return _failed(errors.InvalidRequest("system.multicall cannot be nested"))
         if type(params) is not list:
             return _failed(errors.WrongArguments("params must be an array"))
-        return self.parent.call(name, tuple(params))
+        return self.parent.call(name, tuple(params), peer)
 
     def _fault_struct(self, failure: Failure) -> dict:
         fault = self.parent.fault(failure)
@@ -513,8 +577,9 @@ def _failed(error: Exception) -> Deferred:
     return d
 
 
-def make_factory(store: Store, limits: Limits, clock) -> XMLRPCChannelFactory:
+def make_factory(store: Store, limits: Limits, clock,
+                 notifier: Notifier | None = None) -> XMLRPCChannelFactory:
     """The protocol factory the XML-RPC endpoint listens with."""
-    factory = XMLRPCChannelFactory(KVConfigXMLRPC(store, limits), limits, clock)
+    factory = XMLRPCChannelFactory(KVConfigXMLRPC(store, limits, notifier), limits, clock)
     store.add_stats("xmlrpc", factory.stats)
     return factory
