@@ -7,8 +7,13 @@ reactor, the store, the limits), so that each can be tested alone.
 
 from __future__ import annotations
 
+import os
+import re
+import stat
+
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.internet import StreamServerEndpointService, UDPServer
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
@@ -17,6 +22,7 @@ from kvconfig import __version__
 from kvconfig.backends import backend_from_string, parse_store
 from kvconfig.limits import Limits
 from kvconfig.line import LineFactory
+from kvconfig.notifier import Notifier, NotifierProtocol
 from kvconfig.store import Store
 from kvconfig.xmlrpc import make_factory
 
@@ -36,7 +42,22 @@ _LIMIT_OPTIONS = [
      "Bytes of events held for a watcher that is not reading."),
     ("history-events", "history_events", "Most change events kept for changes()."),
     ("history-bytes", "history_bytes", "Most bytes of values kept in that history."),
+    ("max-subscriptions", "max_subscriptions", "Most UDP subscriptions held at once."),
+    ("max-subscriptions-per-prefix", "max_subscriptions_per_prefix",
+     "Most UDP subscriptions to any one prefix."),
+    ("max-datagram-bytes", "max_datagram_bytes",
+     "Largest notification datagram; a value that does not fit is pulled."),
+    ("max-send-rate", "max_send_rate",
+     "Most datagrams a second to one subscriber; past that events are skipped."),
+    ("max-cookie-rate", "max_cookie_rate",
+     "Most cookie answers a second to unproven UDP addresses, in total."),
+    ("lease-seconds", "lease_seconds", "Seconds a UDP subscription lives unless renewed."),
+    ("heartbeat-seconds", "heartbeat_seconds", "Seconds between heartbeats to a subscriber."),
+    ("max-clock-skew", "max_clock_skew",
+     "Seconds a signed datagram's timestamp may be off (the replay window)."),
 ]
+#: The largest UDP payload IPv4 can carry.
+MAX_UDP_PAYLOAD = 65507
 _DEFAULT_LIMITS = Limits()
 
 
@@ -50,7 +71,11 @@ class Options(usage.Options):
     optParameters = [
         ["xmlrpc", None, "tcp:15000:interface=127.0.0.1", "XML-RPC endpoint."],
         ["line", None, "tcp:15001:interface=127.0.0.1", "Line protocol (telnet) endpoint."],
+        ["udp", None, "udp:15002:interface=127.0.0.1",
+         "UDP notification port: udp:PORT[:interface=ADDR]."],
         ["store", None, "sqlite:kvconfig.db", "Store: sqlite:PATH or memory:."],
+        ["secret-file", None, None,
+         "File holding the shared secret that signs UDP datagrams (not world-readable)."],
     ] + [
         [flag, None, getattr(_DEFAULT_LIMITS, field), help_, int]
         for flag, field, help_ in _LIMIT_OPTIONS
@@ -72,8 +97,12 @@ class Options(usage.Options):
             )
         except ValueError as e:
             raise usage.UsageError(str(e).replace("_", "-")) from None
+        if self["limits"].max_datagram_bytes > MAX_UDP_PAYLOAD:
+            raise usage.UsageError(f"max-datagram-bytes must be at most {MAX_UDP_PAYLOAD}")
         _check_endpoint(self["xmlrpc"], "--xmlrpc")
         _check_endpoint(self["line"], "--line")
+        self["udp_port"], self["udp_interface"] = parse_udp(self["udp"])
+        self["secret"] = None if self["secret-file"] is None else read_secret(self["secret-file"])
 
 
 def _check_endpoint(description: str, option: str) -> None:
@@ -83,6 +112,52 @@ def _check_endpoint(description: str, option: str) -> None:
         serverFromString(None, description)
     except (ValueError, TypeError, KeyError, OSError) as e:
         raise usage.UsageError(f"{option}: bad endpoint {description!r}: {e}") from None
+
+
+def parse_udp(description: str) -> tuple[int, str]:
+    """(port, interface) of ``udp:PORT[:interface=ADDR]``; no interface
+    means every interface, as with Twisted's ``tcp:`` endpoints."""
+    kind, _, rest = description.partition(":")
+    port_text, colon, parameter = rest.partition(":")
+    problem = None
+    if kind != "udp":
+        problem = "it must start with udp:"
+    elif not re.fullmatch("[0-9]{1,5}", port_text) or int(port_text) > 65535:
+        problem = f"port must be 0..65535, not {port_text!r}"
+    interface = ""
+    if problem is None and colon:
+        name, equals, interface = parameter.partition("=")
+        # Colons in an IPv6 address may be escaped, as in endpoint strings.
+        interface = interface.replace("\\:", ":")
+        if name != "interface" or not equals:
+            problem = f"unknown parameter {parameter!r}"
+        elif not (isIPAddress(interface) or isIPv6Address(interface)):
+            problem = f"interface must be an IP address, not {interface!r}"
+    if problem is not None:
+        raise usage.UsageError(
+            f"--udp: bad endpoint {description!r}: {problem}; use udp:PORT[:interface=ADDR]")
+    return int(port_text), interface
+
+
+def read_secret(path: str) -> bytes:
+    """The shared secret in the file at *path*: its bytes, without the
+    surrounding whitespace.  A file anyone may read is refused."""
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise usage.UsageError(f"--secret-file: {path!r} is not a regular file")
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            secret = f.read().strip()
+    except OSError as e:
+        raise usage.UsageError(
+            f"--secret-file: cannot read {path!r}: {e.strerror or e}") from None
+    if mode & stat.S_IROTH:
+        raise usage.UsageError(
+            f"--secret-file: {path!r} is readable by everyone; chmod o-r it")
+    if not secret:
+        raise usage.UsageError(f"--secret-file: {path!r} is empty")
+    return secret
 
 
 class StoreService(service.Service):
@@ -105,8 +180,24 @@ class StoreService(service.Service):
         return self.store.stop()
 
 
+class NotifierService(service.Service):
+    """Runs the notifier while the store is open: started after the store
+    service, so stopped before it."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+
+    def startService(self) -> None:
+        super().startService()
+        self.notifier.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.notifier.stop()
+
+
 def makeService(options: Options, reactor=None) -> service.MultiService:
-    """The store service and one listening service per interface."""
+    """The store service, the notifier and one listening service per interface."""
     if reactor is None:
         from twisted.internet import reactor
     limits: Limits = options["limits"]
@@ -117,9 +208,20 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     store_service.setName("store")
     store_service.setServiceParent(top)
 
+    notifier = Notifier(store, limits, reactor, options["secret"])
+    store.add_stats("udp", notifier.stats)
+    notifier_service = NotifierService(notifier)
+    notifier_service.setName("notifier")
+    notifier_service.setServiceParent(top)
+    # Bound in privilegedStartService, so a port in use stops twistd.
+    udp = UDPServer(options["udp_port"], NotifierProtocol(notifier),
+                    interface=options["udp_interface"], reactor=reactor)
+    udp.setName("udp")
+    udp.setServiceParent(top)
+
     interfaces = [
-        ("xmlrpc", make_factory(store, limits, reactor)),
-        ("line", LineFactory(store, limits, reactor)),
+        ("xmlrpc", make_factory(store, limits, reactor, notifier)),
+        ("line", LineFactory(store, limits, reactor, notifier)),
     ]
     for name, factory in interfaces:
         listener = StreamServerEndpointService(serverFromString(reactor, options[name]),

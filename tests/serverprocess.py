@@ -19,6 +19,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def twistd_path() -> str:
     """The twistd installed beside the running Python (the test venv's)."""
     candidate = Path(sys.executable).with_name("twistd")
@@ -34,6 +40,9 @@ class KVConfigProcess:
         self.extra = list(extra)
         self.port = free_port()
         self.line_port = free_port()
+        # Every server a UDP port of its own: the default (15002) would
+        # collide between servers, and with one already running.
+        self.udp_port = free_udp_port()
         self.process: subprocess.Popen | None = None
         self.log_path = directory / "twistd.log"
 
@@ -49,7 +58,8 @@ class KVConfigProcess:
             twistd_path(), "-n", "--pidfile=", f"--logfile={self.log_path}",
             "kvconfig", f"--store={self.store}",
             f"--xmlrpc=tcp:{self.port}:interface=127.0.0.1",
-            f"--line=tcp:{self.line_port}:interface=127.0.0.1", *self.extra,
+            f"--line=tcp:{self.line_port}:interface=127.0.0.1",
+            f"--udp=udp:{self.udp_port}:interface=127.0.0.1", *self.extra,
         ]
         self.process = subprocess.Popen(args, cwd=self.directory, env=dict(os.environ))
         deadline = time.monotonic() + timeout

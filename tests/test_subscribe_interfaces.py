@@ -1,24 +1,31 @@
-"""UDP subscriptions made through the TCP interfaces.
+"""UDP subscriptions made through the TCP interfaces, and the notifier wired
+into ``twistd kvconfig``.
 
 In memory: the line protocol's SUBSCRIBE/UNSUBSCRIBE and XML-RPC's
 subscribe/unsubscribe on a StringTransport, over a Clock store, with a fake
-datagram transport capturing what the notifier sends.
+datagram transport capturing what the notifier sends.  Against the installed
+``twistd kvconfig``: the stdlib xmlrpc.client with a real UDP socket, and the
+UDP cookie handshake from a raw socket, unsigned and signed.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
+import time
+import uuid
 import xmlrpc.client
 from io import BytesIO
 
 import pytest
 import pytest_twisted
+from twisted.application.internet import UDPServer
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.server import Site
@@ -26,11 +33,21 @@ from twisted.web.server import Site
 from kvconfig.backends.memory import MemoryBackend
 from kvconfig.limits import Limits
 from kvconfig.line import LineFactory
-from kvconfig.notifier import Notifier, NotifierProtocol
+from kvconfig.notifier import Notifier, NotifierProtocol, Sealer
 from kvconfig.store import Store
+from kvconfig.tap import Options, makeService
 from kvconfig.xmlrpc import KVConfigXMLRPC, make_factory
 
-from faults import check_fault
+from faults import (
+    INVALID_ARGUMENT,
+    INVALID_KEY,
+    KEY_TOO_LARGE,
+    WRONG_ARGUMENTS,
+    check_fault,
+    expect_fault,
+    unchanged,
+)
+from serverprocess import KVConfigProcess
 from stores import clocked_store
 
 LIMIT_EXCEEDED = (9, "limit_exceeded")
@@ -408,3 +425,303 @@ async def test_xmlrpc_subscribe_in_a_twisted_web_site_is_for_the_client_address(
     ((message, address),) = events(udp.take())
     assert address == ("127.0.0.1", 4000) and message["value"] == [1]
     assert await proxy.callRemote("unsubscribe", "web/", 4000) == {"unsubscribed": True}
+
+
+# Wiring: makeService, in memory
+
+
+class UDPMemoryReactor(MemoryReactorClock):
+    """A MemoryReactorClock that also records listenUDP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udp_ports: list[tuple] = []
+
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        self.udp_ports.append((port, protocol, interface))
+        listening = FakeDatagramTransport()
+        listening.stopListening = lambda: None
+        protocol.makeConnection(listening)
+        return listening
+
+
+def record_calls(target, name: str, order: list[str]) -> None:
+    """Note "start <name>" and "stop <name>" in *order* as they are called."""
+    def recording(original, label: str):
+        def call_through():
+            order.append(label)
+            return original()
+        return call_through
+
+    for step in ("start", "stop"):
+        setattr(target, step, recording(getattr(target, step), f"{step} {name}"))
+
+
+def test_make_service_wires_the_notifier_between_the_store_and_the_interfaces():
+    """makeService listens on --udp with the notifier, starts it after the
+    store and stops it before, hands it to both TCP interfaces, and puts its
+    counters in stats() as udp_*."""
+    options = Options()
+    options.parseOptions(["--store", "memory:", "--udp", "udp:4321:interface=127.0.0.2",
+                          "--xmlrpc", "tcp:0", "--line", "tcp:0", "--heartbeat-seconds", "5"])
+    memory = UDPMemoryReactor()
+    top = makeService(options, memory)
+    names = [child.name for child in top]
+    assert names == ["store", "notifier", "udp", "xmlrpc", "line"]
+    assert isinstance(top.getServiceNamed("udp"), UDPServer)
+    store = top.getServiceNamed("store").store
+    notifier = top.getServiceNamed("notifier").notifier
+    assert notifier.limits.heartbeat_seconds == 5 and notifier.sealer.secret is None
+    order: list[str] = []
+    record_calls(store, "store", order)
+    record_calls(notifier, "notifier", order)
+    top.privilegedStartService()
+    top.startService()
+    ((port, protocol, interface),) = memory.udp_ports
+    assert (port, interface) == (4321, "127.0.0.2") and protocol.notifier is notifier
+    assert order == ["start store", "start notifier"]
+    line_factory = memory.tcpServers[1][1]
+    xmlrpc_factory = memory.tcpServers[0][1]
+    assert line_factory.notifier is notifier and xmlrpc_factory.handler.notifier is notifier
+    stats = store.stats()
+    assert stats["udp_subscriptions"] == 0 and "udp_dropped_unsigned" in stats
+    top.stopService()
+    assert order == ["start store", "start notifier", "stop notifier", "stop store"]
+
+
+# Against the installed twistd kvconfig
+
+
+def udp_socket(timeout: float = 5.0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(timeout)
+    return sock
+
+
+def kind(datagram: bytes) -> str:
+    """The type of a datagram, signed or not (the JSON holds no raw newline)."""
+    return json.loads(datagram.split(b"\n", 1)[0])["t"]
+
+
+def receive(sock: socket.socket, wanted: str, timeout: float = 5.0) -> bytes:
+    """The next datagram of type *wanted*, skipping heartbeats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        datagram = sock.recv(65536)
+        if kind(datagram) == wanted:
+            return datagram
+        assert kind(datagram) == "heartbeat", datagram
+
+
+def silence(sock: socket.socket, seconds: float) -> list[bytes]:
+    """Every datagram that arrives within *seconds*."""
+    got = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            got.append(sock.recv(65536))
+        except TimeoutError:
+            break
+    return got
+
+
+def drain(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.recv(65536)
+    except BlockingIOError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def udp_server(tmp_path_factory):
+    """A ``twistd kvconfig`` with a one-second heartbeat and at most two
+    subscriptions to one prefix."""
+    process = KVConfigProcess(tmp_path_factory.mktemp("udp"), "memory:",
+                              "--heartbeat-seconds=1", "--max-subscriptions-per-prefix=2")
+    process.start()
+    yield process
+    process.stop()
+
+
+def prefix() -> str:
+    return f"sub-{uuid.uuid4().hex[:8]}/"
+
+
+def test_xmlrpc_subscribe_save_receive_unsubscribe_with_the_installed_server(udp_server):
+    """With the stdlib client: subscribe a real UDP socket, save a key and
+    receive its event datagram with the value, delete it and receive that;
+    after unsubscribe nothing more arrives, not even heartbeats."""
+    proxy, sock, p = udp_server.proxy(), udp_socket(), prefix()
+    port = sock.getsockname()[1]
+    description = proxy.subscribe(p, port)
+    assert description["prefix"] == p and description["seq"] == 0
+    assert description["heartbeat"] == 1 and description["lease"] == 30
+    proxy.save(p + "db/host", {"addr": "10.0.0.5", "ports": [5432]})
+    event = json.loads(receive(sock, "event"))
+    assert event == {"v": 1, "t": "event", "sub": description["sub"], "seq": 1,
+                     "rev": event["rev"], "op": "put", "key": p + "db/host",
+                     "value": {"addr": "10.0.0.5", "ports": [5432]}}
+    assert event["rev"] == proxy.get(p + "db/host")["mod_revision"]
+    proxy.save("elsewhere/" + p, 1)
+    proxy.delete(p + "db/host")
+    event = json.loads(receive(sock, "event"))
+    assert (event["seq"], event["op"], event["key"]) == (2, "delete", p + "db/host")
+    heartbeat = json.loads(receive(sock, "heartbeat", timeout=3))
+    assert (heartbeat["sub"], heartbeat["seq"]) == (description["sub"], 2)
+    assert proxy.unsubscribe(p, port) == {"unsubscribed": True}
+    drain(sock)
+    proxy.save(p + "db/host", "again")
+    assert silence(sock, 1.5) == []
+    assert proxy.unsubscribe(p, port) == {"unsubscribed": False}
+
+
+def test_xmlrpc_subscribe_is_documented_and_introspectable(udp_server):
+    """subscribe and unsubscribe are listed, with help and signatures."""
+    proxy = udp_server.proxy()
+    assert {"subscribe", "unsubscribe"} <= set(proxy.system.listMethods())
+    assert proxy.system.methodHelp("subscribe").startswith("subscribe(prefix, udp_port)")
+    assert proxy.system.methodSignature("unsubscribe") == [["struct", "string", "int"]]
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (("bad key", 4000), INVALID_KEY),
+    ((None, 4000), INVALID_KEY),
+    (("k" * 1025, 4000), KEY_TOO_LARGE),
+    (("p/", 0), INVALID_ARGUMENT),
+    (("p/", 65536), INVALID_ARGUMENT),
+    (("p/", -5), INVALID_ARGUMENT),
+    (("p/", "4000"), INVALID_ARGUMENT),
+    (("p/", True), INVALID_ARGUMENT),
+    (("p/", 4000.0), INVALID_ARGUMENT),
+    (("p/",), WRONG_ARGUMENTS),
+    (("p/", 4000, "127.0.0.9"), WRONG_ARGUMENTS),
+])
+def test_xmlrpc_bad_subscribe_is_a_typed_fault_and_changes_nothing(udp_server, args, error):
+    """Bad arguments to subscribe/unsubscribe are Faults with the documented
+    codes (the host can never be given), and make or end no subscription."""
+    proxy = udp_server.proxy()
+    before = proxy.stats()["udp_subscriptions"]
+    with unchanged(proxy):
+        expect_fault(error, proxy.subscribe, *args)
+        expect_fault(error, proxy.unsubscribe, *args)
+    assert proxy.stats()["udp_subscriptions"] == before
+
+
+def test_xmlrpc_subscriptions_past_the_limit_are_limit_exceeded(udp_server):
+    """--max-subscriptions-per-prefix reaches the server: a third host:port
+    on one prefix is Fault 9 limit_exceeded; renewing the others is not."""
+    proxy, p = udp_server.proxy(), prefix()
+    first, second, third = udp_socket(), udp_socket(), udp_socket()
+    ports = [s.getsockname()[1] for s in (first, second, third)]
+    proxy.subscribe(p, ports[0])
+    proxy.subscribe(p, ports[1])
+    expect_fault(LIMIT_EXCEEDED, proxy.subscribe, p, ports[2])
+    proxy.subscribe(p, ports[0])
+    for port in ports[:2]:
+        proxy.unsubscribe(p, port)
+
+
+def request(kind: str, prefix: str, cookie: str | None = None, pad: int = 0) -> dict:
+    message = {"t": kind, "prefix": prefix}
+    if cookie is not None:
+        message["cookie"] = cookie
+    if pad:
+        message["pad"] = "." * pad
+    return message
+
+
+class WallClock:
+    @staticmethod
+    def seconds() -> float:
+        return time.time()
+
+
+def test_udp_cookie_handshake_against_the_installed_server(udp_server):
+    """From a raw UDP socket: an unpadded subscribe gets nothing (a cookie
+    would be larger); a padded one gets a cookie no larger than itself; the
+    subscribe with that cookie gets 'subscribed', and then events arrive.
+    A refused subscribe gets an error datagram; unsubscribe with the cookie
+    ends the subscription."""
+    proxy, sock, p = udp_server.proxy(), udp_socket(), prefix()
+    sealer = Sealer(None, WallClock())
+    server = ("127.0.0.1", udp_server.udp_port)
+    withheld = proxy.stats()["udp_cookies_withheld"]
+    sock.sendto(sealer.seal(request("subscribe", p)), server)
+    assert silence(sock, 0.5) == []
+    assert proxy.stats()["udp_cookies_withheld"] == withheld + 1
+
+    padded = sealer.seal(request("subscribe", p, pad=256))
+    sock.sendto(padded, server)
+    answer = receive(sock, "cookie")
+    assert len(answer) <= len(padded)
+    cookie = json.loads(answer)["cookie"]
+
+    sock.sendto(sealer.seal(request("subscribe", p, cookie)), server)
+    subscribed = json.loads(receive(sock, "subscribed"))
+    assert subscribed["prefix"] == p and subscribed["seq"] == 0
+    assert subscribed["head"] == proxy.stats()["revision"]
+    proxy.save(p + "k", b"\x00\x01")
+    event = json.loads(receive(sock, "event"))
+    assert (event["sub"], event["seq"], event["key"]) == (subscribed["sub"], 1, p + "k")
+    assert event["value"] == {"$bytes": "AAE="}
+
+    sock.sendto(sealer.seal(request("subscribe", "bad key", cookie)), server)
+    error = json.loads(receive(sock, "error"))
+    assert (error["code"], error["error"]) == INVALID_KEY
+
+    sock.sendto(sealer.seal(request("unsubscribe", p, cookie)), server)
+    assert json.loads(receive(sock, "unsubscribed")) == {
+        "v": 1, "t": "unsubscribed", "prefix": p, "sub": subscribed["sub"]}
+
+
+@pytest.fixture(scope="module")
+def signed_server(tmp_path_factory):
+    """A ``twistd kvconfig`` signing with the secret b"s3cret" (the file
+    holds it with surrounding whitespace)."""
+    directory = tmp_path_factory.mktemp("signed")
+    secret_file = directory / "secret"
+    secret_file.write_bytes(b"  s3cret\n\n")
+    secret_file.chmod(0o600)
+    process = KVConfigProcess(directory, "memory:", f"--secret-file={secret_file}")
+    process.start()
+    yield process
+    process.stop()
+
+
+def test_signed_handshake_with_secret_file(signed_server):
+    """With --secret-file, signed requests are answered with datagrams
+    signed under the stripped secret (checked by a Sealer with that secret),
+    events included; unsigned, wrongly signed and replayed requests are
+    ignored and counted."""
+    proxy, sock, p = signed_server.proxy(), udp_socket(), prefix()
+    server = ("127.0.0.1", signed_server.udp_port)
+    ours = Sealer(b"s3cret", WallClock())
+    stats = proxy.stats()
+
+    sock.sendto(Sealer(None, WallClock()).seal(request("subscribe", p, pad=512)), server)
+    sock.sendto(Sealer(b"wrong", WallClock()).seal(request("subscribe", p, pad=512)), server)
+    assert silence(sock, 0.5) == []
+    after = proxy.stats()
+    assert after["udp_dropped_unsigned"] == stats["udp_dropped_unsigned"] + 1
+    assert after["udp_dropped_bad_signature"] == stats["udp_dropped_bad_signature"] + 1
+
+    sock.sendto(ours.seal(request("subscribe", p, pad=512)), server)
+    cookie = ours.open(receive(sock, "cookie"))["cookie"]
+    signed = ours.seal(request("subscribe", p, cookie))
+    sock.sendto(signed, server)
+    subscribed = ours.open(receive(sock, "subscribed"))
+    assert subscribed["prefix"] == p
+    sock.sendto(signed, server)  # a replay
+    assert [kind(d) for d in silence(sock, 0.5) if kind(d) != "heartbeat"] == []
+    assert proxy.stats()["udp_dropped_replayed"] == stats["udp_dropped_replayed"] + 1
+
+    proxy.save(p + "k", "signed")
+    event = ours.open(receive(sock, "event"))
+    assert (event["sub"], event["value"]) == (subscribed["sub"], "signed")
+    sock.sendto(ours.seal(request("unsubscribe", p, cookie)), server)
+    assert ours.open(receive(sock, "unsubscribed"))["sub"] == subscribed["sub"]

@@ -16,6 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.plugins import kvconfig_plugin
+from twisted.python import usage
+
+from kvconfig.tap import Options
 
 from serverprocess import free_port, twistd_path
 from test_values import xmlrpc_values
@@ -29,6 +32,9 @@ def test_plugin_is_discoverable_and_imports_no_server_code():
     options = makers["kvconfig"].options()
     options.parseOptions(["--store", "memory:"])
     assert options["xmlrpc"] == "tcp:15000:interface=127.0.0.1"
+    assert options["udp"] == "udp:15002:interface=127.0.0.1"
+    assert (options["udp_port"], options["udp_interface"]) == (15002, "127.0.0.1")
+    assert options["secret"] is None
     assert "kvconfig.tap" not in vars(kvconfig_plugin)
 
 
@@ -118,7 +124,8 @@ def test_daemon_mode_with_pidfile(tmp_path):
     subprocess.run(
         [twistd_path(), f"--pidfile={pidfile}", f"--logfile={tmp_path / 'log'}",
          "kvconfig", f"--store=sqlite:{tmp_path / 'kv.db'}",
-         f"--xmlrpc=tcp:{port}:interface=127.0.0.1", "--line=tcp:0:interface=127.0.0.1"],
+         f"--xmlrpc=tcp:{port}:interface=127.0.0.1", "--line=tcp:0:interface=127.0.0.1",
+         "--udp=udp:0:interface=127.0.0.1"],
         cwd=tmp_path, check=True, timeout=30,
     )
     deadline = time.monotonic() + 20
@@ -149,14 +156,124 @@ def test_daemon_mode_with_pidfile(tmp_path):
     (["--max-value-bytes", "lots"], "max-value-bytes"),
     (["--xmlrpc", "tcp:notaport"], "--xmlrpc: bad endpoint"),
     (["--store", "sqlite:/nonexistent/dir/kv.db"], "cannot open sqlite store"),
+    (["--udp", "tcp:15002"], "--udp: bad endpoint 'tcp:15002': it must start with udp:"),
+    (["--udp", "udp:notaport"], "--udp: bad endpoint"),
+    (["--udp", "udp:15002:interface=localhost"], "interface must be an IP address"),
+    (["--secret-file", "no-such-file"], "--secret-file: cannot read 'no-such-file'"),
+    (["--max-datagram-bytes", "100"], "max-datagram-bytes must be at least 512"),
+    (["--lease-seconds", "0"], "lease-seconds must be a positive integer"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, args, message):
     """Bad options, or a store that cannot be opened, stop twistd with an
     error that names the problem."""
-    result = subprocess.run([twistd_path(), "-n", "--pidfile=", "kvconfig", *args],
+    # Free ports, so that only the option under test can fail.
+    ports = ["--xmlrpc=tcp:0:interface=127.0.0.1", "--line=tcp:0:interface=127.0.0.1",
+             "--udp=udp:0:interface=127.0.0.1"]
+    result = subprocess.run([twistd_path(), "-n", "--pidfile=", "kvconfig", *ports, *args],
                             cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("description, port, interface", [
+    ("udp:15002:interface=127.0.0.1", 15002, "127.0.0.1"),
+    ("udp:0", 0, ""),
+    ("udp:65535:interface=0.0.0.0", 65535, "0.0.0.0"),
+    ("udp:15002:interface=::1", 15002, "::1"),
+    ("udp:15002:interface=\\:\\:1", 15002, "::1"),
+])
+def test_udp_option_gives_port_and_interface(description, port, interface):
+    """--udp udp:PORT[:interface=ADDR] gives the port and interface to bind
+    (none: every interface); IPv6 colons may be escaped as in endpoint strings."""
+    options = Options()
+    options.parseOptions(["--udp", description])
+    assert (options["udp_port"], options["udp_interface"]) == (port, interface)
+
+
+@pytest.mark.parametrize("description", [
+    "", "udp", "udp:", "udp6:15002", "tcp:15002:interface=127.0.0.1", "udp:-1", "udp:65536",
+    "udp: 15002", "udp:15002:", "udp:15002:interface=", "udp:15002:interface=localhost",
+    "udp:15002:interface=127.0.0.1:backlog=5", "udp:15002:backlog=5", "udp:0x10",
+    "udp:\u0661\u0665",
+])
+def test_bad_udp_option_is_a_usage_error(description):
+    """Anything but udp:PORT[:interface=IP] is a usage error naming --udp."""
+    with pytest.raises(usage.UsageError, match="^--udp: bad endpoint"):
+        Options().parseOptions(["--udp", description])
+
+
+def test_secret_file_gives_its_bytes_without_surrounding_whitespace(tmp_path):
+    """--secret-file reads the secret from a file only its owner (and
+    group) may read, stripped of surrounding whitespace."""
+    path = tmp_path / "secret"
+    path.write_bytes(b" \n s3 cr\xffet\t\n")
+    for mode in (0o600, 0o640, 0o400):
+        path.chmod(mode)
+        options = Options()
+        options.parseOptions(["--secret-file", str(path)])
+        assert options["secret"] == b"s3 cr\xffet"
+
+
+@pytest.mark.parametrize("content, mode, message", [
+    (b"s3cret", 0o644, "is readable by everyone"),
+    (b"s3cret", 0o604, "is readable by everyone"),
+    (b"", 0o600, "is empty"),
+    (b" \n\t\n", 0o600, "is empty"),
+    (None, 0o600, "cannot read"),
+])
+def test_bad_secret_file_is_a_usage_error(tmp_path, content, mode, message):
+    """A secret file that is missing, empty or world-readable is a usage error."""
+    path = tmp_path / "secret"
+    if content is not None:
+        path.write_bytes(content)
+        path.chmod(mode)
+    with pytest.raises(usage.UsageError, match=f"^--secret-file: .*{message}"):
+        Options().parseOptions(["--secret-file", str(path)])
+
+
+def test_secret_file_that_is_a_directory_is_a_usage_error(tmp_path):
+    """A directory is not a secret file."""
+    tmp_path.chmod(0o700)
+    with pytest.raises(usage.UsageError, match="is not a regular file"):
+        Options().parseOptions(["--secret-file", str(tmp_path)])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_secret_file_is_a_usage_error(tmp_path):
+    """A secret file the server may not read is a usage error."""
+    path = tmp_path / "secret"
+    path.write_bytes(b"s3cret")
+    path.chmod(0o000)
+    with pytest.raises(usage.UsageError, match="cannot read .*Permission denied"):
+        Options().parseOptions(["--secret-file", str(path)])
+
+
+def test_world_readable_secret_file_stops_twistd(tmp_path):
+    """twistd kvconfig refuses to start with a world-readable secret file."""
+    path = tmp_path / "secret"
+    path.write_bytes(b"s3cret")
+    path.chmod(0o644)
+    result = subprocess.run(
+        [twistd_path(), "-n", "--pidfile=", "kvconfig", "--store=memory:",
+         "--xmlrpc=tcp:0:interface=127.0.0.1", "--line=tcp:0:interface=127.0.0.1",
+         "--udp=udp:0:interface=127.0.0.1", f"--secret-file={path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0
+    assert "is readable by everyone" in result.stdout + result.stderr
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_datagram_limit_beyond_udp_is_a_usage_error():
+    """--max-datagram-bytes above what one UDP datagram carries is refused."""
+    with pytest.raises(usage.UsageError, match="max-datagram-bytes must be at most 65507"):
+        Options().parseOptions(["--max-datagram-bytes", "65508"])
+    options = Options()
+    options.parseOptions(["--max-datagram-bytes", "65507", "--max-send-rate", "7",
+                          "--heartbeat-seconds", "9"])
+    limits = options["limits"]
+    assert (limits.max_datagram_bytes, limits.max_send_rate, limits.heartbeat_seconds) == \
+        (65507, 7, 9)
 
 
 def test_port_in_use_stops_twistd(tmp_path, server):
@@ -165,8 +282,23 @@ def test_port_in_use_stops_twistd(tmp_path, server):
     result = subprocess.run(
         [twistd_path(), "-n", "--pidfile=", "kvconfig", "--store=memory:",
          f"--xmlrpc=tcp:{server.port}:interface=127.0.0.1",
-         "--line=tcp:0:interface=127.0.0.1"],
+         "--line=tcp:0:interface=127.0.0.1", "--udp=udp:0:interface=127.0.0.1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode != 0
     assert "Address already in use" in result.stdout + result.stderr
+
+
+def test_udp_port_in_use_stops_twistd(tmp_path, server):
+    """A second server on a UDP port already in use exits with the error
+    instead of running without notifications."""
+    result = subprocess.run(
+        [twistd_path(), "-n", "--pidfile=", "kvconfig", "--store=memory:",
+         "--xmlrpc=tcp:0:interface=127.0.0.1", "--line=tcp:0:interface=127.0.0.1",
+         f"--udp=udp:{server.udp_port}:interface=127.0.0.1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"Couldn't listen on 127.0.0.1:{server.udp_port}" in output
+    assert "Address already in use" in output
