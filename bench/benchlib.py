@@ -68,8 +68,9 @@ CellKey = tuple
 # Servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port free on HOST now, for TCP (the default) or, with SOCK_DGRAM, UDP."""
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
 
@@ -85,14 +86,16 @@ def twistd_path() -> str:
     return found
 
 
-def kvconfig_command(directory: Path, *, xmlrpc_port: int = 0, line_port: int = 0) -> list[str]:
+def kvconfig_command(directory: Path, *, xmlrpc_port: int = 0, line_port: int = 0,
+                     udp_port: int | None = None) -> list[str]:
     """``twistd -n kvconfig`` with a sqlite store in directory; port 0 for the
-    interface not measured (any free port)."""
+    interface not measured (any free port).  ``--udp`` only if udp_port is given."""
+    udp = [] if udp_port is None else [f"--udp=udp:{udp_port}:interface={HOST}"]
     return [
         twistd_path(), "-n", "--pidfile=", f"--logfile={directory / 'twistd.log'}",
         "kvconfig", f"--store=sqlite:{directory / 'kvconfig.db'}",
         f"--xmlrpc=tcp:{xmlrpc_port}:interface={HOST}",
-        f"--line=tcp:{line_port}:interface={HOST}",
+        f"--line=tcp:{line_port}:interface={HOST}", *udp,
     ]
 
 
