@@ -548,7 +548,8 @@ class _CommandProtocol(ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason: Failure) -> None:
-        self.done.callback(reason)
+        # A Failure handed to callback() would go down the errback chain.
+        self.done.callback([reason])
 
 
 def run_command(reactor: Any, command: str, timeout: float) -> Deferred:
@@ -569,7 +570,8 @@ def run_command(reactor: Any, command: str, timeout: float) -> Deferred:
     term = reactor.callLater(timeout, kill, "TERM")
     hard = reactor.callLater(timeout + 5, kill, "KILL")
 
-    def result(reason: Failure) -> str | None:
+    def result(ended_with: list[Failure]) -> str | None:
+        reason = ended_with[0]
         for call in (term, hard):
             if call.active():
                 call.cancel()

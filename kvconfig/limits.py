@@ -62,8 +62,13 @@ class Limits:
         for name, value in vars(self).items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, not {value!r}")
-        if self.max_datagram_bytes < 512:
-            raise ValueError("max_datagram_bytes must be at least 512")
+        if not 512 <= self.max_datagram_bytes <= 65507:
+            # 65507: the most one UDP datagram over IPv4 can carry.
+            raise ValueError("max_datagram_bytes must be 512..65507")
+        if self.heartbeat_seconds >= self.lease_seconds:
+            # Leases are expired at heartbeat ticks, and a subscriber renews
+            # several times a lease.
+            raise ValueError("heartbeat_seconds must be less than lease_seconds")
         # SET key <value> [EX n] [IF n] must fit on one line.
         needed = self.max_value_bytes + self.max_key_bytes + 64
         if self.max_line_bytes < needed:

@@ -589,9 +589,6 @@ class LineProtocol(Protocol, TimeoutMixin):
         if host is None:
             raise errors.Unavailable("UDP subscriptions need a peer with an IP address")
         number = parse_int(port, "port")
-        # Notifier.subscribe checks the port too, but unsubscribe does not.
-        if not 0 < number < 65536:
-            raise errors.InvalidArgument(f"port must be 1..65535, not {errors.brief(port)}")
         return notifier, (host, number)
 
     def do_stats(self) -> list[bytes]:

@@ -60,7 +60,7 @@ is the value in kvconfig's tagged JSON (see kvconfig.values).  A value that
 would make the datagram larger than ``--max-datagram-bytes`` is left out
 (``"pull":true``: read the key); if even the key does not fit, so is the key
 (pull ``changes`` from the previous revision).  A heartbeat every
-``--heartbeat`` seconds carries the subscription's last ``seq`` and event
+``--heartbeat-seconds`` carries the subscription's last ``seq`` and event
 ``rev``, and ``H``, the store's revision: a subscriber whose last seq is
 lower lost the tail and pulls; one that hears nothing for a few heartbeats
 subscribes again.  After skipping events for the rate limit the server sends
@@ -256,6 +256,8 @@ class Notifier:
         self.clock = clock
         self.sealer = Sealer(secret, clock, limits.max_clock_skew)
         self.transport = None
+        #: The address the UDP port is bound to ("" while unknown).
+        self.bound_host = ""
         self._cookie_key = os.urandom(32)
         self._subscriptions: dict[tuple[str, int, str], Subscription] = {}
         # prefix -> subscriptions to it: one encoding per prefix and event.
@@ -297,9 +299,7 @@ class Notifier:
     def subscribe(self, address: tuple[str, int], prefix: Any) -> Subscription:
         """Create *address*'s subscription to *prefix*, or renew its lease."""
         values.check_prefix(prefix, self.limits.max_key_bytes)
-        host, port = address
-        if type(port) is not int or not 0 < port < 65536:
-            raise errors.InvalidArgument(f"port must be 1..65535, not {errors.brief(port)}")
+        host, port = self._check_address(address)
         now = self.clock.seconds()
         index = (host, port, prefix)
         subscription = self._subscriptions.get(index)
@@ -326,10 +326,26 @@ class Notifier:
     def unsubscribe(self, address: tuple[str, int], prefix: Any) -> Subscription | None:
         """End *address*'s subscription to *prefix*; returns it, or None."""
         values.check_prefix(prefix, self.limits.max_key_bytes)
-        subscription = self._remove((address[0], address[1], prefix))
+        host, port = self._check_address(address)
+        subscription = self._remove((host, port, prefix))
         if subscription is not None:
             self.counters["unsubscribes"] += 1
         return subscription
+
+    def _check_address(self, address: tuple[str, int]) -> tuple[str, int]:
+        """*address*, if datagrams can be sent to it from the UDP port."""
+        host, port = address
+        if type(port) is not int or not 0 < port < 65536:
+            raise errors.InvalidArgument(f"port must be 1..65535, not {errors.brief(port)}")
+        bound = self.bound_host
+        if bound and (":" in bound) != (":" in host):
+            raise errors.InvalidArgument(
+                f"the UDP port is bound to {bound}, which cannot send to {host}")
+        if _is_loopback(bound) and not _is_loopback(host):
+            raise errors.InvalidArgument(
+                f"the UDP port is bound to {bound}, which cannot send to {host}; "
+                "see --udp")
+        return host, port
 
     def _remove(self, index: tuple[str, int, str]) -> Subscription | None:
         subscription = self._subscriptions.pop(index, None)
@@ -422,6 +438,14 @@ class Notifier:
     def publish(self, event: Event) -> None:
         """The change feed's consumer: one datagram per subscription whose
         prefix the key is under."""
+        try:
+            self._publish(event)
+        except Exception:
+            # The feed drops a consumer that raises; one bad event must not
+            # end every notification.  Subscribers see the gap and pull.
+            self.log.failure("cannot notify revision {revision}", revision=event.revision)
+
+    def _publish(self, event: Event) -> None:
         key = event.key
         tails = None
         for prefix, subscriptions in self._by_prefix.items():
@@ -507,6 +531,10 @@ class Notifier:
         return True
 
 
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1"
+
+
 class NotifierProtocol(DatagramProtocol):
     """The UDP port: hands datagrams to the notifier and lends it the port."""
 
@@ -515,6 +543,7 @@ class NotifierProtocol(DatagramProtocol):
 
     def startProtocol(self) -> None:
         self.notifier.transport = self.transport
+        self.notifier.bound_host = self.transport.getHost().host
 
     def stopProtocol(self) -> None:
         self.notifier.transport = None

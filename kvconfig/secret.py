@@ -8,19 +8,22 @@ import stat
 
 
 def read_secret(path: str) -> bytes:
-    """The secret in *path*, without surrounding whitespace.
+    """The secret in the file at *path*: its bytes, without surrounding
+    whitespace.
 
-    Raises ValueError when the file cannot be read, is empty, or can be read
-    by every user of the machine.
+    Raises ValueError when it is not a regular file, cannot be read, is
+    empty, or can be read by every user of the machine.
     """
     try:
-        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"{path!r} is not a regular file")
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
             secret = f.read().strip()
     except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+        raise ValueError(f"cannot read {path!r}: {e.strerror or e}") from None
     if mode & stat.S_IROTH:
-        raise ValueError(f"{path} is readable by every user; chmod o-r it")
+        raise ValueError(f"{path!r} is readable by everyone; chmod o-r it")
     if not secret:
-        raise ValueError(f"{path} is empty")
+        raise ValueError(f"{path!r} is empty")
     return secret

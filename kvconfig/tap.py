@@ -7,9 +7,7 @@ reactor, the store, the limits), so that each can be tested alone.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, UDPServer
@@ -23,6 +21,7 @@ from kvconfig.backends import backend_from_string, parse_store
 from kvconfig.limits import Limits
 from kvconfig.line import LineFactory
 from kvconfig.notifier import Notifier, NotifierProtocol
+from kvconfig.secret import read_secret
 from kvconfig.store import Store
 from kvconfig.xmlrpc import make_factory
 
@@ -56,8 +55,6 @@ _LIMIT_OPTIONS = [
     ("max-clock-skew", "max_clock_skew",
      "Seconds a signed datagram's timestamp may be off (the replay window)."),
 ]
-#: The largest UDP payload IPv4 can carry.
-MAX_UDP_PAYLOAD = 65507
 _DEFAULT_LIMITS = Limits()
 
 
@@ -97,12 +94,15 @@ class Options(usage.Options):
             )
         except ValueError as e:
             raise usage.UsageError(str(e).replace("_", "-")) from None
-        if self["limits"].max_datagram_bytes > MAX_UDP_PAYLOAD:
-            raise usage.UsageError(f"max-datagram-bytes must be at most {MAX_UDP_PAYLOAD}")
         _check_endpoint(self["xmlrpc"], "--xmlrpc")
         _check_endpoint(self["line"], "--line")
         self["udp_port"], self["udp_interface"] = parse_udp(self["udp"])
-        self["secret"] = None if self["secret-file"] is None else read_secret(self["secret-file"])
+        self["secret"] = None
+        if self["secret-file"] is not None:
+            try:
+                self["secret"] = read_secret(self["secret-file"])
+            except ValueError as e:
+                raise usage.UsageError(f"--secret-file: {e}") from None
 
 
 def _check_endpoint(description: str, option: str) -> None:
@@ -137,27 +137,6 @@ def parse_udp(description: str) -> tuple[int, str]:
         raise usage.UsageError(
             f"--udp: bad endpoint {description!r}: {problem}; use udp:PORT[:interface=ADDR]")
     return int(port_text), interface
-
-
-def read_secret(path: str) -> bytes:
-    """The shared secret in the file at *path*: its bytes, without the
-    surrounding whitespace.  A file anyone may read is refused."""
-    try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise usage.UsageError(f"--secret-file: {path!r} is not a regular file")
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            secret = f.read().strip()
-    except OSError as e:
-        raise usage.UsageError(
-            f"--secret-file: cannot read {path!r}: {e.strerror or e}") from None
-    if mode & stat.S_IROTH:
-        raise usage.UsageError(
-            f"--secret-file: {path!r} is readable by everyone; chmod o-r it")
-    if not secret:
-        raise usage.UsageError(f"--secret-file: {path!r} is empty")
-    return secret
 
 
 class StoreService(service.Service):

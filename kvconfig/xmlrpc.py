@@ -467,9 +467,6 @@ class KVConfigXMLRPC(_Dispatcher):
             raise errors.Unavailable("this server sends no UDP notifications")
         if peer is None:
             raise errors.Unavailable("UDP subscriptions need a caller with an IP address")
-        # Notifier.subscribe checks the port too, but unsubscribe does not.
-        if type(port) is not int or not 0 < port < 65536:
-            raise errors.InvalidArgument(f"udp_port must be 1..65535, not {errors.brief(port)}")
         return self.notifier, (peer, port)
 
     @signature(["struct"])

@@ -14,6 +14,7 @@ from datetime import datetime
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
 from kvconfig import errors, values
@@ -49,6 +50,9 @@ class RecordingTransport:
     def write(self, datagram: bytes, addr: tuple[str, int] | None = None) -> None:
         assert type(datagram) is bytes
         self.written.append((datagram, addr))
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", "0.0.0.0", 15002)
 
 
 class RaisingTransport:

@@ -65,6 +65,9 @@ class FakeDatagramTransport:
     def write(self, datagram: bytes, address: tuple[str, int]) -> None:
         self.sent.append((datagram, address))
 
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", "0.0.0.0", 15002)
+
     def take(self) -> list[tuple[dict, tuple[str, int]]]:
         """The messages sent since the last take, decoded."""
         sent, self.sent = self.sent, []
@@ -194,10 +197,28 @@ def test_line_subscriptions_are_per_port_and_prefix_and_the_default_prefix_is_al
 def test_line_subscribe_uses_an_ipv6_peer_host():
     """The subscription's host is the peer's, IPv6 included."""
     notified = Notified()
+    notified.notifier.bound_host = "::"
     conn = LineConn(notified, IPv6Address("TCP", "::1", 40000))
     assert SUBSCRIBED.match(conn.send("SUBSCRIBE 4000")[0])
     notified.put("k", 1)
     assert [address for _, address in notified.udp.take()] == [("::1", 4000)]
+
+
+@pytest.mark.parametrize("bound, peer", [
+    ("0.0.0.0", IPv6Address("TCP", "::1", 40000)),
+    ("::", IPv4Address("TCP", "10.1.2.3", 40000)),
+    ("127.0.0.1", IPv4Address("TCP", "10.1.2.3", 40000)),
+    ("::1", IPv6Address("TCP", "fe80::1", 40000)),
+])
+def test_subscriptions_the_udp_port_cannot_serve_are_refused(bound, peer):
+    """A subscription for a host the UDP port cannot send to (another
+    address family, or a remote host from a loopback port) is refused
+    rather than failing every send."""
+    notified = Notified()
+    notified.notifier.bound_host = bound
+    conn = LineConn(notified, peer)
+    assert conn.send("SUBSCRIBE 4000")[0].startswith("ERR invalid_argument 5 ")
+    assert notified.notifier.stats()["subscriptions"] == 0
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4, 5, 6, 7, 8, 9, None])

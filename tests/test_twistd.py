@@ -160,7 +160,7 @@ def test_daemon_mode_with_pidfile(tmp_path):
     (["--udp", "udp:notaport"], "--udp: bad endpoint"),
     (["--udp", "udp:15002:interface=localhost"], "interface must be an IP address"),
     (["--secret-file", "no-such-file"], "--secret-file: cannot read 'no-such-file'"),
-    (["--max-datagram-bytes", "100"], "max-datagram-bytes must be at least 512"),
+    (["--max-datagram-bytes", "100"], "max-datagram-bytes must be 512..65507"),
     (["--lease-seconds", "0"], "lease-seconds must be a positive integer"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, args, message):
@@ -266,7 +266,7 @@ def test_world_readable_secret_file_stops_twistd(tmp_path):
 
 def test_datagram_limit_beyond_udp_is_a_usage_error():
     """--max-datagram-bytes above what one UDP datagram carries is refused."""
-    with pytest.raises(usage.UsageError, match="max-datagram-bytes must be at most 65507"):
+    with pytest.raises(usage.UsageError, match="max-datagram-bytes must be 512..65507"):
         Options().parseOptions(["--max-datagram-bytes", "65508"])
     options = Options()
     options.parseOptions(["--max-datagram-bytes", "65507", "--max-send-rate", "7",
