@@ -7,7 +7,7 @@ from pathlib import Path
 import docutils.core
 import pytest
 
-from kvconfig import errors, line
+from kvconfig import agenttap, errors, line
 from kvconfig.tap import Options
 
 README = Path(__file__).resolve().parent.parent / "README.rst"
@@ -37,6 +37,14 @@ def test_every_error_code_is_documented(readme, error):
 @pytest.mark.parametrize("flag", [long for long, *_ in Options.optParameters])
 def test_every_option_is_documented(readme, flag):
     """Each ``twistd kvconfig`` option is in the README's option table."""
+    assert f"``--{flag}``" in readme
+
+
+@pytest.mark.parametrize("flag", sorted({flag.rstrip("=")
+                                          for flag in agenttap.CommandOptions().longOpt}
+                                         - {"help", "version"}))
+def test_every_agent_option_is_documented(readme, flag):
+    """Each ``kvconfig-agent`` option (twistd's and the command's) is in the README."""
     assert f"``--{flag}``" in readme
 
 
