@@ -307,13 +307,13 @@ class Agent:
             self._announced(seq)
 
     def _on_heartbeat(self, message: dict[str, Any]) -> None:
-        if message["sub"] != self.sub:
+        if message["sub"] != self.sub and not self._adopt(message):
             return
         self.last_heard = self.clock.seconds()
         self._announced(int(message["seq"]))
 
     def _on_event(self, message: dict[str, Any]) -> None:
-        if message["sub"] != self.sub:
+        if message["sub"] != self.sub and not self._adopt(message):
             return
         self.last_heard = self.clock.seconds()
         seq = int(message["seq"])
@@ -326,6 +326,24 @@ class Agent:
         # else: dropped; the next pull covers it (it was seen), or a later
         # one does after the gap it leaves.
         self._drain()
+
+    def _adopt(self, message: dict[str, Any]) -> bool:
+        """Take up a subscription the server holds for this socket although
+        its "subscribed" answers were lost: the socket serves one prefix,
+        and waiting for the next answer could take the whole backoff."""
+        if self.sub is not None or self.cookie is None or type(message["sub"]) is not str:
+            return False
+        seq = int(message["seq"])
+        self.log.info("subscription {sub} adopted from a {kind}", sub=message["sub"],
+                      kind=message["t"])
+        self.counters["resubscriptions"] += 1
+        self.sub = message["sub"]
+        self.last_seq = self._highest_seen = seq
+        self._held.clear()
+        self._renew_at = self.clock.seconds()       # renew now, learning the lease
+        self.pull(seq)
+        # The datagram that revealed it is covered by that pull.
+        return message["t"] == "heartbeat"
 
     def _on_error(self, message: dict[str, Any]) -> None:
         self.log.error("the server refused the subscription to {prefix!r}: {error} {message}",

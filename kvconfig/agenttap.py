@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
     except usage.UsageError as e:
         sys.exit(f"{sys.argv[0]}: {e}\n{options}")
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+    # Standard output is for the changes: do not turn print() into log events.
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+                                     redirectStandardIO=False)
 
     def run(reactor) -> Deferred:
         finished: Deferred = Deferred()

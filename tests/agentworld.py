@@ -32,13 +32,15 @@ class Network:
         self.endpoints: dict[tuple[str, int], object] = {}
         self.sent = self.dropped = self.duplicated = self.reordered = 0
         self.up = True
+        #: Datagrams for which this returns True are dropped too.
+        self.drop_if = lambda datagram: False
 
     def transport(self, source: tuple[str, int]) -> _Transport:
         return _Transport(self, source)
 
     def carry(self, datagram: bytes, source, destination) -> None:
         self.sent += 1
-        if not self.up or self.rng.random() < self.drop:
+        if not self.up or self.rng.random() < self.drop or self.drop_if(datagram):
             self.dropped += 1
             return
         copies = 1

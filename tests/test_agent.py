@@ -143,6 +143,23 @@ def test_server_restart_resubscribes_and_resynchronises():
     assert world.agent.mirror.items == {"app/during": 2, "app/after": 3}
 
 
+def test_a_subscription_whose_answers_are_lost_is_adopted_from_a_heartbeat():
+    """The server holds the agent's subscription but every "subscribed"
+    answer is lost: the agent takes it up from the first heartbeat instead
+    of staying deaf through its backoff."""
+    store = clocked_store()
+    world = World(store)
+    world.network.drop_if = lambda datagram: b'"t":"subscribed"' in datagram
+    world.run(0.5)
+    assert world.agent.sub is None
+    assert world.notifier.stats()["subscriptions"] == 1
+    world.run(world.agent.heartbeat)
+    assert world.agent.sub is not None
+    store.put("app/k", "v")
+    world.run(0.1)
+    assert world.agent.mirror.items == {"app/k": "v"}
+
+
 def test_server_down_backs_off_then_picks_up_where_it_left_off():
     store = clocked_store()
     world = World(store)

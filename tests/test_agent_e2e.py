@@ -407,10 +407,6 @@ def test_agent_converges_through_a_lossy_reordering_relay(kvserver, start_agent,
     assert min(to_client["dropped"], to_client["duplicated"], to_client["reordered"]) > 0, counters
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent bug: while it waits for a 'subscribed' answer it ignores the heartbeats and "
-    "events of the subscription the server already holds for it, and backs off 1, 2, 4, "
-    "8, 16, 30 s between attempts, so a few lost answers leave it deaf for up to ~30 s"))
 def test_agent_follows_its_subscription_when_subscribed_answers_are_lost(
         kvserver, start_agent, start_relay, tmp_path):
     """The server holds the agent's subscription and its heartbeats reach the
