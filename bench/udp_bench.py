@@ -53,10 +53,13 @@ skipped, send errors, renewals ...), the receiver's counts (requests sent
 again, heartbeats ...), its lag, and the server log's error lines.
 
 Receipt times are the kernel's arrival timestamps where the kernel gives
-them (Linux): one Python receiver reading 1000 sockets may lag behind the
-datagrams it reads, and its read times would then measure the receiver,
-not the sender (for the plain loop above all).  The notes give that lag.
-``--clock read`` uses the read times instead.
+them (Linux; on loopback the stamp is taken as the sender's ``sendto``
+hands the datagram over): one Python receiver reading 1000 sockets falls
+behind now and then (by a few ms at p99), and its read times would then
+measure the receiver, not the sender.  The notes give that lag.  ``--clock
+read`` uses the read times instead.  The receiver runs without the cyclic
+garbage collector (its pauses over a run's records were the worst of that
+lag), and so does this process while it writes or loops.
 
 Each N runs a short warm-up, then ``--repeat`` (3) repeats of a kvconfig run
 and a plain run, taking turns.  The table gives per N the medians over the
@@ -86,6 +89,7 @@ imports it and pytest does not collect it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -431,6 +435,9 @@ def raise_open_files(needed: int) -> None:
 
 def receiver_main(port: int, count: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bench process stops it
+    # A run holds a few hundred thousand records: the cyclic collector would
+    # stop the receiver for tens of ms scanning them, and it makes no cycles.
+    gc.disable()
     receiver = Receiver((HOST, port), count)
     receiver.serve()
     return 0
@@ -853,12 +860,17 @@ def measure(count: int, args: argparse.Namespace, directory: Path, udp_port: int
                              f"unanswered, errors {renewed['errors']}")
             subs = renewed["subs"]
             receiver.call(do="start")
-            if side == "kvconfig":
-                sent = writer.run(changes, interval, args.seconds)
-            else:
-                sent = plain_run(plain_sock, receiver.addresses, subs, writer.revision + 1,
-                                 writer.changes_made + 1, changes, interval, args.seconds)
-                writer.changes_made += len(sent.changes)
+            gc.collect()
+            gc.disable()  # no pause of this process's own in the measured part
+            try:
+                if side == "kvconfig":
+                    sent = writer.run(changes, interval, args.seconds)
+                else:
+                    sent = plain_run(plain_sock, receiver.addresses, subs, writer.revision + 1,
+                                     writer.changes_made + 1, changes, interval, args.seconds)
+                    writer.changes_made += len(sent.changes)
+            finally:
+                gc.enable()
             got = receiver.call(SETTLE_S + CONTROL_TIMEOUT_S, do="collect",
                                 expect=len(sent.changes) * count, timeout=SETTLE_S)
             return analyse(side, sent, got, subs, udp_port, args.clock == "kernel")
