@@ -230,6 +230,11 @@ class Subscription:
     rev: int = 0
     #: A catch-up heartbeat is due (events were skipped).
     behind: Any = field(default=None, repr=False)
+    #: An unsigned event datagram up to its seq number, made once.
+    event_head: bytes = field(default=b"", repr=False)
+
+    def __post_init__(self) -> None:
+        self.event_head = b'{"v":1,"t":"event","sub":"%s","seq":' % self.id.encode()
 
     def description(self, head: int, limits: Limits) -> dict[str, Any]:
         return {"sub": self.id, "prefix": self.prefix, "seq": self.seq, "rev": self.rev,
@@ -473,29 +478,45 @@ class Notifier:
 
     def _fan_out(self, revision: int, tail: bytes,
                  subscriptions: dict[Any, Subscription]) -> None:
-        sealer, send = self.sealer, self._send
+        # The hot loop: at 1,000 subscribers it runs 1,000 times per change,
+        # so it does little besides formatting and sendto.
+        sendto = self._sendto()
+        if sendto is None:
+            for subscription in subscriptions.values():
+                subscription.seq += 1
+                subscription.rev = revision
+            self.counters["send_errors"] += len(subscriptions)
+            return
+        sealer = self.sealer
+        signing = bool(sealer.secret)
         now = self.clock.seconds()
         rate = self.limits.max_send_rate
-        sent = skipped = 0
+        sent = 0
         for subscription in subscriptions.values():
-            subscription.seq += 1
+            seq = subscription.seq = subscription.seq + 1
             subscription.rev = revision
+            # Token bucket: refilled by elapsed time, capped at one second's worth.
             tokens = subscription.tokens + (now - subscription.refilled_at) * rate
             subscription.refilled_at = now
             if tokens < 1:
                 subscription.tokens = tokens
-                skipped += 1
+                self.counters["events_skipped"] += 1
                 self._catch_up_later(subscription)
                 continue
-            subscription.tokens = min(tokens, rate) - 1
-            datagram = b'%s,"t":"event","sub":"%s","seq":%d%s' % (
-                sealer.head(), subscription.id.encode(), subscription.seq, tail)
-            if send(sealer.sign(datagram), subscription.address):
-                sent += 1
+            subscription.tokens = (rate if tokens > rate else tokens) - 1
+            if signing:
+                datagram = sealer.sign(b'%s,"t":"event","sub":"%s","seq":%d%s' % (
+                    sealer.head(), subscription.id.encode(), seq, tail))
             else:
+                datagram = b"%s%d%s" % (subscription.event_head, seq, tail)
+            try:
+                sendto(datagram, subscription.address)
+            except OSError as e:
+                self._send_failed(subscription.address, e)
                 self._catch_up_later(subscription)
+            else:
+                sent += 1
         self.counters["datagrams_sent"] += sent
-        self.counters["events_skipped"] += skipped
 
     def _catch_up_later(self, subscription: Subscription) -> None:
         if subscription.behind is None or not subscription.behind.active():
@@ -518,6 +539,18 @@ class Notifier:
             else:
                 self._heartbeat_to(subscription)
 
+    def _sendto(self) -> Callable[[bytes, tuple[str, int]], Any] | None:
+        """The UDP socket's own sendto, or None before the port is bound.
+
+        Every address was checked when it subscribed, so the checks of the
+        port's write() (host syntax, address family), which cost as much as
+        the system call, are skipped for events.
+        """
+        socket = getattr(self.transport, "socket", None)
+        if socket is not None:
+            return socket.sendto
+        return None if self.transport is None else self.transport.write
+
     def _send(self, datagram: bytes, address: tuple[str, int]) -> bool:
         if self.transport is None:
             self.counters["send_errors"] += 1
@@ -525,10 +558,13 @@ class Notifier:
         try:
             self.transport.write(datagram, address)
         except Exception as e:  # a full socket buffer, an unroutable address ...
-            self.counters["send_errors"] += 1
-            self.log.debug("cannot send to {address}: {error}", address=address, error=e)
+            self._send_failed(address, e)
             return False
         return True
+
+    def _send_failed(self, address: tuple[str, int], error: Exception) -> None:
+        self.counters["send_errors"] += 1
+        self.log.debug("cannot send to {address}: {error}", address=address, error=error)
 
 
 def _is_loopback(host: str) -> bool:
