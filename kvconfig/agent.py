@@ -74,7 +74,7 @@ class Mirror:
 
     def put(self, key: str, value: Any, revision: int) -> Change | None:
         self.revision = max(self.revision, revision)
-        if key in self.items and self.items[key] == value:
+        if key in self.items and _same(self.items[key], value):
             return None
         self.items[key] = value
         return Change("put", key, revision, value)
@@ -89,12 +89,21 @@ class Mirror:
         """Become the snapshot *items* at *revision*; returns the differences."""
         changes = [Change("delete", key, revision) for key in self.items if key not in items]
         changes += [Change("put", key, revision, value) for key, value in items.items()
-                    if self.items.get(key, _ABSENT) != value]
+                    if key not in self.items or not _same(self.items[key], value)]
         self.items, self.revision = dict(items), revision
         return changes
 
 
 _ABSENT = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON: Python's == takes 1, 1.0 and True for one value."""
+    return a == b and _canonical(a) == _canonical(b)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 class Source(Protocol):
@@ -199,6 +208,10 @@ class Agent:
         self._pull_again = False
         self._pull_backoff = 0.1
         self._retry_call = None
+        self._next_poll = 0.0
+        # Bumped with each new subscription: a pull's "covered" sequence
+        # number means nothing to a later subscription.
+        self._epoch = 0
         self._tick_call = None
         self._running = False
 
@@ -208,6 +221,8 @@ class Agent:
         self._running = True
         self.pull()
         self._subscribe()
+        self._renew_at = self.clock.seconds() + self._subscribe_backoff
+        self._next_poll = self._renew_at
         self._tick_call = self.clock.callLater(TICK, self._tick)
 
     def stop(self) -> None:
@@ -243,6 +258,11 @@ class Agent:
             self.sub = None
             self._renew_at = now
             self._subscribe_backoff = 1.0
+        if self.sub is None and self.synced and now >= self._next_poll:
+            # No notifications are coming (UDP blocked, the server busy):
+            # keep the copy fresh by pulling, as often as subscribing.
+            self._next_poll = now + self._subscribe_backoff
+            self.pull()
         if now >= self._renew_at:
             self._subscribe()
             if self.sub is None:
@@ -286,12 +306,12 @@ class Agent:
         if message["prefix"] != self.prefix:
             return
         now = self.clock.seconds()
+        lease, heartbeat = _seconds(message["lease"]), _seconds(message["heartbeat"])
+        sub, seq = _sub_id(message["sub"]), _seq(message["seq"])
         self.last_heard = now
-        self.lease = float(message["lease"])
-        self.heartbeat = float(message["heartbeat"])
+        self.lease, self.heartbeat = lease, heartbeat
         self._renew_at = now + self.lease / 3
         self._subscribe_backoff = 1.0
-        sub, seq = message["sub"], int(message["seq"])
         if sub != self.sub:
             # A new subscription (first, or after a restart or an expired
             # lease): its numbers start afresh, and what happened before it
@@ -300,6 +320,7 @@ class Agent:
                 self.log.info("new subscription {sub}; resynchronising", sub=sub)
             self.counters["resubscriptions"] += 1
             self.sub = sub
+            self._epoch += 1
             self.last_seq = self._highest_seen = seq
             self._held.clear()
             self.pull(seq)
@@ -310,13 +331,13 @@ class Agent:
         if message["sub"] != self.sub and not self._adopt(message):
             return
         self.last_heard = self.clock.seconds()
-        self._announced(int(message["seq"]))
+        self._announced(_seq(message["seq"]))
 
     def _on_event(self, message: dict[str, Any]) -> None:
         if message["sub"] != self.sub and not self._adopt(message):
             return
         self.last_heard = self.clock.seconds()
-        seq = int(message["seq"])
+        seq = _seq(message["seq"])
         if seq <= self.last_seq or seq in self._held:
             self.counters["duplicates"] += 1
             return
@@ -333,11 +354,12 @@ class Agent:
         and waiting for the next answer could take the whole backoff."""
         if self.sub is not None or self.cookie is None or type(message["sub"]) is not str:
             return False
-        seq = int(message["seq"])
+        seq = _seq(message["seq"])
         self.log.info("subscription {sub} adopted from a {kind}", sub=message["sub"],
                       kind=message["t"])
         self.counters["resubscriptions"] += 1
         self.sub = message["sub"]
+        self._epoch += 1
         self.last_seq = self._highest_seen = seq
         self._held.clear()
         self._renew_at = self.clock.seconds()       # renew now, learning the lease
@@ -385,13 +407,15 @@ class Agent:
 
     def _apply(self, message: dict[str, Any]) -> None:
         op = message.get("op")
-        revision = int(message["rev"])
+        revision = _seq(message["rev"])
         if op is None or message.get("pull"):
             self.pull()
             return
         if revision < self.mirror.revision:
             return          # a pull already brought something newer
         key = message["key"]
+        if type(key) is not str or not key.startswith(self.prefix):
+            raise ValueError(f"key {key!r} is not under {self.prefix!r}")
         if op == "put":
             change = self.mirror.put(key, message["value"], revision)
         elif op == "delete":
@@ -407,16 +431,19 @@ class Agent:
         """Bring the mirror up to date over TCP: covers every sequence
         number seen or announced before the request goes out."""
         self._highest_seen = max(self._highest_seen, announced)
-        for call in (self._gap_timer, self._retry_call):
-            if call is not None and call.active():
-                call.cancel()
+        if self._gap_timer is not None and self._gap_timer.active():
+            self._gap_timer.cancel()
+        if self._retry_call is not None and self._retry_call.active():
+            return          # the retry, when its backoff is over, covers this
         if self._pulling:
             self._pull_again = True
             return
         self._pulling = True
         self._pull_again = False
         covered = self._highest_seen
-        since = self.mirror.revision
+        # From the revision before: the rest of a revision whose first
+        # events came by datagram may be what was lost.
+        since = max(self.mirror.revision - 1, 0)
         if not self.synced:
             self.counters["snapshots"] += 1
             d = self.source.snapshot(self.prefix).addCallback(self._snapshot_arrived)
@@ -424,10 +451,11 @@ class Agent:
             self.counters["pulls"] += 1
             d = self.source.changes(self.prefix, since).addCallback(self._changes_arrived,
                                                                      since)
-        d.addCallbacks(self._pulled, self._pull_failed, callbackArgs=(covered,))
+        d.addCallbacks(self._pulled, self._pull_failed, callbackArgs=(covered, self._epoch))
 
     def _snapshot_arrived(self, result: tuple[int, dict[str, Any]]) -> None:
         revision, items = result
+        items = {key: value for key, value in items.items() if key.startswith(self.prefix)}
         changes = self.mirror.replace(items, revision)
         self.synced = True
         self.listener.mirror_changed(self.mirror, changes)
@@ -444,6 +472,8 @@ class Agent:
         applied = []
         mirror = self.mirror
         for change in events:
+            if not change.key.startswith(self.prefix):
+                continue
             if change.op == "put":
                 applied.append(mirror.put(change.key, change.value, change.revision))
             else:
@@ -451,10 +481,11 @@ class Agent:
         mirror.revision = max(mirror.revision, revision)
         self.listener.mirror_changed(mirror, [c for c in applied if c])
 
-    def _pulled(self, _: Any, covered: int) -> None:
+    def _pulled(self, _: Any, covered: int, epoch: int) -> None:
         self._pulling = False
         self._pull_backoff = 0.1
-        self.last_seq = max(self.last_seq, covered)
+        if epoch == self._epoch:
+            self.last_seq = max(self.last_seq, covered)
         for seq in [n for n in self._held if n <= self.last_seq]:
             del self._held[seq]
         if self._pull_again:
@@ -493,6 +524,24 @@ class Agent:
             self.transport.write(datagram, self.server)
         except Exception as e:  # no route, a full buffer: the next tick retries
             self.log.warn("cannot send to the server: {error}", error=e)
+
+
+def _seq(number: Any) -> int:
+    if type(number) is not int or not 0 <= number < 1 << 63:
+        raise ValueError(f"not a sequence number or revision: {number!r}")
+    return number
+
+
+def _seconds(number: Any) -> float:
+    if type(number) not in (int, float) or not 0 < number <= 86400:
+        raise ValueError(f"not a number of seconds: {number!r}")
+    return float(number)
+
+
+def _sub_id(sub: Any) -> str:
+    if type(sub) is not str or not 0 < len(sub) <= 64:
+        raise ValueError(f"not a subscription id: {sub!r}")
+    return sub
 
 
 class _Resnapshot(Exception):
@@ -565,8 +614,10 @@ class _CommandProtocol(ProcessProtocol):
 
     errReceived = outReceived
 
-    def processEnded(self, reason: Failure) -> None:
-        # A Failure handed to callback() would go down the errback chain.
+    def processExited(self, reason: Failure) -> None:
+        # Exited, not ended: a daemon the command started may hold its
+        # output pipes open long after.  A Failure handed to callback()
+        # would go down the errback chain, hence the list.
         self.done.callback([reason])
 
 
@@ -668,7 +719,13 @@ class FileOutput:
             return
         self._reloading = True
         self.counters["reloads"] += 1
-        self.run(self.command).addCallback(self._reloaded, content)
+        try:
+            running = self.run(self.command)
+        except Exception as e:      # fork failed: EAGAIN, ENOMEM ...
+            self._reloaded(f"cannot run it: {e}", content)
+            return
+        running.addErrback(lambda failure: failure.getErrorMessage())
+        running.addCallback(self._reloaded, content)
 
     def _reloaded(self, failure: str | None, content: bytes) -> None:
         self._reloading = False

@@ -90,8 +90,10 @@ class Options(usage.Options):
 class AgentService(service.Service):
     """Resolves the server, opens the UDP socket, runs the agent."""
 
-    def __init__(self, options: Options, listener: Listener, reactor) -> None:
+    def __init__(self, options: Options, listener: Listener, reactor,
+                 on_failure=None) -> None:
         self.options, self.listener, self.reactor = options, listener, reactor
+        self.on_failure = on_failure
         self.agent: Agent | None = None
         self.port = None
 
@@ -109,15 +111,20 @@ class AgentService(service.Service):
                            XMLRPCSource(options["xmlrpc"], reactor), self.listener,
                            reactor, Sealer(options["secret"], reactor))
         interface = options["listen"] or _route_to(server)
-        self.port = reactor.listenUDP(0, AgentProtocol(self.agent), interface=interface)
+        # Datagrams up to the largest --max-datagram-bytes a server allows.
+        self.port = reactor.listenUDP(0, AgentProtocol(self.agent), interface=interface,
+                                      maxPacketSize=65535)
         self.agent.start()
 
     def _cannot_start(self, failure) -> None:
         from twisted.logger import Logger
 
         Logger().failure("kvconfig-agent cannot start", failure)
-        if self.reactor.running:
-            self.reactor.stop()
+        if self.on_failure is not None:
+            self.on_failure(failure)
+        else:
+            # startService may run before the reactor does.
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> Deferred | None:
         super().stopService()
@@ -194,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         finished: Deferred = Deferred()
         printer = EventPrinter(sys.stdout, options["count"],
                                lambda: finished.called or finished.callback(None))
-        agent_service = AgentService(options, printer, reactor)
+        agent_service = AgentService(
+            options, printer, reactor,
+            on_failure=lambda failure: finished.called or finished.errback(failure))
         agent_service.startService()
         reactor.addSystemEventTrigger("before", "shutdown", agent_service.stopService)
         return finished

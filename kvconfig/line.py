@@ -571,7 +571,7 @@ class LineProtocol(Protocol, TimeoutMixin):
 
     def do_subscribe(self, port: str, prefix: str = "") -> bytes:
         notifier, address = self._udp_address(port)
-        description = notifier.description(notifier.subscribe(address, prefix))
+        description = notifier.description(notifier.subscribe_peer(address, prefix))
         return b"OK subscribed %s %d %d %d %d %d" % (
             description["sub"].encode(), description["seq"], description["rev"],
             description["head"], description["lease"], description["heartbeat"])

@@ -106,7 +106,12 @@ COOKIE_PERIOD = 60
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_loads = json.JSONDecoder().decode
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# Strict JSON: NaN and Infinity would poison timestamps, leases and seqs.
+_loads = json.JSONDecoder(parse_constant=_no_constants).decode
 
 
 class BadDatagram(Exception):
@@ -216,6 +221,16 @@ class Sealer:
 
 
 @dataclass(eq=False)
+class SendBucket:
+    """A token bucket for one address: the send rate is per address, so
+    subscribing one port to many prefixes does not multiply it."""
+
+    tokens: float
+    refilled_at: float
+    subscriptions: int = 0
+
+
+@dataclass(eq=False)
 class Subscription:
     """A lease on a key prefix held by one UDP address."""
 
@@ -223,8 +238,8 @@ class Subscription:
     address: tuple[str, int]
     prefix: str
     expires_at: float
-    tokens: float
-    refilled_at: float
+    #: The send-rate bucket, shared by every subscription of this address.
+    bucket: SendBucket
     #: The last sequence number used, and the revision of the last event.
     seq: int = 0
     rev: int = 0
@@ -267,6 +282,7 @@ class Notifier:
         self._subscriptions: dict[tuple[str, int, str], Subscription] = {}
         # prefix -> subscriptions to it: one encoding per prefix and event.
         self._by_prefix: dict[str, dict[tuple[str, int, str], Subscription]] = {}
+        self._buckets: dict[tuple[str, int], SendBucket] = {}
         self._cookie_tokens = float(limits.max_cookie_rate)
         self._cookie_refilled_at = clock.seconds()
         self._unsubscribe_feed: Callable[[], None] | None = None
@@ -320,13 +336,26 @@ class Notifier:
             raise errors.LimitExceeded(
                 f"{self.limits.max_subscriptions_per_prefix} subscriptions to one "
                 "prefix is the limit")
+        bucket = self._buckets.get((host, port))
+        if bucket is None:
+            bucket = self._buckets[(host, port)] = SendBucket(
+                float(self.limits.max_send_rate), now)
+        bucket.subscriptions += 1
         subscription = Subscription(
             id=os.urandom(8).hex(), address=(host, port), prefix=prefix,
-            expires_at=now + self.limits.lease_seconds,
-            tokens=float(self.limits.max_send_rate), refilled_at=now)
+            expires_at=now + self.limits.lease_seconds, bucket=bucket)
         self._subscriptions[index] = same_prefix[index] = subscription
         self.counters["subscribes"] += 1
         return subscription
+
+    def subscribe_peer(self, address: tuple[str, int], prefix: Any) -> Subscription:
+        """subscribe() for a TCP caller: its host is proven by the TCP
+        handshake, but its port is not, so the well-known ports (DNS, NTP,
+        syslog ...) that a caller could aim datagrams at are refused."""
+        if type(address[1]) is int and address[1] < 1024:
+            raise errors.InvalidArgument(
+                f"port {address[1]} is below 1024; subscribe over UDP to use it")
+        return self.subscribe(address, prefix)
 
     def unsubscribe(self, address: tuple[str, int], prefix: Any) -> Subscription | None:
         """End *address*'s subscription to *prefix*; returns it, or None."""
@@ -362,6 +391,9 @@ class Notifier:
             del self._by_prefix[subscription.prefix]
         if subscription.behind is not None and subscription.behind.active():
             subscription.behind.cancel()
+        subscription.bucket.subscriptions -= 1
+        if not subscription.bucket.subscriptions:
+            del self._buckets[subscription.address]
         return subscription
 
     def description(self, subscription: Subscription) -> dict[str, Any]:
@@ -452,15 +484,15 @@ class Notifier:
 
     def _publish(self, event: Event) -> None:
         key = event.key
-        tails = None
+        tail = None
         for prefix, subscriptions in self._by_prefix.items():
             if not key.startswith(prefix):
                 continue
-            if tails is None:
-                tails = self._tails(event)
-            self._fan_out(event.revision, tails, subscriptions)
+            if tail is None:
+                tail = self._tail(event)
+            self._fan_out(event.revision, tail, subscriptions)
 
-    def _tails(self, event: Event) -> bytes:
+    def _tail(self, event: Event) -> bytes:
         """The part of an event datagram after ``seq`` (the same for every
         subscriber): the fullest form that fits."""
         room = self.limits.max_datagram_bytes - _HEAD_ROOM - self.sealer.overhead
@@ -496,14 +528,15 @@ class Notifier:
             seq = subscription.seq = subscription.seq + 1
             subscription.rev = revision
             # Token bucket: refilled by elapsed time, capped at one second's worth.
-            tokens = subscription.tokens + (now - subscription.refilled_at) * rate
-            subscription.refilled_at = now
+            bucket = subscription.bucket
+            tokens = bucket.tokens + (now - bucket.refilled_at) * rate
+            bucket.refilled_at = now
             if tokens < 1:
-                subscription.tokens = tokens
+                bucket.tokens = tokens
                 self.counters["events_skipped"] += 1
                 self._catch_up_later(subscription)
                 continue
-            subscription.tokens = (rate if tokens > rate else tokens) - 1
+            bucket.tokens = (rate if tokens > rate else tokens) - 1
             if signing:
                 datagram = sealer.sign(b'%s,"t":"event","sub":"%s","seq":%d%s' % (
                     sealer.head(), subscription.id.encode(), seq, tail))

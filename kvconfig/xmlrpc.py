@@ -451,7 +451,7 @@ class KVConfigXMLRPC(_Dispatcher):
         heartbeat interval in seconds.  Renew within the lease (every lease/3,
         say).  The host is always the address this call came from."""
         notifier, address = self._udp_address(peer, udp_port)
-        return notifier.description(notifier.subscribe(address, prefix))
+        return notifier.description(notifier.subscribe_peer(address, prefix))
 
     @signature(["struct", "string", "int"])
     @with_peer

@@ -157,6 +157,15 @@ class World:
         self.notifier.stop()
         self.notifier = self.start_notifier()
 
+    def until_subscribed(self, limit: float = 30) -> None:
+        """Run until the agent holds a subscription (lost handshakes are
+        retried with backoff)."""
+        waited = 0.0
+        while self.agent.sub is None:
+            assert waited < limit, "the agent never subscribed"
+            self.run(0.1)
+            waited += 0.1
+
     def run(self, seconds: float, step: float = 0.01) -> None:
         for _ in range(int(seconds / step)):
             self.clock.advance(step)

@@ -76,7 +76,7 @@ def test_mirror_converges_through_20_percent_loss_duplication_and_reordering(see
     prefix, at the server's revision."""
     store = clocked_store()
     world = World(store, seed=seed, drop=0.2, duplicate=0.2, reorder=0.2)
-    world.run(0.5)
+    world.until_subscribed()
     random_writes(world, 1000, seed)
     world.run(3 * world.agent.heartbeat)
     assert world.network.dropped > 100 and world.network.reordered > 100
@@ -89,7 +89,7 @@ def test_mirror_converges_through_20_percent_loss_duplication_and_reordering(see
 def test_mirror_converges_with_a_signed_lossy_link():
     store = clocked_store()
     world = World(store, secret=b"s3cret", seed=7, drop=0.2, duplicate=0.2, reorder=0.2)
-    world.run(0.5)
+    world.until_subscribed()
     random_writes(world, 300, 7)
     world.run(6)
     assert world.agent.mirror.items == expected_mirror(store, "app/")
@@ -291,4 +291,17 @@ def test_mirror_replace_reports_differences():
     assert {(c.op, c.key) for c in changes} == {("delete", "a"), ("delete", "b"),
                                                 ("delete", "c")}
     assert mirror.revision == 10
+
+
+
+def test_one_true_and_one_point_zero_are_different_values():
+    """JSON tells 1, 1.0 and true apart, and so must the mirror (Python's
+    == does not)."""
+    store = clocked_store()
+    world = World(store)
+    world.until_subscribed()
+    for value in (1, True, 1.0, {"a": 1}, {"a": True}):
+        store.put("app/x", value)
+        world.run(0.1)
+        assert json.dumps(world.agent.mirror.items) == json.dumps({"app/x": value})
 

@@ -746,3 +746,23 @@ def test_signed_handshake_with_secret_file(signed_server):
     assert (event["sub"], event["value"]) == (subscribed["sub"], "signed")
     sock.sendto(ours.seal(request("unsubscribe", p, cookie)), server)
     assert ours.open(receive(sock, "unsubscribed"))["sub"] == subscribed["sub"]
+
+
+def test_the_send_rate_is_per_address_not_per_subscription():
+    """Subscribing one port to many prefixes does not multiply what it is
+    sent: the rate limit holds for the address."""
+    notified = Notified(max_send_rate=5)
+    conn = LineConn(notified)
+    for prefix in ["", "k", "kk", "kkk", "kkkk", "kkkkk", "kkkkkk", "kkkkkkk"]:
+        assert SUBSCRIBED.match(conn.send(f"SUBSCRIBE 4000 {prefix}")[0])
+    notified.put("kkkkkkkk", 1)
+    assert len(notified.udp.take()) == 5
+
+
+def test_tcp_subscriptions_to_well_known_ports_are_refused():
+    """A TCP caller proves its host, not its port: ports below 1024 (DNS,
+    NTP, syslog ...) are refused."""
+    notified = Notified()
+    conn = LineConn(notified)
+    assert conn.send("SUBSCRIBE 53")[0].startswith("ERR invalid_argument 5 ")
+    assert notified.notifier.stats()["subscriptions"] == 0
