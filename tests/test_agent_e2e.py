@@ -101,14 +101,8 @@ class AgentProcess:
         return self.process.wait(timeout=20)
 
     def stop(self) -> None:
-        if not self.running():
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        if self.running():
+            _terminate(self.process)
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +164,7 @@ class Relay:
 
     def stop(self) -> dict | None:
         """Stops the relay; returns its counters."""
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        _terminate(self.process)
         if hasattr(self, "_reader"):
             self._reader.join(timeout=10)
         return self.counters
@@ -532,3 +520,14 @@ def test_signed_datagrams_keep_out_an_agent_with_the_wrong_secret(tmp_path, star
                  "the unsigned datagram counted", logs=logs)
     finally:
         server.stop()
+
+
+def _terminate(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
