@@ -234,11 +234,6 @@ class Agent:
             self._send({"t": "unsubscribe", "prefix": self.prefix, "cookie": self.cookie},
                        pad=True)
 
-    def stats(self) -> dict[str, Any]:
-        return {"revision": self.mirror.revision, "keys": len(self.mirror.items),
-                "subscription": self.sub, "last_seq": self.last_seq, **self.counters,
-                **{f"dropped_{reason}": n for reason, n in self.sealer.dropped.items()}}
-
     # Subscribing
 
     def _subscribe(self) -> None:
@@ -749,6 +744,17 @@ class FileOutput:
         self.flush()    # changes that came during the reload
 
 
+class ChangeLogger:
+    """Logs each change: the agent's listener without --output."""
+
+    log = Logger()
+
+    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
+        for change in changes:
+            self.log.info("{op} {key} at revision {revision}: {value!r}", op=change.op,
+                          key=change.key, revision=change.revision, value=change.value)
+
+
 class EventPrinter:
     """Prints each change as a JSON line, for watching from a terminal."""
 
@@ -771,13 +777,3 @@ class EventPrinter:
                     self.done()
                     return
 
-
-class Fanout:
-    """Hands every change to several listeners."""
-
-    def __init__(self, *listeners: Listener) -> None:
-        self.listeners = listeners
-
-    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
-        for listener in self.listeners:
-            listener.mirror_changed(mirror, changes)

@@ -15,12 +15,14 @@ import sys
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
 from twisted.python import usage
 
 from kvconfig import __version__, values
 from kvconfig.agent import (
     Agent,
     AgentProtocol,
+    ChangeLogger,
     EventPrinter,
     FileOutput,
     Listener,
@@ -90,6 +92,8 @@ class Options(usage.Options):
 class AgentService(service.Service):
     """Resolves the server, opens the UDP socket, runs the agent."""
 
+    log = Logger()
+
     def __init__(self, options: Options, listener: Listener, reactor,
                  on_failure=None) -> None:
         self.options, self.listener, self.reactor = options, listener, reactor
@@ -117,9 +121,7 @@ class AgentService(service.Service):
         self.agent.start()
 
     def _cannot_start(self, failure) -> None:
-        from twisted.logger import Logger
-
-        Logger().failure("kvconfig-agent cannot start", failure)
+        self.log.failure("kvconfig-agent cannot start", failure)
         if self.on_failure is not None:
             self.on_failure(failure)
         else:
@@ -155,24 +157,12 @@ def makeService(options: Options, reactor=None) -> service.Service:
             options["max-delay"],
             run=lambda command: run_command(reactor, command, options["exec-timeout"]))
     else:
-        listener = _LogListener()
+        listener = ChangeLogger()
     top = service.MultiService()
     agent_service = AgentService(options, listener, reactor)
     agent_service.setName("agent")
     agent_service.setServiceParent(top)
     return top
-
-
-class _LogListener:
-    """Without --output, changes are logged."""
-
-    def mirror_changed(self, mirror, changes) -> None:
-        from twisted.logger import Logger
-
-        log = Logger()
-        for change in changes:
-            log.info("{op} {key} at revision {revision}: {value!r}", op=change.op,
-                     key=change.key, revision=change.revision, value=change.value)
 
 
 class CommandOptions(Options):

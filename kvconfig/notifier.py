@@ -145,7 +145,9 @@ class Sealer:
 
     @property
     def overhead(self) -> int:
-        """Bytes a seal adds to a message's JSON."""
+        """Bytes a seal adds to a message's JSON: the signature, and the
+        ``"ts":1234567890.123,"nonce":"<16 hex>"`` fields (46 bytes) with
+        room to spare."""
         return SIGNATURE_BYTES + 48 if self.secret else 0
 
     def seal(self, message: dict[str, Any]) -> bytes:
