@@ -193,11 +193,12 @@ class Command:
 
 def _settled(result: Any) -> Any:
     """The result of a Deferred that has already fired, else *result* itself."""
-    if isinstance(result, Deferred) and result.called:
+    # A called Deferred that is paused (waiting on one it chained to) has
+    # no result yet.
+    if isinstance(result, Deferred) and result.called and not result.paused:
         box: list = []
         result.addBoth(box.append)
-        if box:
-            return box[0]
+        return box[0]
     return result
 
 

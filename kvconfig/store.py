@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, fail
 
 from kvconfig import __version__, values
 from kvconfig.backends import IBackend
-from kvconfig.errors import CompareFailed, InvalidArgument, KVConfigError, brief
+from kvconfig.errors import CompareFailed, InvalidArgument, KVConfigError, Unavailable, brief
 from kvconfig.feed import ChangeFeed
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
@@ -45,6 +45,12 @@ class Store:
     def revision(self) -> int:
         return self.backend.keyspace.revision
 
+    @property
+    def stale(self) -> bool:
+        """True while reads may lag the store of record (etcd out of reach);
+        the interfaces say so beside what they read."""
+        return self.backend.stale
+
     def start(self) -> Deferred:
         return self.backend.start()
 
@@ -56,6 +62,7 @@ class Store:
     def get(self, key: str) -> KeyValue | None:
         """The key's value and metadata, or None."""
         values.check_key(key, self.limits.max_key_bytes)
+        self._check_ready()
         self.counters["reads"] += 1
         return self.backend.keyspace.get(key)
 
@@ -69,6 +76,7 @@ class Store:
         values.check_prefix(prefix, self.limits.max_key_bytes)
         if limit is not None:
             _check_int(limit, "limit", minimum=1)
+        self._check_ready()
         self.counters["reads"] += 1
         keyspace = self.backend.keyspace
         return keyspace.revision, keyspace.range(prefix, limit)
@@ -80,9 +88,16 @@ class Store:
         """
         values.check_prefix(prefix, self.limits.max_key_bytes)
         _check_int(since, "since", minimum=0)
+        self._check_ready()
         self.counters["reads"] += 1
         keyspace = self.backend.keyspace
         return keyspace.revision, keyspace.changes(prefix, since)
+
+    def _check_ready(self) -> None:
+        if not self.backend.ready:
+            # A remote backend before its first snapshot: an empty answer
+            # would be a lie, not merely stale.
+            raise Unavailable("not yet in step with the store (still loading)")
 
     # Writes: Deferreds that fire once the change is durable.
 
@@ -148,6 +163,7 @@ class Store:
             "version": __version__,
             "backend": backend.name,
             "durable": backend.durable,
+            "stale": backend.stale,
             "keys": len(keyspace),
             "revision": keyspace.revision,
             "compact_revision": keyspace.compact_revision,

@@ -18,6 +18,7 @@ from twisted.python import usage
 
 from kvconfig import __version__
 from kvconfig.backends import backend_from_string, parse_store
+from kvconfig.backends.etcd import check_prefix as check_etcd_prefix
 from kvconfig.limits import Limits
 from kvconfig.line import LineFactory
 from kvconfig.notifier import Notifier, NotifierProtocol
@@ -70,7 +71,12 @@ class Options(usage.Options):
         ["line", None, "tcp:15001:interface=127.0.0.1", "Line protocol (telnet) endpoint."],
         ["udp", None, "udp:15002:interface=127.0.0.1",
          "UDP notification port: udp:PORT[:interface=ADDR]."],
-        ["store", None, "sqlite:kvconfig.db", "Store: sqlite:PATH or memory:."],
+        ["store", None, "sqlite:kvconfig.db",
+         "Store: sqlite:PATH, memory:, or etcd:URL[,URL...] (cluster mode)."],
+        ["etcd-prefix", None, "kvconfig/",
+         "With an etcd store: the prefix of kvconfig's keys in etcd."],
+        ["etcd-timeout", None, 5.0,
+         "With an etcd store: seconds to wait for an answer from etcd.", float],
         ["secret-file", None, None,
          "File holding the shared secret that signs UDP datagrams (not world-readable)."],
     ] + [
@@ -86,8 +92,11 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             parse_store(self["store"])
+            check_etcd_prefix(self["etcd-prefix"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        if not 0 < self["etcd-timeout"] <= 3600:
+            raise usage.UsageError("--etcd-timeout must be 0..3600 seconds")
         try:
             self["limits"] = Limits(
                 **{field: self[flag] for flag, field, _ in _LIMIT_OPTIONS}
@@ -180,7 +189,10 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
     limits: Limits = options["limits"]
-    store = Store(backend_from_string(options["store"], reactor, limits), limits)
+    backend = backend_from_string(options["store"], reactor, limits,
+                                  etcd_prefix=options["etcd-prefix"],
+                                  etcd_timeout=options["etcd-timeout"])
+    store = Store(backend, limits)
 
     top = service.MultiService()
     store_service = StoreService(store)

@@ -255,8 +255,9 @@ class KVConfigXMLRPC(_Dispatcher):
         except errors.KVConfigError as e:
             return self.marshal(Failure(e))
         d = self.call(method, args, peer)
-        if d.called:
-            # No Deferred plumbing for answers that are ready.
+        if d.called and not d.paused:
+            # No Deferred plumbing for answers that are ready (a paused
+            # Deferred waits on another and has no result yet).
             ready = []
             d.addBoth(ready.append)
             return self.marshal(ready[0])

@@ -2,12 +2,17 @@
 The backend contract: every backend, reached through the Store, behaves alike.
 
 Tests run on the real reactor (so the sqlite group commit happens as in
-production); the etcd backend joins the ``backend`` parameter list later.
-Time-based behaviour (TTL) is tested with a Clock in test_ttl.py.
+production); the etcd backend runs against a real single-member etcd, each
+test under a key prefix of its own.  etcd's revisions are global to its
+cluster, so every test counts revisions from the store's revision when it
+opened (``store.revision + n``), which is exact as long as nothing else
+writes to that etcd during the test.  Time-based behaviour (TTL) is tested
+with a Clock in test_ttl_and_commit.py, and against etcd in test_etcd_backend.py.
 """
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime
 
 import pytest
@@ -20,32 +25,48 @@ from kvconfig.limits import Limits
 from kvconfig.model import DELETE, PUT
 from kvconfig.store import Store
 
-BACKENDS = ["memory", "sqlite"]
+pytest_plugins = ["etcdcluster"]
+
+BACKENDS = ["memory", "sqlite", "etcd"]
+_prefixes = itertools.count()
 
 
 @pytest.fixture(params=BACKENDS)
-def open_store(request, tmp_path):
-    """A function opening a started Store on the backend under test; the
-    same directory (so the same sqlite file) each time it is called."""
+def backend_spec(request, tmp_path):
+    """(kind, --store string, etcd prefix) of the backend under test."""
+    if request.param == "etcd":
+        etcd = request.getfixturevalue("etcd_single")
+        return "etcd", f"etcd:{etcd.client_urls[0]}", f"contract/{next(_prefixes)}/"
+    spec = "memory:" if request.param == "memory" else f"sqlite:{tmp_path / 'kv.db'}"
+    return request.param, spec, ""
+
+
+@pytest_twisted.async_yield_fixture
+async def open_store(backend_spec):
+    """An async function opening a started Store on the backend under test;
+    the same sqlite file, or the same etcd prefix, each time it is called.
+    ``open_store.base`` is the revision of the first store opened."""
+    kind, spec, prefix = backend_spec
     opened = []
 
-    def open_(**limits) -> Store:
-        spec = "memory:" if request.param == "memory" else f"sqlite:{tmp_path / 'kv.db'}"
+    async def open_(**limits) -> Store:
         limits = Limits(**limits)
-        store = Store(backend_from_string(spec, reactor, limits), limits)
-        store.start()
+        store = Store(backend_from_string(spec, reactor, limits, etcd_prefix=prefix), limits)
         opened.append(store)
+        await store.start()
+        if len(opened) == 1:
+            open_.base = store.revision
         return store
 
-    open_.kind = request.param
+    open_.kind = kind
     yield open_
     for store in opened:
-        store.stop()
+        await store.stop()
 
 
-@pytest.fixture
-def store(open_store):
-    return open_store()
+@pytest_twisted.async_fixture
+async def store(open_store):
+    return await open_store()
 
 
 async def failure_of(d):
@@ -63,38 +84,41 @@ async def test_put_then_get_has_etcd_metadata(store):
     got = store.get("app/a")
     assert got == kv
     assert (got.value, got.version) == ("one", 1)
-    assert got.create_revision == got.mod_revision == store.revision == 1
+    assert got.create_revision == got.mod_revision == store.revision
 
 
 @pytest_twisted.ensureDeferred
 async def test_rewrite_bumps_version_and_mod_revision_only(store):
     """Rewriting a key keeps create_revision and advances version and mod_revision."""
+    base = store.revision
     first = await store.put("app/a", "one")
     await store.put("other", 1)
     second = await store.put("app/a", "two")
     assert second.version == 2
     assert second.create_revision == first.create_revision
-    assert second.mod_revision == 3 == store.revision
+    assert second.mod_revision == base + 3 == store.revision
 
 
 @pytest_twisted.ensureDeferred
 async def test_delete_is_an_event_and_missing_delete_changes_nothing(store):
     """Deleting a key advances the revision; deleting a missing key does not."""
+    base = store.revision
     await store.put("k", 1)
-    assert await store.delete("k") == 2
+    assert await store.delete("k") == base + 2
     assert store.get("k") is None and store.load("k") is None
     assert await store.delete("k") is None
-    assert store.revision == 2
+    assert store.revision == base + 2
 
 
 @pytest_twisted.ensureDeferred
 async def test_recreated_key_starts_a_new_life(store):
     """A key written after its delete starts again at version 1."""
+    base = store.revision
     await store.put("k", 1)
     await store.put("k", 2)
     await store.delete("k")
     kv = await store.put("k", 3)
-    assert (kv.version, kv.create_revision, kv.mod_revision) == (1, 4, 4)
+    assert (kv.version, kv.create_revision, kv.mod_revision) == (1, base + 4, base + 4)
 
 
 @pytest_twisted.ensureDeferred
@@ -150,28 +174,30 @@ async def test_range_lists_a_prefix_in_key_order(store):
 @pytest_twisted.ensureDeferred
 async def test_changes_since_is_exclusive_and_filtered(store):
     """changes(prefix, since) returns the events after since, in revision order."""
-    await store.put("app/a", 1)          # 1
-    await store.put("other", 1)          # 2
-    await store.put("app/a", 2)          # 3
-    await store.delete("app/a")          # 4
-    revision, events = store.changes("app/", 1)
-    assert revision == 4
-    assert [(e.type, e.key, e.revision) for e in events] == [(PUT, "app/a", 3),
-                                                              (DELETE, "app/a", 4)]
+    base = store.revision
+    await store.put("app/a", 1)          # base + 1
+    await store.put("other", 1)          # base + 2
+    await store.put("app/a", 2)          # base + 3
+    await store.delete("app/a")          # base + 4
+    revision, events = store.changes("app/", base + 1)
+    assert revision == base + 4
+    assert [(e.type, e.key, e.revision) for e in events] == [(PUT, "app/a", base + 3),
+                                                              (DELETE, "app/a", base + 4)]
     assert events[0].kv.value == 2
-    assert [e.revision for e in store.changes("", 0)[1]] == [1, 2, 3, 4]
-    assert store.changes("", 4)[1] == []
+    assert [e.revision for e in store.changes("", base)[1]] == [base + n for n in (1, 2, 3, 4)]
+    assert store.changes("", base + 4)[1] == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_changes_older_than_history_are_compacted(open_store):
     """Asking for history that left the window raises Compacted; the window works."""
-    store = open_store(history_events=3)
+    store = await open_store(history_events=3)
+    base = store.revision
     for i in range(6):
         await store.put("k", i)
-    error = await failure_of(_async_call(store.changes, "", 1))
-    assert isinstance(error, Compacted) and error.compact_revision == 3
-    assert [e.revision for e in store.changes("", 3)[1]] == [4, 5, 6]
+    error = await failure_of(_async_call(store.changes, "", base + 1))
+    assert isinstance(error, Compacted) and error.compact_revision == base + 3
+    assert [e.revision for e in store.changes("", base + 3)[1]] == [base + n for n in (4, 5, 6)]
 
 
 async def _async_call(function, *args):
@@ -181,13 +207,14 @@ async def _async_call(function, *args):
 @pytest_twisted.ensureDeferred
 async def test_feed_publishes_every_event_in_revision_order(store):
     """Consumers get every change in revision order, filtered by prefix."""
+    base = store.revision
     everything, app = [], []
     store.feed.subscribe(everything.append)
     store.feed.subscribe(app.append, "app/")
     for i in range(20):
         await store.put(f"app/{i % 3}" if i % 2 else f"x/{i}", i)
     await store.delete("app/1")
-    assert [e.revision for e in everything] == list(range(1, 22))
+    assert [e.revision for e in everything] == list(range(base + 1, base + 22))
     assert all(e.key.startswith("app/") for e in app) and len(app) == 11
 
 
@@ -195,7 +222,7 @@ async def test_feed_publishes_every_event_in_revision_order(store):
 async def test_write_is_acknowledged_and_published_only_once_durable(open_store):
     """The writer's Deferred and the feed both wait for the commit (sqlite),
     and the concurrent writes of one turn share one commit."""
-    store = open_store()
+    store = await open_store()
     seen = []
     store.feed.subscribe(seen.append)
     ds = [store.put(f"g/{i}", i) for i in range(10)]
@@ -223,38 +250,48 @@ async def test_rejected_input_changes_nothing(store):
 
 @pytest_twisted.ensureDeferred
 async def test_reopened_store_has_every_acknowledged_write(open_store):
-    """After a restart the keys, metadata, revision and history are as before
-    (sqlite); revisions never go backwards, even when the newest change was
-    a delete."""
+    """After a restart the keys, metadata and revision are as before;
+    revisions never go backwards, even when the newest change was a delete.
+    sqlite keeps its history too; an etcd node's history starts when it
+    starts (older is answered compacted, and clients take a snapshot)."""
     if open_store.kind == "memory":
         pytest.skip("the memory backend keeps nothing across restarts, by design")
-    store = open_store()
+    store = await open_store()
+    base = open_store.base
     for i in range(5):
         await store.put(f"k{i}", {"i": i})
     await store.delete("k4")
     keys = store.range("")
-    store.stop()
-    again = open_store()
+    await store.stop()
+    again = await open_store()
     assert again.range("") == keys
-    assert again.revision == 6
-    assert [e.revision for e in again.changes("", 0)[1]] == [1, 2, 3, 4, 5, 6]
+    assert again.revision == base + 6
+    if open_store.kind == "etcd":
+        error = await failure_of(_async_call(again.changes, "", base))
+        assert isinstance(error, Compacted) and error.compact_revision == base + 6
+        assert again.changes("", base + 6)[1] == []
+    else:
+        assert [e.revision for e in again.changes("", base)[1]] == list(range(base + 1,
+                                                                             base + 7))
     kv = await again.put("k9", 1)
-    assert kv.mod_revision == 7
+    assert kv.mod_revision == base + 7
 
 
 @pytest_twisted.ensureDeferred
 async def test_readers_see_a_change_only_once_it_is_durable(open_store):
     """Until a write is acknowledged, reads, listings and changes() show the
-    state before it; later writes are still decided on top of it (CAS)."""
-    store = open_store()
+    state before it; later writes to the key are decided on top of it
+    (CAS), on etcd too, where they are sent in order."""
+    store = await open_store()
+    base = store.revision
     await store.put("k", "old")
     d = store.put("k", "new")
-    cas = store.put("k", "newer", prev_revision=2)  # decided on the pending write
-    if open_store.kind == "sqlite":
+    cas = store.put("k", "newer", prev_revision=base + 2)  # decided on the pending write
+    if open_store.kind in ("sqlite", "etcd"):
         assert not d.called
-        assert store.load("k") == "old" and store.revision == 1
+        assert store.load("k") == "old" and store.revision == base + 1
         assert [kv.value for kv in store.range("")[1]] == ["old"]
-        assert store.changes("", 1)[1] == []
+        assert store.changes("", base + 1)[1] == []
     await d
     await cas
-    assert store.load("k") == "newer" and store.revision == 3
+    assert store.load("k") == "newer" and store.revision == base + 3

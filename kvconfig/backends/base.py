@@ -34,6 +34,9 @@ class IBackend(Interface):
     durable = Attribute("True if an acknowledged write survives a crash.")
     keyspace = Attribute("The Keyspace reads are served from.")
     feed = Attribute("The ChangeFeed events are published on, in revision order.")
+    ready = Attribute("True once the keyspace may be read (after start).")
+    stale = Attribute("True while the keyspace may lag the store of record "
+                      "(a remote backend out of touch with it).")
 
     def start() -> Deferred:
         """Open storage and load the keyspace; fires when reads may be served."""
@@ -73,6 +76,10 @@ class LocalBackend:
 
     name = "local"
     durable = False
+    # A local backend decides every change itself: its keyspace is the
+    # store of record, never behind it.
+    ready = True
+    stale = False
 
     def __init__(self, clock: IReactorTime, limits: Limits) -> None:
         self.clock = clock

@@ -1,0 +1,582 @@
+"""
+The etcd backend: cluster mode, several kvconfig nodes on one etcd v3 cluster.
+
+``--store etcd:http://10.0.0.1:2379,http://10.0.0.2:2379`` with
+``--etcd-prefix kvconfig/``: every kvconfig key ``K`` is the etcd key
+``kvconfig/K``, so kvconfig can share a cluster.  Revisions, versions and
+``create_revision``/``mod_revision`` are etcd's own; they are global to the
+cluster, so they advance (with gaps) when other keys change too.
+
+**The mirror.**  On start the node reads its prefix at a revision R (in
+pages pinned to R), then watches the prefix from R+1.  Reads are served
+from that local copy, without I/O, and every event the watch delivers (the
+node's own writes and every other node's) is applied to it and published
+on the change feed in revision order.  History for ``changes()`` starts at
+the node's start: an older ``since`` is answered ``compacted``, after which
+a client takes a snapshot, as for any compacted history.
+
+**Writes** go to etcd as a txn: an optional compare on ``mod_revision``
+(0: only if absent), the put or delete, and a keys-only read of the key that
+gives its new metadata (or, when the compare failed, its actual
+``mod_revision``).  A write is acknowledged only once the node's mirror has
+its revision (read-your-writes on the node that made it).  An answer that
+changes nothing (a failed compare, an absent key) waits until the mirror
+agrees with it.  A TTL becomes an etcd lease of that many seconds (rounded
+up to whole seconds, and to etcd's minimum) granted for this write alone:
+a rewrite attaches a new lease or none, which is kvconfig's "expires unless
+written again", so no lease is ever kept alive.  etcd deletes the key when
+its lease runs out, and every node sees that as a delete event.
+
+**Failures.**  A watch that breaks is reopened on the next member from the
+mirror's revision + 1, so nothing is lost or repeated; one cancelled because
+that history was compacted makes the node re-read its prefix, diff it
+against the mirror and publish the differences.  Calls that cannot connect
+move on to the next member.  While no member has a leader (quorum lost) or
+none can be reached, the node is *unavailable*: writes fail at once with
+``unavailable``, reads go on from the mirror and say they may be stale, and
+the node keeps trying, recovering by itself.  A write that was sent but not
+answered (a member died, or etcd timed it out) fails with ``unavailable``
+saying its outcome is unknown: it may have been applied, so it is never
+retried behind the client's back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from kvconfig import values
+from kvconfig.backends.base import IBackend
+from kvconfig.backends.etcdclient import (
+    EtcdClient,
+    EtcdError,
+    Unreachable,
+    WatchStream,
+    b64,
+    prefix_end,
+    unb64,
+)
+from kvconfig.errors import CompareFailed, KVConfigError, Unavailable
+from kvconfig.feed import ChangeFeed
+from kvconfig.keyspace import Keyspace
+from kvconfig.limits import Limits
+from kvconfig.model import DELETE, PUT, Event, KeyValue
+
+#: Keys read per page when loading the mirror.
+PAGE_SIZE = 500
+#: Seconds before retrying after every member failed; doubles up to MAX_RETRY.
+FIRST_RETRY = 0.05
+MAX_RETRY = 1.0
+#: gRPC status codes etcd answers with.
+UNAVAILABLE_CODES = {4, 14}   # deadline exceeded, unavailable (no leader, timed out)
+OUT_OF_RANGE = 11             # a read at a compacted revision
+
+# Allowances beyond the largest value kvconfig writes, for values other
+# writers put under the prefix and for base64 and JSON framing.
+_MAX_WATCH_MESSAGE = 64 << 20
+
+LOADING, IN_STEP, CATCHING_UP, UNAVAILABLE = "loading", "in_step", "catching_up", "unavailable"
+
+
+def parse_endpoints(argument: str) -> list[str]:
+    """The member URLs of ``etcd:URL[,URL...]``; ValueError if malformed."""
+    endpoints = [part.strip() for part in argument.split(",")]
+    if not argument or not all(endpoints):
+        raise ValueError("--store etcd: needs member URLs, as in etcd:http://127.0.0.1:2379")
+    for endpoint in endpoints:
+        scheme, sep, rest = endpoint.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/"):
+            raise ValueError(f"--store etcd: {endpoint!r} is not an http://HOST:PORT URL")
+    return endpoints
+
+
+def check_prefix(prefix: str) -> str:
+    """A valid ``--etcd-prefix``: printable, no whitespace; may be empty."""
+    if prefix and (not prefix.isprintable() or " " in prefix):
+        raise ValueError(f"--etcd-prefix must not hold whitespace or control characters: "
+                         f"{prefix!r}")
+    return prefix
+
+
+@implementer(IBackend)
+class EtcdBackend:
+    """kvconfig's keyspace kept in an etcd cluster, mirrored by a watch."""
+
+    log = Logger()
+
+    name = "etcd"
+    durable = True
+
+    def __init__(self, endpoints: list[str], prefix: str, clock, limits: Limits,
+                 timeout: float = 5.0) -> None:
+        self.clock = clock
+        self.limits = limits
+        self.prefix = prefix.encode("utf-8")
+        self.keyspace = Keyspace(limits.history_events, limits.history_bytes)
+        self.feed = ChangeFeed()
+        self.client = EtcdClient(clock, endpoints, timeout)
+        self.timeout = timeout
+        self.state = LOADING
+        #: Why the node is not in step, for errors and logs.
+        self.reason = "not yet in step with etcd"
+        # (condition, Deferred, timeout call) of answers waiting for the mirror
+        self._waiters: list[tuple[Callable[[], bool], Deferred, IDelayedCall]] = []
+        # key -> fires when this node's latest write to the key is answered
+        self._writing: dict[str, Deferred] = {}
+        self._watch: WatchStream | None = None
+        self._retry: IDelayedCall | None = None
+        self._retry_delay = FIRST_RETRY
+        self._failures_this_round = 0
+        self._started: Deferred | None = None
+        self._stopping = False
+        self.counters = {"etcd_watch_restarts": 0, "etcd_resyncs": 0,
+                         "etcd_unavailable_rejections": 0, "etcd_outcome_unknown": 0,
+                         "etcd_skipped_keys": 0, "etcd_foreign_values": 0}
+
+    # The IBackend interface.
+
+    @property
+    def ready(self) -> bool:
+        return self.state != LOADING
+
+    @property
+    def stale(self) -> bool:
+        return self.state != IN_STEP
+
+    def start(self) -> Deferred:
+        """Fires once the mirror is loaded; until then it keeps trying."""
+        self._started = Deferred()
+        self._resync()
+        return self._started
+
+    def stop(self) -> Deferred:
+        self._stopping = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._watch is not None:
+            self._watch.close()
+        for _, d, call in self._waiters:
+            if call.active():
+                call.cancel()
+            d.errback(Unavailable("kvconfig is stopping"))
+        self._waiters = []
+        return self.client.close()
+
+    def put(self, key: str, value: Any, raw: bytes, prev_revision: int | None = None,
+            ttl: float | None = None) -> Deferred:
+        self._check_writable()
+        etcd_key = b64(self.prefix + key.encode("utf-8"))
+        request: dict[str, Any] = {"key": etcd_key, "value": b64(raw)}
+
+        def send() -> Deferred:
+            if ttl:
+                d = self.client.call("/v3/lease/grant", {"TTL": str(math.ceil(ttl))})
+                d.addCallback(lambda answer: request.update(lease=answer["ID"]))
+                d.addCallback(lambda _: self._txn(key, etcd_key, prev_revision,
+                                                  {"request_put": request}))
+            else:
+                d = self._txn(key, etcd_key, prev_revision, {"request_put": request})
+            d.addCallback(self._put_done, key, value, raw)
+            return d.addErrback(self._failed)
+
+        return self._in_order(key, send)
+
+    def delete(self, key: str, prev_revision: int | None = None) -> Deferred:
+        self._check_writable()
+        etcd_key = b64(self.prefix + key.encode("utf-8"))
+
+        def send() -> Deferred:
+            d = self._txn(key, etcd_key, prev_revision,
+                          {"request_delete_range": {"key": etcd_key}})
+            d.addCallback(self._delete_done, key)
+            return d.addErrback(self._failed)
+
+        return self._in_order(key, send)
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {"etcd_state": self.state,
+                                 "etcd_endpoint": self.client.endpoint}
+        stats.update(self.counters)
+        return stats
+
+    # Writes.
+
+    def _check_writable(self) -> None:
+        if self.state in (LOADING, UNAVAILABLE):
+            self.counters["etcd_unavailable_rejections"] += 1
+            raise Unavailable(f"etcd is unavailable: {self.reason}; reads are answered "
+                              "from this node's copy, which may be stale")
+
+    def _in_order(self, key: str, send: Callable[[], Deferred]) -> Deferred:
+        """Send a write to *key* once this node's earlier writes to it are
+        answered: concurrent HTTP requests reach etcd in any order, and a
+        client pipelining two writes to one key must see the second win.
+        (Writes to different keys in flight together commit in either
+        order, as with etcd itself.)"""
+        previous = self._writing.get(key)
+        if previous is None:
+            sent = send()
+        else:
+            sent = Deferred()
+            previous.addCallback(lambda _: send().chainDeferred(sent) and None)
+        done: Deferred = Deferred()
+        self._writing[key] = done
+
+        def answered(result):
+            if self._writing.get(key) is done:
+                del self._writing[key]
+            done.callback(None)
+            return result
+
+        return sent.addBoth(answered)
+
+    def _txn(self, key: str, etcd_key: str, prev_revision: int | None,
+             operation: dict) -> Deferred:
+        compare = []
+        if prev_revision is not None:
+            compare.append({"key": etcd_key, "target": "MOD", "result": "EQUAL",
+                            "mod_revision": str(prev_revision)})
+        read = {"request_range": {"key": etcd_key, "keys_only": True}}
+        body = {"compare": compare, "success": [operation, read], "failure": [read]}
+        d = self.client.call("/v3/kv/txn", body)
+        d.addCallback(self._txn_answered, key, prev_revision)
+        return d
+
+    def _txn_answered(self, answer: dict, key: str, prev_revision: int | None):
+        revision = int(answer["header"]["revision"])
+        responses = answer.get("responses", [])
+        kvs = responses[-1].get("response_range", {}).get("kvs", []) if responses else []
+        meta = kvs[0] if kvs else None
+        if not answer.get("succeeded", False):
+            actual = int(meta.get("mod_revision", 0)) if meta else 0
+            # Answer only once the mirror agrees, so that a read after this
+            # answer shows what it rested on.
+            return self._when(lambda: self._mod_revision(key) == actual
+                              or self.keyspace.revision >= revision,
+                              CompareFailed(key, prev_revision, actual), wrote=False)
+        return revision, responses[0], meta
+
+    def _put_done(self, result, key: str, value: Any, raw: bytes) -> Deferred:
+        revision, _, meta = result
+        kv = KeyValue(key=key, value=value, raw=raw, version=int(meta["version"]),
+                      create_revision=int(meta["create_revision"]),
+                      mod_revision=revision)
+        return self._when(lambda: self.keyspace.revision >= revision,
+                          Event(PUT, key, revision, kv), wrote=True)
+
+    def _delete_done(self, result, key: str) -> Deferred:
+        revision, response, _ = result
+        deleted = int(response.get("response_delete_range", {}).get("deleted", 0))
+        if deleted:
+            return self._when(lambda: self.keyspace.revision >= revision,
+                              Event(DELETE, key, revision), wrote=True)
+        return self._when(lambda: self.keyspace.get(key) is None
+                          or self.keyspace.revision >= revision, None, wrote=False)
+
+    def _mod_revision(self, key: str) -> int:
+        kv = self.keyspace.get(key)
+        return kv.mod_revision if kv is not None else 0
+
+    def _when(self, condition: Callable[[], bool], outcome: object, wrote: bool) -> Deferred:
+        """A Deferred with *outcome* (raised if an exception) once *condition*
+        holds of the mirror, or Unavailable if it does not in time."""
+        d: Deferred = Deferred()
+        if isinstance(outcome, Exception):
+            d.addCallback(_raise, outcome)
+        else:
+            d.addCallback(lambda _: outcome)
+        if condition():
+            d.callback(None)
+            return d
+
+        def too_late() -> None:
+            self._waiters = [w for w in self._waiters if w[1] is not d]
+            what = ("the write was made in etcd, but this node's copy has not caught up"
+                    if wrote else "this node's copy has not caught up with etcd's answer")
+            d.errback(Unavailable(f"{what} within {self.timeout:g} s ({self.reason})"))
+
+        self._waiters.append((condition, d, self.clock.callLater(self.timeout, too_late)))
+        return d
+
+    def _release_waiters(self) -> None:
+        if not self._waiters:
+            return
+        ready, waiting = [], []
+        for waiter in self._waiters:
+            (ready if waiter[0]() else waiting).append(waiter)
+        self._waiters = waiting
+        for _, d, call in ready:
+            call.cancel()
+            d.callback(None)
+
+    def _failed(self, failure):
+        """Map what etcd or the network said to kvconfig's errors."""
+        if failure.check(KVConfigError):
+            return failure
+        error = failure.value
+        if isinstance(error, Unreachable):
+            self._lost(str(error))
+            raise Unavailable(f"etcd is unavailable: {error}")
+        if isinstance(error, EtcdError) and error.code not in UNAVAILABLE_CODES:
+            # etcd refused the request itself (too large, too many ops ...):
+            # it was not applied.
+            raise Unavailable(f"etcd refused the write: {error}")
+        self.counters["etcd_outcome_unknown"] += 1
+        if isinstance(error, EtcdError) and "leader" in error.message:
+            self._lost(error.message)
+        if isinstance(error, CancelledError):
+            error = f"no answer within {self.timeout:g} s"
+        raise Unavailable(f"the write may or may not have been applied: {error}")
+
+    # The mirror: load, watch, resync.
+
+    def _resync(self) -> None:
+        """Read the prefix afresh, bring the mirror to it, and watch from there."""
+        if self._stopping:
+            return
+        self._load().addCallbacks(self._loaded, self._load_failed)
+
+    @inlineCallbacks
+    def _load(self):
+        start = self.prefix
+        end = b64(prefix_end(self.prefix))
+        revision = None
+        kvs = []
+        while True:
+            request = {"key": b64(start), "range_end": end, "limit": str(PAGE_SIZE)}
+            if revision is not None:
+                request["revision"] = str(revision)
+            answer = yield self.client.call("/v3/kv/range", request)
+            if revision is None:
+                revision = int(answer["header"]["revision"])
+            page = answer.get("kvs", [])
+            kvs.extend(kv for kv in map(self._key_value, page) if kv is not None)
+            if not answer.get("more", False) or not page:
+                return revision, kvs
+            start = unb64(page[-1]["key"]) + b"\x00"
+
+    def _loaded(self, result) -> None:
+        revision, kvs = result
+        if self._stopping:
+            return
+        if self.state == LOADING:
+            self.keyspace.load(kvs, [], revision, revision)
+            self.state = CATCHING_UP
+            self.log.info("mirror loaded from {endpoint}: {keys} keys at revision {revision}",
+                          endpoint=self.client.endpoint, keys=len(kvs), revision=revision)
+        else:
+            self._apply_differences(kvs, revision)
+        self._watch_from(revision + 1)
+        if self._started is not None and not self._started.called:
+            self._started.callback(None)
+
+    def _load_failed(self, failure) -> None:
+        if self._stopping:
+            return
+        self.log.warn("reading the prefix from etcd failed: {error}", error=failure.value)
+        self._round_failed(str(failure.value))
+        self._retry_later(self._resync)
+
+    def _apply_differences(self, kvs: list[KeyValue], revision: int) -> None:
+        """After compaction: publish what changed between the mirror and a
+        snapshot at *revision* (puts at their mod_revision, deletes at
+        *revision*), so consumers end equal to the snapshot."""
+        self.counters["etcd_resyncs"] += 1
+        keyspace = self.keyspace
+        fresh = {kv.key: kv for kv in kvs}
+        events = [Event(PUT, kv.key, kv.mod_revision, kv) for kv in kvs
+                  if (old := keyspace.get(kv.key)) is None
+                  or old.mod_revision != kv.mod_revision]
+        events.sort(key=lambda event: event.revision)
+        events += [Event(DELETE, kv.key, revision) for kv in keyspace.range("")
+                   if kv.key not in fresh]
+        for event in events:
+            keyspace.apply(event)
+            self.feed.publish(event)
+        keyspace.revision = max(keyspace.revision, revision)
+        self.log.info("resynchronised with etcd at revision {revision}: {count} differences",
+                      revision=revision, count=len(events))
+        self._release_waiters()
+
+    def _watch_from(self, start_revision: int) -> None:
+        if self._stopping:
+            return
+        endpoint = self.client.endpoint
+        request = {"key": b64(self.prefix), "range_end": b64(prefix_end(self.prefix)),
+                   "start_revision": str(start_revision)}
+        d = self.client.watch(endpoint, request, self._on_message, _MAX_WATCH_MESSAGE)
+        d.addCallbacks(self._watch_opened, self._watch_failed, errbackArgs=(endpoint,))
+
+    def _watch_opened(self, stream: WatchStream) -> None:
+        if self._stopping:
+            stream.close()
+            return
+        self._watch = stream
+        stream.done.addCallback(self._watch_ended, stream)
+
+    def _watch_failed(self, failure, endpoint: str) -> None:
+        if self._stopping:
+            return
+        self.log.info("watch on {endpoint} could not start: {error}",
+                      endpoint=endpoint, error=failure.value)
+        self._member_failed(endpoint, str(failure.value))
+
+    def _watch_ended(self, reason: BaseException, stream: WatchStream) -> None:
+        if self._watch is stream:
+            self._watch = None
+        if self._stopping or stream.resyncing:
+            return
+        self.log.info("watch on {endpoint} ended: {reason}",
+                      endpoint=self.client.endpoint, reason=reason)
+        self._member_failed(self.client.endpoint, str(reason))
+
+    def _catching_up(self, reason: str) -> None:
+        if self.state == IN_STEP:
+            self.state = CATCHING_UP
+            self.reason = reason
+
+    def _member_failed(self, endpoint: str, reason: str) -> None:
+        """The watch on *endpoint* failed or ended: try the next member."""
+        self._catching_up(f"the watch on {endpoint} broke: {reason}")
+        self.counters["etcd_watch_restarts"] += 1
+        if self.client.endpoint == endpoint:
+            self.client.move_on()
+        self._round_failed(reason)
+        self._retry_later(lambda: self._watch_from(self.keyspace.revision + 1))
+
+    def _round_failed(self, reason: str) -> None:
+        """Count a failure; once every member failed in a row, the cluster is
+        unavailable as far as this node can tell."""
+        self._failures_this_round += 1
+        if self._failures_this_round >= len(self.client.endpoints):
+            self._lost(reason)
+
+    def _lost(self, reason: str) -> None:
+        if self.state != LOADING and self.state != UNAVAILABLE:
+            self.log.warn("etcd unavailable: {reason}; writes are refused until it recovers",
+                          reason=reason)
+            self.state = UNAVAILABLE
+        self.reason = reason
+        if self._watch is not None:
+            # Only a watch created with a leader brings the node back in
+            # step, so a watch that looks alive is checked by reopening it.
+            self._watch.close(ConnectionError(reason))
+
+    def _retry_later(self, action: Callable[[], None]) -> None:
+        """Run *action* now while members remain to try this round, then
+        with a growing delay."""
+        if self._stopping:
+            return
+        if self._failures_this_round < len(self.client.endpoints):
+            delay = 0.0
+        else:
+            delay = self._retry_delay
+            self._retry_delay = min(self._retry_delay * 2, MAX_RETRY)
+        self._retry = self.clock.callLater(delay, action)
+
+    def _in_step(self) -> None:
+        if self.state != IN_STEP:
+            if self.state == UNAVAILABLE:
+                self.log.info("etcd available again through {endpoint}",
+                              endpoint=self.client.endpoint)
+            self.state = IN_STEP
+            self.reason = ""
+        self._failures_this_round = 0
+        self._retry_delay = FIRST_RETRY
+
+    def _on_message(self, message: dict) -> None:
+        result = message.get("result")
+        stream = self._watch
+        if result is None:
+            error = message.get("error", message)
+            if stream is not None:
+                stream.close(EtcdError(self.client.endpoint, 0, int(error.get("grpc_code", -1)),
+                                       str(error.get("message"))))
+            return
+        compact_revision = int(result.get("compact_revision", 0))
+        if compact_revision:
+            self.log.info("watch history compacted at {revision}; re-reading the prefix",
+                          revision=compact_revision)
+            if stream is not None:
+                stream.resyncing = True
+                stream.close()
+            self._catching_up(f"history from revision {self.keyspace.revision + 1} "
+                              f"was compacted (at {compact_revision})")
+            self._resync()
+            return
+        if result.get("canceled"):
+            if stream is not None:
+                stream.close(ConnectionError(f"watch cancelled: {result.get('cancel_reason')}"))
+            return
+        if result.get("created"):
+            self._in_step()
+        events = result.get("events")
+        if events:
+            self._apply(events)
+
+    def _apply(self, events: list[dict]) -> None:
+        keyspace, feed = self.keyspace, self.feed
+        for raw_event in events:
+            kv = raw_event["kv"]
+            revision = int(kv["mod_revision"])
+            if revision < keyspace.revision:
+                # Never expected (a watch reopens after the mirror's revision,
+                # and several events of one txn share a revision), but the
+                # feed must not go backwards.
+                continue
+            if raw_event.get("type") == "DELETE":
+                key = self._key(kv)
+                if key is None:
+                    continue
+                event = Event(DELETE, key, revision)
+            else:
+                new = self._key_value(kv)
+                if new is None:
+                    continue
+                event = Event(PUT, new.key, revision, new)
+            keyspace.apply(event)
+            feed.publish(event)
+        self._release_waiters()
+
+    def _key(self, kv: dict) -> str | None:
+        """The kvconfig key of an etcd key under the prefix, or None if
+        another writer put a key there that kvconfig cannot serve."""
+        etcd_key = unb64(kv["key"])
+        try:
+            key = etcd_key[len(self.prefix):].decode("utf-8")
+            return values.check_key(key, self.limits.max_key_bytes)
+        except (UnicodeDecodeError, KVConfigError):
+            self.counters["etcd_skipped_keys"] += 1
+            self.log.warn("skipped etcd key {key!r}: not a valid kvconfig key", key=etcd_key)
+            return None
+
+    def _key_value(self, kv: dict) -> KeyValue | None:
+        key = self._key(kv)
+        if key is None:
+            return None
+        raw = unb64(kv.get("value", ""))
+        try:
+            value = values.decode(raw)
+        except (ValueError, KVConfigError):
+            # Written by something other than kvconfig: served as text (or
+            # bytes), re-encoded so every interface carries it alike.
+            self.counters["etcd_foreign_values"] += 1
+            try:
+                value = raw.decode("utf-8")
+                raw = values.encode(value, len(raw) * 8 + 64, self.limits.max_value_depth)
+            except (UnicodeDecodeError, KVConfigError):
+                value = raw
+                raw = values.encode(value, len(raw) * 2 + 64, self.limits.max_value_depth)
+        return KeyValue(key=key, value=value, raw=raw, version=int(kv.get("version", 0)),
+                        create_revision=int(kv.get("create_revision", 0)),
+                        mod_revision=int(kv.get("mod_revision", 0)))
+
+
+def _raise(_: object, error: Exception) -> None:
+    raise error
