@@ -56,6 +56,11 @@ seconds; renew by subscribing again well within the lease.  ``UNSUBSCRIBE``
 answers ``OK 1``, or ``OK 0`` if there was no such subscription.  A server
 without a notifier answers both with ``ERR unavailable``.
 
+In cluster mode (an etcd store), while the node is out of touch with etcd
+its listings come from its own copy, which may lag: their END line then
+reads ``END <revision> <count> stale``, and ``STATS`` says ``stale true``.
+(A GET reply has no room for the word; ask STATS.)
+
 Every reply line starts with a status word: ``OK``, ``ERR``, ``VALUE``,
 ``NIL``, ``KEY``, ``CHANGE``, ``STAT``, ``HELP``, ``PONG``, ``END``,
 ``HELLO`` - or ``EVENT`` for a watch notification, which may come between
@@ -521,20 +526,26 @@ class LineProtocol(Protocol, TimeoutMixin):
     def do_keys(self, prefix: str = "", limit: str | None = None) -> list[bytes]:
         revision, kvs = self._range(prefix, limit)
         lines = [b"KEY " + kv.key.encode() for kv in kvs]
-        lines.append(b"END %d %d" % (revision, len(kvs)))
+        lines.append(self._end(revision, len(kvs)))
         return lines
 
     def do_list(self, prefix: str = "", limit: str | None = None) -> list[bytes]:
         revision, kvs = self._range(prefix, limit)
         lines = [value_line(kv) for kv in kvs]
-        lines.append(b"END %d %d" % (revision, len(kvs)))
+        lines.append(self._end(revision, len(kvs)))
         return lines
 
     def do_changes(self, since: str, prefix: str = "") -> list[bytes]:
         revision, events = self.store.changes(prefix, parse_int(since, "since"))
         lines = [b"CHANGE " + change_fields(event) for event in events]
-        lines.append(b"END %d %d" % (revision, len(events)))
+        lines.append(self._end(revision, len(events)))
         return lines
+
+    def _end(self, revision: int, count: int) -> bytes:
+        """The END line of a listing; ``stale`` while it may lag etcd."""
+        if self.store.stale:
+            return b"END %d %d stale" % (revision, count)
+        return b"END %d %d" % (revision, count)
 
     def do_watch(self, prefix: str = "", start: str | None = None) -> bytes:
         values.check_prefix(prefix, self.limits.max_key_bytes)

@@ -39,6 +39,11 @@ Richer calls (``options`` is an optional struct)::
     system.multicall([{methodName, params}, ...]) -> [[result] | {faultCode,
                                                        faultString}, ...]
 
+In cluster mode (an etcd store), while the node is out of touch with etcd
+the structs of ``get``, ``keys``, ``list`` and ``changes`` also hold
+``stale: true``: they come from the node's copy, which may lag; ``stats()``
+always says ``stale``.
+
 ``prev_revision`` makes a write a compare-and-set on the key's mod_revision
 (0: only if the key is absent).  ``changes`` returns events with a revision
 greater than ``since``; when those are older than the history window it
@@ -381,7 +386,7 @@ class KVConfigXMLRPC(_Dispatcher):
         """get(key): {key, value, version, create_revision, mod_revision,
         [expires_at]} for key, or nil if there is none."""
         kv = self.store.get(key)
-        return None if kv is None else kv_struct(kv)
+        return None if kv is None else self._say_stale(kv_struct(kv))
 
     @signature(["struct", "string", "any"], ["struct", "string", "any", "struct"])
     def xmlrpc_put(self, key, value, options=None):
@@ -421,7 +426,7 @@ class KVConfigXMLRPC(_Dispatcher):
         prefix, in order ("" for all)."""
         opts = _options(options, ("limit",)) if options is not None else {}
         revision, kvs = self.store.range(prefix, opts.get("limit"))
-        return {"revision": revision, "keys": [kv.key for kv in kvs]}
+        return self._say_stale({"revision": revision, "keys": [kv.key for kv in kvs]})
 
     @signature(["struct", "string"], ["struct", "string", "struct"])
     def xmlrpc_list(self, prefix, options=None):
@@ -430,7 +435,7 @@ class KVConfigXMLRPC(_Dispatcher):
         revision with changes()."""
         opts = _options(options, ("limit",)) if options is not None else {}
         revision, kvs = self.store.range(prefix, opts.get("limit"))
-        return {"revision": revision, "items": [kv_struct(kv) for kv in kvs]}
+        return self._say_stale({"revision": revision, "items": [kv_struct(kv) for kv in kvs]})
 
     @signature(["struct", "string", "int"])
     def xmlrpc_changes(self, prefix, since):
@@ -438,7 +443,14 @@ class KVConfigXMLRPC(_Dispatcher):
         revision since to keys starting with prefix, oldest first.  Fault 7
         compacted if those are no longer in history: take list(prefix) then."""
         revision, events = self.store.changes(prefix, since)
-        return {"revision": revision, "events": [event_struct(e) for e in events]}
+        return self._say_stale({"revision": revision,
+                                "events": [event_struct(e) for e in events]})
+
+    def _say_stale(self, struct: dict) -> dict:
+        """Mark a read answered while the store may lag etcd (cluster mode)."""
+        if self.store.stale:
+            struct["stale"] = True
+        return struct
 
     @signature(["struct", "string", "int"])
     @with_peer
