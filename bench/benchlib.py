@@ -87,10 +87,11 @@ def twistd_path() -> str:
 
 
 def kvconfig_command(directory: Path, *, xmlrpc_port: int = 0, line_port: int = 0,
-                     udp_port: int | None = None) -> list[str]:
-    """``twistd -n kvconfig`` with a sqlite store in directory; port 0 for the
-    interface not measured (any free port).  ``--udp`` only if udp_port is given."""
-    udp = [] if udp_port is None else [f"--udp=udp:{udp_port}:interface={HOST}"]
+                     udp_port: int = 0) -> list[str]:
+    """``twistd -n kvconfig`` with a sqlite store in directory; port 0 for an
+    interface not measured (any free port, so that a bench never collides
+    with a server on the default ports)."""
+    udp = [f"--udp=udp:{udp_port}:interface={HOST}"]
     return [
         twistd_path(), "-n", "--pidfile=", f"--logfile={directory / 'twistd.log'}",
         "kvconfig", f"--store=sqlite:{directory / 'kvconfig.db'}",
