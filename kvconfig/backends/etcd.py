@@ -15,10 +15,13 @@ on the change feed in revision order.  History for ``changes()`` starts at
 the node's start: an older ``since`` is answered ``compacted``, after which
 a client takes a snapshot, as for any compacted history.
 
-**Writes** go to etcd as a txn: an optional compare on ``mod_revision``
-(0: only if absent), the put or delete, and a keys-only read of the key that
-gives its new metadata (or, when the compare failed, its actual
-``mod_revision``).  A write is acknowledged only once the node's mirror has
+**Writes** go to etcd as txns.  Unconditional puts and deletes made in one
+reactor turn share one txn (group commit: one request, one raft entry, one
+revision for them all, as several keys changed by one etcd transaction),
+each followed by a keys-only read of its key that gives its new metadata.
+A compare-and-set goes alone: the compare on ``mod_revision`` (0: only if
+absent), the write, and the read, which when the compare failed gives the
+actual ``mod_revision``.  A write is acknowledged only once the node's mirror has
 its revision (read-your-writes on the node that made it).  An answer that
 changes nothing (a failed compare, an absent key) waits until the mirror
 agrees with it.  A TTL becomes an etcd lease of that many seconds (rounded
@@ -68,6 +71,14 @@ from kvconfig.keyspace import Keyspace
 from kvconfig.limits import Limits
 from kvconfig.model import DELETE, PUT, Event, KeyValue
 
+#: Most writes, and bytes of values, in one batch.  etcd allows 128
+#: operations in a txn by default (each write brings a read) and requests
+#: of 1.5 MiB.
+MAX_BATCH_WRITES = 64
+MAX_BATCH_BYTES = 512 << 10
+#: Batches sent and not yet answered; writes made meanwhile wait and join
+#: the next, so a busy node sends fewer, fuller txns.
+MAX_BATCHES_IN_FLIGHT = 4
 #: Keys read per page when loading the mirror.
 PAGE_SIZE = 500
 #: Seconds before retrying after every member failed; doubles up to MAX_RETRY.
@@ -129,13 +140,18 @@ class EtcdBackend:
         self._waiters: list[tuple[Callable[[], bool], Deferred, IDelayedCall]] = []
         # key -> fires when this node's latest write to the key is answered
         self._writing: dict[str, Deferred] = {}
+        # Unconditional writes waiting for the next batch: (operation, etcd key, Deferred)
+        self._batch: list[tuple[dict, str, Deferred]] = []
+        self._batch_bytes = 0
+        self._batch_call: IDelayedCall | None = None
+        self._batches_in_flight = 0
         self._watch: WatchStream | None = None
         self._retry: IDelayedCall | None = None
         self._retry_delay = FIRST_RETRY
         self._failures_this_round = 0
         self._started: Deferred | None = None
         self._stopping = False
-        self.counters = {"etcd_watch_restarts": 0, "etcd_resyncs": 0,
+        self.counters = {"etcd_batches": 0, "etcd_watch_restarts": 0, "etcd_resyncs": 0,
                          "etcd_unavailable_rejections": 0, "etcd_outcome_unknown": 0,
                          "etcd_skipped_keys": 0, "etcd_foreign_values": 0}
 
@@ -166,6 +182,11 @@ class EtcdBackend:
                 call.cancel()
             d.errback(Unavailable("kvconfig is stopping"))
         self._waiters = []
+        if self._batch_call is not None and self._batch_call.active():
+            self._batch_call.cancel()
+        batch, self._batch = self._batch, []
+        for _, _, d in batch:
+            d.errback(Unavailable("kvconfig is stopping; the write was not sent"))
         return self.client.close()
 
     def put(self, key: str, value: Any, raw: bytes, prev_revision: int | None = None,
@@ -180,8 +201,10 @@ class EtcdBackend:
                 d.addCallback(lambda answer: request.update(lease=answer["ID"]))
                 d.addCallback(lambda _: self._txn(key, etcd_key, prev_revision,
                                                   {"request_put": request}))
-            else:
+            elif prev_revision is not None:
                 d = self._txn(key, etcd_key, prev_revision, {"request_put": request})
+            else:
+                d = self._batched({"request_put": request}, etcd_key, len(raw))
             d.addCallback(self._put_done, key, value, raw)
             return d.addErrback(self._failed)
 
@@ -192,8 +215,11 @@ class EtcdBackend:
         etcd_key = b64(self.prefix + key.encode("utf-8"))
 
         def send() -> Deferred:
-            d = self._txn(key, etcd_key, prev_revision,
-                          {"request_delete_range": {"key": etcd_key}})
+            operation = {"request_delete_range": {"key": etcd_key}}
+            if prev_revision is None:
+                d = self._batched(operation, etcd_key, 0)
+            else:
+                d = self._txn(key, etcd_key, prev_revision, operation)
             d.addCallback(self._delete_done, key)
             return d.addErrback(self._failed)
 
@@ -235,6 +261,57 @@ class EtcdBackend:
             return result
 
         return sent.addBoth(answered)
+
+    def _batched(self, operation: dict, etcd_key: str, size: int) -> Deferred:
+        """Send an unconditional write in the next batch: the writes of one
+        reactor turn go to etcd as one txn (one request, one raft entry, one
+        revision), as the sqlite backend groups its commits.  Fires with
+        (revision, the write's response, the key's new metadata)."""
+        if self._batch and (len(self._batch) >= MAX_BATCH_WRITES
+                            or self._batch_bytes + size > MAX_BATCH_BYTES):
+            self._send_batch()
+        if not self._batch and self._batches_in_flight < MAX_BATCHES_IN_FLIGHT:
+            self._batch_call = self.clock.callLater(0, self._send_batch)
+        d: Deferred = Deferred()
+        self._batch.append((operation, etcd_key, d))
+        self._batch_bytes += size
+        return d
+
+    def _send_batch(self) -> None:
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if self._batch_call is not None and self._batch_call.active():
+            self._batch_call.cancel()
+        self._batch_call = None
+        if not batch:
+            return
+        # The txn holds each write, then a keys-only read of each key, which
+        # gives the metadata the write left.  A batch never holds one key
+        # twice: _in_order sends a key's next write only after the last.
+        reads = [{"request_range": {"key": etcd_key, "keys_only": True}}
+                 for _, etcd_key, _ in batch]
+        d = self.client.call("/v3/kv/txn",
+                             {"success": [operation for operation, _, _ in batch] + reads})
+        self.counters["etcd_batches"] += 1
+        self._batches_in_flight += 1
+
+        def answered(answer: dict) -> None:
+            revision = int(answer["header"]["revision"])
+            responses = answer.get("responses", [])
+            count = len(batch)
+            for index, (_, _, waiter) in enumerate(batch):
+                kvs = responses[count + index].get("response_range", {}).get("kvs", [])
+                waiter.callback((revision, responses[index], kvs[0] if kvs else None))
+
+        def failed(failure) -> None:
+            for _, _, waiter in batch:
+                waiter.errback(failure)
+
+        def next_batch(_) -> None:
+            self._batches_in_flight -= 1
+            if self._batch and (self._batch_call is None or not self._batch_call.active()):
+                self._batch_call = self.clock.callLater(0, self._send_batch)
+
+        d.addCallbacks(answered, failed).addBoth(next_batch)
 
     def _txn(self, key: str, etcd_key: str, prev_revision: int | None,
              operation: dict) -> Deferred:
