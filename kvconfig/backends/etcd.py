@@ -444,6 +444,9 @@ class EtcdBackend:
             return
         if self.state == LOADING:
             self.keyspace.load(kvs, [], revision, revision)
+            # WATCH answers with the feed's revision: the revision the copy
+            # is at, not 0, before the first event arrives.
+            self.feed.revision = revision
             self.state = CATCHING_UP
             self.log.info("mirror loaded from {endpoint}: {keys} keys at revision {revision}",
                           endpoint=self.client.endpoint, keys=len(kvs), revision=revision)
@@ -477,6 +480,7 @@ class EtcdBackend:
             keyspace.apply(event)
             self.feed.publish(event)
         keyspace.revision = max(keyspace.revision, revision)
+        self.feed.revision = max(self.feed.revision, revision)
         self.log.info("resynchronised with etcd at revision {revision}: {count} differences",
                       revision=revision, count=len(events))
         self._release_waiters()
@@ -638,21 +642,33 @@ class EtcdBackend:
         if key is None:
             return None
         raw = unb64(kv.get("value", ""))
-        try:
-            value = values.decode(raw)
-        except (ValueError, KVConfigError):
-            # Written by something other than kvconfig: served as text (or
-            # bytes), re-encoded so every interface carries it alike.
-            self.counters["etcd_foreign_values"] += 1
-            try:
-                value = raw.decode("utf-8")
-                raw = values.encode(value, len(raw) * 8 + 64, self.limits.max_value_depth)
-            except (UnicodeDecodeError, KVConfigError):
-                value = raw
-                raw = values.encode(value, len(raw) * 2 + 64, self.limits.max_value_depth)
+        value, raw = self._value(raw)
         return KeyValue(key=key, value=value, raw=raw, version=int(kv.get("version", 0)),
                         create_revision=int(kv.get("create_revision", 0)),
                         mod_revision=int(kv.get("mod_revision", 0)))
+
+
+    def _value(self, raw: bytes) -> tuple[Any, bytes]:
+        """(value, its tagged JSON) of an etcd value under the prefix."""
+        limits = self.limits
+        try:
+            value = values.decode(raw)
+            # kvconfig's own values are canonical; a JSON value another
+            # writer put there must still be one every interface carries
+            # (a 32-bit int, no NaN, no lone surrogate ...).
+            values.encode(value, max(len(raw), limits.max_value_bytes), limits.max_value_depth)
+            return value, raw
+        except (ValueError, RecursionError, KVConfigError):
+            pass
+        # Written by something other than kvconfig: served as its text (or
+        # bytes when it is not text kvconfig can carry), re-encoded so that
+        # every interface carries it alike.
+        self.counters["etcd_foreign_values"] += 1
+        try:
+            text = raw.decode("utf-8")
+            return text, values.encode(text, len(raw) * 8 + 64, limits.max_value_depth)
+        except (UnicodeDecodeError, KVConfigError):
+            return raw, values.encode(raw, len(raw) * 2 + 64, limits.max_value_depth)
 
 
 def _raise(_: object, error: Exception) -> None:
