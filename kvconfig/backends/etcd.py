@@ -647,7 +647,6 @@ class EtcdBackend:
                         create_revision=int(kv.get("create_revision", 0)),
                         mod_revision=int(kv.get("mod_revision", 0)))
 
-
     def _value(self, raw: bytes) -> tuple[Any, bytes]:
         """(value, its tagged JSON) of an etcd value under the prefix."""
         limits = self.limits
