@@ -17,9 +17,9 @@ a client takes a snapshot, as for any compacted history.
 
 **Writes** go to etcd as txns.  Unconditional puts and deletes made in one
 reactor turn share one txn (group commit: one request, one raft entry, one
-revision for them all, as several keys changed by one etcd transaction),
-each followed by a keys-only read of its key that gives its new metadata.
-A compare-and-set goes alone: the compare on ``mod_revision`` (0: only if
+revision for them all, as several keys changed by one etcd transaction);
+each put's new metadata comes with its watch event.  A compare-and-set goes
+alone: the compare on ``mod_revision`` (0: only if
 absent), the write, and the read, which when the compare failed gives the
 actual ``mod_revision``.  A write is acknowledged only once the node's mirror has
 its revision (read-your-writes on the node that made it).  An answer that
@@ -72,9 +72,8 @@ from kvconfig.limits import Limits
 from kvconfig.model import DELETE, PUT, Event, KeyValue
 
 #: Most writes, and bytes of values, in one batch.  etcd allows 128
-#: operations in a txn by default (each write brings a read) and requests
-#: of 1.5 MiB.
-MAX_BATCH_WRITES = 64
+#: operations in a txn by default, and requests of 1.5 MiB.
+MAX_BATCH_WRITES = 128
 MAX_BATCH_BYTES = 512 << 10
 #: Batches sent and not yet answered; writes made meanwhile wait and join
 #: the next, so a busy node sends fewer, fuller txns.
@@ -140,6 +139,8 @@ class EtcdBackend:
         self._waiters: list[tuple[Callable[[], bool], Deferred, IDelayedCall]] = []
         # key -> fires when this node's latest write to the key is answered
         self._writing: dict[str, Deferred] = {}
+        # key -> the puts the watch applied to it while this node was writing it
+        self._seen_puts: dict[str, list[KeyValue]] = {}
         # Unconditional writes waiting for the next batch: (operation, etcd key, Deferred)
         self._batch: list[tuple[dict, str, Deferred]] = []
         self._batch_bytes = 0
@@ -257,6 +258,7 @@ class EtcdBackend:
         def answered(result):
             if self._writing.get(key) is done:
                 del self._writing[key]
+                self._seen_puts.pop(key, None)
             done.callback(None)
             return result
 
@@ -266,7 +268,7 @@ class EtcdBackend:
         """Send an unconditional write in the next batch: the writes of one
         reactor turn go to etcd as one txn (one request, one raft entry, one
         revision), as the sqlite backend groups its commits.  Fires with
-        (revision, the write's response, the key's new metadata)."""
+        (revision, the write's response, None)."""
         if self._batch and (len(self._batch) >= MAX_BATCH_WRITES
                             or self._batch_bytes + size > MAX_BATCH_BYTES):
             self._send_batch()
@@ -284,23 +286,21 @@ class EtcdBackend:
         self._batch_call = None
         if not batch:
             return
-        # The txn holds each write, then a keys-only read of each key, which
-        # gives the metadata the write left.  A batch never holds one key
-        # twice: _in_order sends a key's next write only after the last.
-        reads = [{"request_range": {"key": etcd_key, "keys_only": True}}
-                 for _, etcd_key, _ in batch]
+        # A batch never holds one key twice (etcd refuses that): _in_order
+        # sends a key's next write only once the last is answered.  The
+        # metadata each put left comes with its watch event, which the
+        # acknowledgement waits for anyway: reading it in the txn would
+        # nearly double etcd's work.
         d = self.client.call("/v3/kv/txn",
-                             {"success": [operation for operation, _, _ in batch] + reads})
+                             {"success": [operation for operation, _, _ in batch]})
         self.counters["etcd_batches"] += 1
         self._batches_in_flight += 1
 
         def answered(answer: dict) -> None:
             revision = int(answer["header"]["revision"])
             responses = answer.get("responses", [])
-            count = len(batch)
-            for index, (_, _, waiter) in enumerate(batch):
-                kvs = responses[count + index].get("response_range", {}).get("kvs", [])
-                waiter.callback((revision, responses[index], kvs[0] if kvs else None))
+            for (_, _, waiter), response in zip(batch, responses, strict=True):
+                waiter.callback((revision, response, None))
 
         def failed(failure) -> None:
             for _, _, waiter in batch:
@@ -341,11 +341,32 @@ class EtcdBackend:
 
     def _put_done(self, result, key: str, value: Any, raw: bytes) -> Deferred:
         revision, _, meta = result
+        if meta is None:
+            # A batched put: its metadata comes with its watch event.
+            return self._when(lambda: self.keyspace.revision >= revision,
+                              lambda: Event(PUT, key, revision,
+                                            self._written(key, revision, value, raw)),
+                              wrote=True)
         kv = KeyValue(key=key, value=value, raw=raw, version=int(meta["version"]),
                       create_revision=int(meta["create_revision"]),
                       mod_revision=revision)
         return self._when(lambda: self.keyspace.revision >= revision,
                           Event(PUT, key, revision, kv), wrote=True)
+
+    def _written(self, key: str, revision: int, value: Any, raw: bytes) -> KeyValue:
+        """The KeyValue this node's put of *key* at *revision* made, as its
+        watch event (already applied) gave it."""
+        for kv in self._seen_puts.get(key, ()):
+            if kv.mod_revision == revision:
+                return kv
+        current = self.keyspace.get(key)
+        if current is not None and current.mod_revision == revision:
+            return current
+        # Only if etcd compacted the event away before the watch delivered
+        # it, and the key changed again: a resync publishes only the latest
+        # state, so this write's version is no longer known (0).
+        return KeyValue(key=key, value=value, raw=raw, version=0, create_revision=0,
+                        mod_revision=revision)
 
     def _delete_done(self, result, key: str) -> Deferred:
         revision, response, _ = result
@@ -361,11 +382,14 @@ class EtcdBackend:
         return kv.mod_revision if kv is not None else 0
 
     def _when(self, condition: Callable[[], bool], outcome: object, wrote: bool) -> Deferred:
-        """A Deferred with *outcome* (raised if an exception) once *condition*
-        holds of the mirror, or Unavailable if it does not in time."""
+        """A Deferred with *outcome* (raised if an exception, called if a
+        function) once *condition* holds of the mirror, or Unavailable if it
+        does not in time."""
         d: Deferred = Deferred()
         if isinstance(outcome, Exception):
             d.addCallback(_raise, outcome)
+        elif callable(outcome):
+            d.addCallback(lambda _: outcome())
         else:
             d.addCallback(lambda _: outcome)
         if condition():
@@ -621,6 +645,8 @@ class EtcdBackend:
                 if new is None:
                     continue
                 event = Event(PUT, new.key, revision, new)
+                if new.key in self._writing:
+                    self._seen_puts.setdefault(new.key, []).append(new)
             keyspace.apply(event)
             feed.publish(event)
         self._release_waiters()
