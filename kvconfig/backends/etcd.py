@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
@@ -135,10 +136,12 @@ class EtcdBackend:
         self.state = LOADING
         #: Why the node is not in step, for errors and logs.
         self.reason = "not yet in step with etcd"
-        # (condition, Deferred, timeout call) of answers waiting for the mirror
-        self._waiters: list[tuple[Callable[[], bool], Deferred, IDelayedCall]] = []
-        # key -> fires when this node's latest write to the key is answered
-        self._writing: dict[str, Deferred] = {}
+        # Answers waiting for the mirror, oldest first, and the one timer
+        # that fails those that wait too long.
+        self._waiters: list[_Waiter] = []
+        self._waiter_timer: IDelayedCall | None = None
+        # key -> the writes to it waiting for this node's write in flight
+        self._writing: dict[str, list[tuple[Callable[[], Deferred], Deferred]]] = {}
         # key -> the puts the watch applied to it while this node was writing it
         self._seen_puts: dict[str, list[KeyValue]] = {}
         # Unconditional writes waiting for the next batch: (operation, etcd key, Deferred)
@@ -178,11 +181,11 @@ class EtcdBackend:
             self._retry.cancel()
         if self._watch is not None:
             self._watch.close()
-        for _, d, call in self._waiters:
-            if call.active():
-                call.cancel()
-            d.errback(Unavailable("kvconfig is stopping"))
-        self._waiters = []
+        if self._waiter_timer is not None and self._waiter_timer.active():
+            self._waiter_timer.cancel()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.d.errback(Unavailable("kvconfig is stopping"))
         if self._batch_call is not None and self._batch_call.active():
             self._batch_call.cancel()
         batch, self._batch = self._batch, []
@@ -246,23 +249,25 @@ class EtcdBackend:
         client pipelining two writes to one key must see the second win.
         (Writes to different keys in flight together commit in either
         order, as with etcd itself.)"""
-        previous = self._writing.get(key)
-        if previous is None:
-            sent = send()
+        queue = self._writing.get(key)
+        if queue is None:
+            self._writing[key] = []
+            d = send()
         else:
-            sent = Deferred()
-            previous.addCallback(lambda _: send().chainDeferred(sent) and None)
-        done: Deferred = Deferred()
-        self._writing[key] = done
+            d = Deferred()
+            queue.append((send, d))
+        return d.addBoth(self._answered, key)
 
-        def answered(result):
-            if self._writing.get(key) is done:
-                del self._writing[key]
-                self._seen_puts.pop(key, None)
-            done.callback(None)
-            return result
-
-        return sent.addBoth(answered)
+    def _answered(self, result, key: str):
+        """A write to *key* is answered: send the next one queued behind it."""
+        queue = self._writing.get(key)
+        if queue:
+            send, d = queue.pop(0)
+            send().chainDeferred(d)
+        else:
+            self._writing.pop(key, None)
+            self._seen_puts.pop(key, None)
+        return result
 
     def _batched(self, operation: dict, etcd_key: str, size: int) -> Deferred:
         """Send an unconditional write in the next batch: the writes of one
@@ -384,25 +389,15 @@ class EtcdBackend:
     def _when(self, condition: Callable[[], bool], outcome: object, wrote: bool) -> Deferred:
         """A Deferred with *outcome* (raised if an exception, called if a
         function) once *condition* holds of the mirror, or Unavailable if it
-        does not in time."""
+        does not within the timeout."""
         d: Deferred = Deferred()
-        if isinstance(outcome, Exception):
-            d.addCallback(_raise, outcome)
-        elif callable(outcome):
-            d.addCallback(lambda _: outcome())
-        else:
-            d.addCallback(lambda _: outcome)
         if condition():
-            d.callback(None)
+            _settle(d, outcome)
             return d
-
-        def too_late() -> None:
-            self._waiters = [w for w in self._waiters if w[1] is not d]
-            what = ("the write was made in etcd, but this node's copy has not caught up"
-                    if wrote else "this node's copy has not caught up with etcd's answer")
-            d.errback(Unavailable(f"{what} within {self.timeout:g} s ({self.reason})"))
-
-        self._waiters.append((condition, d, self.clock.callLater(self.timeout, too_late)))
+        if not self._waiters:
+            self._waiter_timer = self.clock.callLater(self.timeout, self._expire_waiters)
+        self._waiters.append(_Waiter(condition, d, outcome, wrote,
+                                     self.clock.seconds() + self.timeout))
         return d
 
     def _release_waiters(self) -> None:
@@ -410,11 +405,26 @@ class EtcdBackend:
             return
         ready, waiting = [], []
         for waiter in self._waiters:
-            (ready if waiter[0]() else waiting).append(waiter)
+            (ready if waiter.condition() else waiting).append(waiter)
         self._waiters = waiting
-        for _, d, call in ready:
-            call.cancel()
-            d.callback(None)
+        if not waiting and self._waiter_timer is not None and self._waiter_timer.active():
+            self._waiter_timer.cancel()
+        for waiter in ready:
+            _settle(waiter.d, waiter.outcome)
+
+    def _expire_waiters(self) -> None:
+        """One timer for every waiter (they share one timeout, so the first
+        is the first to expire): fail those whose time is up."""
+        now = self.clock.seconds()
+        expired = [waiter for waiter in self._waiters if waiter.deadline <= now]
+        self._waiters = [waiter for waiter in self._waiters if waiter.deadline > now]
+        if self._waiters:
+            self._waiter_timer = self.clock.callLater(
+                max(0.0, self._waiters[0].deadline - now), self._expire_waiters)
+        for waiter in expired:
+            what = ("the write was made in etcd, but this node's copy has not caught up"
+                    if waiter.wrote else "this node's copy has not caught up with etcd's answer")
+            waiter.d.errback(Unavailable(f"{what} within {self.timeout:g} s ({self.reason})"))
 
     def _failed(self, failure):
         """Map what etcd or the network said to kvconfig's errors."""
@@ -696,5 +706,22 @@ class EtcdBackend:
             return raw, values.encode(raw, len(raw) * 2 + 64, limits.max_value_depth)
 
 
-def _raise(_: object, error: Exception) -> None:
-    raise error
+@dataclass(slots=True)
+class _Waiter:
+    """An answer waiting until the mirror satisfies *condition*."""
+
+    condition: Callable[[], bool]
+    d: Deferred
+    outcome: object
+    wrote: bool
+    deadline: float
+
+
+def _settle(d: Deferred, outcome: object) -> None:
+    """Fire *d* with *outcome*: failed if an exception, called if a function."""
+    if isinstance(outcome, Exception):
+        d.errback(outcome)
+    elif callable(outcome):
+        d.callback(outcome())
+    else:
+        d.callback(outcome)
