@@ -142,6 +142,8 @@ class EtcdBackend:
         self._waiter_timer: IDelayedCall | None = None
         # key -> the writes to it waiting for this node's write in flight
         self._writing: dict[str, list[tuple[Callable[[], Deferred], Deferred]]] = {}
+        # key -> (raw, value) of the put of it this node has in flight
+        self._sending: dict[str, tuple[bytes, Any]] = {}
         # key -> the puts the watch applied to it while this node was writing it
         self._seen_puts: dict[str, list[KeyValue]] = {}
         # Unconditional writes waiting for the next batch: (operation, etcd key, Deferred)
@@ -200,6 +202,7 @@ class EtcdBackend:
         request: dict[str, Any] = {"key": etcd_key, "value": b64(raw)}
 
         def send() -> Deferred:
+            self._sending[key] = (raw, value)
             if ttl:
                 d = self.client.call("/v3/lease/grant", {"TTL": str(math.ceil(ttl))})
                 d.addCallback(lambda answer: request.update(lease=answer["ID"]))
@@ -267,6 +270,7 @@ class EtcdBackend:
         else:
             self._writing.pop(key, None)
             self._seen_puts.pop(key, None)
+            self._sending.pop(key, None)
         return result
 
     def _batched(self, operation: dict, etcd_key: str, size: int) -> Deferred:
@@ -678,7 +682,11 @@ class EtcdBackend:
         if key is None:
             return None
         raw = unb64(kv.get("value", ""))
-        value, raw = self._value(raw)
+        own = self._sending.get(key)
+        if own is not None and own[0] == raw:
+            value = own[1]  # this node's own write, checked when it was made
+        else:
+            value, raw = self._value(raw)
         return KeyValue(key=key, value=value, raw=raw, version=int(kv.get("version", 0)),
                         create_revision=int(kv.get("create_revision", 0)),
                         mod_revision=int(kv.get("mod_revision", 0)))
