@@ -37,9 +37,9 @@ JSON string, unique per put), over one persistent connection per client:
 * kvconfig XML-RPC: ``put(key, value)`` to node A over HTTP/1.1 keep-alive
   ``POST /RPC2`` (the value a 98-character string).
 
-A kvconfig write is an etcd txn (the put and a keys-only read of the key's
-new metadata), acknowledged once node A's copy has applied it from its watch;
-node B applies it too.  So the kvconfig side costs etcd, node A and node B,
+A kvconfig write goes to etcd in a txn, which node A shares among the
+writes of one reactor turn (group commit), and is acknowledged once node A's
+copy has applied it from its watch; node B applies it too.  So the kvconfig side costs etcd, node A and node B,
 and the CPU table says how much of each.
 
 The load generator is this script's own process: one thread, non-blocking
