@@ -50,9 +50,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kvconfig import values
@@ -60,6 +61,8 @@ from kvconfig.backends.base import IBackend
 from kvconfig.backends.etcdclient import (
     EtcdClient,
     EtcdError,
+    MessageTooLarge,
+    NoAnswer,
     Unreachable,
     WatchStream,
     b64,
@@ -140,6 +143,10 @@ class EtcdBackend:
         # that fails those that wait too long.
         self._waiters: list[_Waiter] = []
         self._waiter_timer: IDelayedCall | None = None
+        # Fires once no answer waits any more (stop() waits for it).
+        self._drained: Deferred | None = None
+        # Fire as each write's call to etcd is answered (stop() waits for them).
+        self._in_flight: set[Deferred] = set()
         # key -> the writes to it waiting for this node's write in flight
         self._writing: dict[str, list[tuple[Callable[[], Deferred], Deferred]]] = {}
         # key -> (raw, value) of the put of it this node has in flight
@@ -177,23 +184,34 @@ class EtcdBackend:
         self._resync()
         return self._started
 
-    def stop(self) -> Deferred:
+    @inlineCallbacks
+    def stop(self):
+        """Refuse new writes, fail those not yet sent, let those sent be
+        answered and acknowledged (each within the timeout), then close."""
         self._stopping = True
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
-        if self._watch is not None:
-            self._watch.close()
-        if self._waiter_timer is not None and self._waiter_timer.active():
-            self._waiter_timer.cancel()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.d.errback(Unavailable("kvconfig is stopping"))
         if self._batch_call is not None and self._batch_call.active():
             self._batch_call.cancel()
         batch, self._batch = self._batch, []
         for _, _, d in batch:
             d.errback(Unavailable("kvconfig is stopping; the write was not sent"))
-        return self.client.close()
+        for key in list(self._writing):
+            queued, self._writing[key] = self._writing[key], []
+            for _, d in queued:
+                d.errback(Unavailable("kvconfig is stopping; the write was not sent"))
+        # A TTL write's lease grant is followed by its txn: wait again.
+        while self._in_flight or self._waiters:
+            if self._in_flight:
+                yield DeferredList(list(self._in_flight))
+            elif self._waiters:
+                self._drained = Deferred()
+                yield self._drained
+        if self._waiter_timer is not None and self._waiter_timer.active():
+            self._waiter_timer.cancel()
+        if self._watch is not None:
+            self._watch.close()
+        yield self.client.close()
 
     def put(self, key: str, value: Any, raw: bytes, prev_revision: int | None = None,
             ttl: float | None = None) -> Deferred:
@@ -204,7 +222,7 @@ class EtcdBackend:
         def send() -> Deferred:
             self._sending[key] = (raw, value)
             if ttl:
-                d = self.client.call("/v3/lease/grant", {"TTL": str(math.ceil(ttl))})
+                d = self._call("/v3/lease/grant", {"TTL": str(math.ceil(ttl))})
                 d.addCallback(lambda answer: request.update(lease=answer["ID"]))
                 d.addCallback(lambda _: self._txn(key, etcd_key, prev_revision,
                                                   {"request_put": request}))
@@ -241,10 +259,24 @@ class EtcdBackend:
     # Writes.
 
     def _check_writable(self) -> None:
+        if self._stopping:
+            raise Unavailable("kvconfig is stopping")
         if self.state in (LOADING, UNAVAILABLE):
             self.counters["etcd_unavailable_rejections"] += 1
             raise Unavailable(f"etcd is unavailable: {self.reason}; reads are answered "
                               "from this node's copy, which may be stale")
+
+    def _call(self, path: str, body: dict) -> Deferred:
+        """A write's call to etcd, counted in flight until it is answered."""
+        done: Deferred = Deferred()
+        self._in_flight.add(done)
+
+        def answered(result):
+            self._in_flight.discard(done)
+            done.callback(None)
+            return result
+
+        return self.client.call(path, body).addBoth(answered)
 
     def _in_order(self, key: str, send: Callable[[], Deferred]) -> Deferred:
         """Send a write to *key* once this node's earlier writes to it are
@@ -300,20 +332,28 @@ class EtcdBackend:
         # metadata each put left comes with its watch event, which the
         # acknowledgement waits for anyway: reading it in the txn would
         # nearly double etcd's work.
-        d = self.client.call("/v3/kv/txn",
-                             {"success": [operation for operation, _, _ in batch]})
+        d = self._call("/v3/kv/txn", {"success": [operation for operation, _, _ in batch]})
         self.counters["etcd_batches"] += 1
         self._batches_in_flight += 1
 
         def answered(answer: dict) -> None:
-            revision = int(answer["header"]["revision"])
-            responses = answer.get("responses", [])
+            try:
+                revision = int(answer["header"]["revision"])
+                responses = answer["responses"]
+                if len(responses) != len(batch):
+                    raise ValueError(f"{len(responses)} responses to {len(batch)} writes")
+            except (KeyError, TypeError, ValueError) as e:
+                # Code 14: it may have been applied.
+                failed(Failure(EtcdError(self.client.endpoint, 200, 14,
+                                         f"a txn answer kvconfig cannot read: {e}")))
+                return
             for (_, _, waiter), response in zip(batch, responses, strict=True):
                 waiter.callback((revision, response, None))
 
         def failed(failure) -> None:
             for _, _, waiter in batch:
-                waiter.errback(failure)
+                if not waiter.called:
+                    waiter.errback(failure)
 
         def next_batch(_) -> None:
             self._batches_in_flight -= 1
@@ -330,7 +370,7 @@ class EtcdBackend:
                             "mod_revision": str(prev_revision)})
         read = {"request_range": {"key": etcd_key, "keys_only": True}}
         body = {"compare": compare, "success": [operation, read], "failure": [read]}
-        d = self.client.call("/v3/kv/txn", body)
+        d = self._call("/v3/kv/txn", body)
         d.addCallback(self._txn_answered, key, prev_revision)
         return d
 
@@ -365,9 +405,13 @@ class EtcdBackend:
     def _written(self, key: str, revision: int, value: Any, raw: bytes) -> KeyValue:
         """The KeyValue this node's put of *key* at *revision* made, as its
         watch event (already applied) gave it."""
-        for kv in self._seen_puts.get(key, ()):
-            if kv.mod_revision == revision:
-                return kv
+        seen = self._seen_puts.get(key)
+        if seen:
+            found = [kv for kv in seen if kv.mod_revision == revision]
+            # Those up to this write are of no use to later ones.
+            seen[:] = [kv for kv in seen if kv.mod_revision > revision]
+            if found:
+                return found[0]
         current = self.keyspace.get(key)
         if current is not None and current.mod_revision == revision:
             return current
@@ -415,6 +459,11 @@ class EtcdBackend:
             self._waiter_timer.cancel()
         for waiter in ready:
             _settle(waiter.d, waiter.outcome)
+        self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        if not self._waiters and self._drained is not None and not self._drained.called:
+            self._drained.callback(None)
 
     def _expire_waiters(self) -> None:
         """One timer for every waiter (they share one timeout, so the first
@@ -425,10 +474,18 @@ class EtcdBackend:
         if self._waiters:
             self._waiter_timer = self.clock.callLater(
                 max(0.0, self._waiters[0].deadline - now), self._expire_waiters)
+        why = f" ({self.reason})" if self.reason else ""
         for waiter in expired:
             what = ("the write was made in etcd, but this node's copy has not caught up"
                     if waiter.wrote else "this node's copy has not caught up with etcd's answer")
-            waiter.d.errback(Unavailable(f"{what} within {self.timeout:g} s ({self.reason})"))
+            waiter.d.errback(Unavailable(f"{what} within {self.timeout:g} s{why}"))
+        self._maybe_drained()
+        if expired and self._watch is not None:
+            # etcd answered but the watch brought nothing for that long: its
+            # member may be hung with the connection open.  Reopen it (on the
+            # next member) from the mirror's revision.
+            self._watch.close(ConnectionError(
+                f"the watch brought no event for {self.timeout:g} s"))
 
     def _failed(self, failure):
         """Map what etcd or the network said to kvconfig's errors."""
@@ -445,9 +502,15 @@ class EtcdBackend:
         self.counters["etcd_outcome_unknown"] += 1
         if isinstance(error, EtcdError) and "leader" in error.message:
             self._lost(error.message)
-        if isinstance(error, CancelledError):
-            error = f"no answer within {self.timeout:g} s"
+        if isinstance(error, NoAnswer):
+            self._suspect(error.endpoint, str(error))
         raise Unavailable(f"the write may or may not have been applied: {error}")
+
+    def _suspect(self, endpoint: str, reason: str) -> None:
+        """A call to *endpoint* got no answer: if the watch is on that member,
+        reopen it on another, from the mirror's revision."""
+        if self._watch is not None and self._watch.endpoint == endpoint:
+            self._watch.close(ConnectionError(reason))
 
     # The mirror: load, watch, resync.
 
@@ -498,6 +561,9 @@ class EtcdBackend:
         if self._stopping:
             return
         self.log.warn("reading the prefix from etcd failed: {error}", error=failure.value)
+        endpoint = getattr(failure.value, "endpoint", None)
+        if endpoint == self.client.endpoint:
+            self.client.move_on()  # that member has no leader, or is hung
         self._round_failed(str(failure.value))
         self._retry_later(self._resync)
 
@@ -552,8 +618,14 @@ class EtcdBackend:
         if self._stopping or stream.resyncing:
             return
         self.log.info("watch on {endpoint} ended: {reason}",
-                      endpoint=self.client.endpoint, reason=reason)
-        self._member_failed(self.client.endpoint, str(reason))
+                      endpoint=stream.endpoint, reason=reason)
+        if isinstance(reason, MessageTooLarge):
+            # Reopening from the same revision would bring the same message:
+            # read the prefix afresh instead.
+            self._catching_up(str(reason))
+            self._resync()
+            return
+        self._member_failed(stream.endpoint, str(reason))
 
     def _catching_up(self, reason: str) -> None:
         if self.state == IN_STEP:
@@ -659,7 +731,7 @@ class EtcdBackend:
                 if new is None:
                     continue
                 event = Event(PUT, new.key, revision, new)
-                if new.key in self._writing:
+                if new.key in self._sending:
                     self._seen_puts.setdefault(new.key, []).append(new)
             keyspace.apply(event)
             feed.publish(event)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -81,6 +81,23 @@ class EtcdError(Exception):
 
 class Unreachable(Exception):
     """No member could be reached (each refused or could not be connected to)."""
+
+
+class NoAnswer(Exception):
+    """A call was sent to *endpoint* and no answer came: it may have been applied."""
+
+    def __init__(self, endpoint: str, error: Exception, timeout: float) -> None:
+        reasons = getattr(error, "reasons", None) or []
+        timed_out = isinstance(error, CancelledError) or any(
+            reason.check(CancelledError) for reason in reasons)
+        what = (f"no answer within {timeout:g} s" if timed_out
+                else f"the connection failed: {error.__class__.__name__}")
+        super().__init__(f"{endpoint}: {what}")
+        self.endpoint = endpoint
+
+
+class MessageTooLarge(Exception):
+    """A watch message grew past the bound: reopening would only repeat it."""
 
 
 class _QuietPool(HTTPConnectionPool):
@@ -144,6 +161,14 @@ class EtcdClient:
                 if self.endpoint == endpoint:
                     self.move_on()
                 continue
+            except EtcdError:
+                raise
+            except Exception as e:
+                # Sent, and then no answer (a timeout, a lost connection): the
+                # member may be hung or gone, so later calls go elsewhere.
+                if self.endpoint == endpoint:
+                    self.move_on()
+                raise NoAnswer(endpoint, e, self.timeout) from None
             return answer
         raise Unreachable(f"no etcd member could be reached ({', '.join(self.endpoints)})")
 
@@ -177,7 +202,7 @@ class EtcdClient:
                     lambda content: _raise(EtcdError(
                         endpoint, response.code, -1,
                         content[:200].decode("utf-8", "replace"))))
-            stream = WatchStream(on_message, max_message_bytes)
+            stream = WatchStream(on_message, max_message_bytes, endpoint)
             response.deliverBody(stream)
             return stream
 
@@ -196,8 +221,11 @@ class WatchStream(Protocol):
     decoded whatever the TCP reads look like, each held in memory only
     until its newline arrives (and never beyond *max_message_bytes*)."""
 
-    def __init__(self, on_message: Callable[[dict], None], max_message_bytes: int) -> None:
+    def __init__(self, on_message: Callable[[dict], None], max_message_bytes: int,
+                 endpoint: str = "") -> None:
         self.on_message = on_message
+        #: The member this watch is on.
+        self.endpoint = endpoint
         self.max_message_bytes = max_message_bytes
         self.done: Deferred = Deferred()
         #: Set when it is closed to re-read the prefix (not a failure).
@@ -226,7 +254,7 @@ class WatchStream(Protocol):
                 self.on_message(message)
         del buffer[:start]
         if len(buffer) > self.max_message_bytes:
-            self.close(ValueError(f"a watch message grew past {self.max_message_bytes} bytes"))
+            self.close(MessageTooLarge(f"a watch message grew past {self.max_message_bytes} bytes"))
 
     def close(self, reason: Exception | None = None) -> None:
         """Stop reading and drop the connection; ``done`` fires with *reason*."""
