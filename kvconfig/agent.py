@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from xmlrpc.client import Binary, Fault
@@ -47,6 +47,8 @@ from kvconfig.notifier import BadDatagram, Sealer
 
 #: Seconds between the agent's checks of its subscription (renewal, silence).
 TICK = 0.5
+#: Subscribe requests left unanswered before the agent moves to the next node.
+SWITCH_AFTER = 2
 #: Subscribe requests are padded to this size: the server answers an
 #: unproven address with no more bytes than it was sent.
 SUBSCRIBE_PAD_TO = 320
@@ -181,8 +183,15 @@ class Agent:
 
     def __init__(self, prefix: str, server: tuple[str, int], source: Source,
                  listener: Listener, clock: IReactorTime, sealer: Sealer,
-                 reorder_wait: float = 0.05, max_backoff: float = 30) -> None:
+                 reorder_wait: float = 0.05, max_backoff: float = 30,
+                 alternates: Sequence[tuple[tuple[str, int], Source]] = ()) -> None:
         self.prefix, self.server, self.source, self.listener = prefix, server, source, listener
+        # The nodes of one cluster to follow, in order of preference: the
+        # agent moves to the next when its node stops answering.  Revisions
+        # are the cluster's, so its copy stays valid across nodes.
+        self.nodes = [(server, source), *alternates]
+        self._node = 0
+        self._unanswered = 0
         self.clock, self.sealer = clock, sealer
         self.reorder_wait, self.max_backoff = reorder_wait, max_backoff
         self.transport = None
@@ -190,7 +199,7 @@ class Agent:
         self.synced = False            # the mirror holds a snapshot
         self.counters = dict.fromkeys(
             ("datagrams", "applied", "duplicates", "gaps", "pulls", "snapshots",
-             "pull_failures", "subscribes", "resubscriptions", "foreign"), 0)
+             "pull_failures", "subscribes", "resubscriptions", "foreign", "node_switches"), 0)
         # The subscription
         self.cookie: str | None = None
         self.sub: str | None = None
@@ -259,6 +268,12 @@ class Agent:
             self._next_poll = now + self._subscribe_backoff
             self.pull()
         if now >= self._renew_at:
+            if self.sub is not None:
+                self._unanswered = 0
+            else:
+                self._unanswered += 1
+                if self._unanswered > SWITCH_AFTER and len(self.nodes) > 1:
+                    self._switch_node()
             self._subscribe()
             if self.sub is None:
                 self._renew_at = now + self._subscribe_backoff
@@ -267,6 +282,24 @@ class Agent:
                 self._renew_at = now + self.lease / 3
         if self._running:
             self._tick_call = self.clock.callLater(TICK, self._tick)
+
+    def _switch_node(self) -> None:
+        """Follow the next node: subscribe there (with a new cookie) and
+        pull from it what this copy lacks."""
+        self._node = (self._node + 1) % len(self.nodes)
+        old = self.server
+        self.server, self.source = self.nodes[self._node]
+        self.log.warn("node {old} does not answer; following {new}", old=old, new=self.server)
+        self.counters["node_switches"] += 1
+        self.cookie = None
+        self._unanswered = 0
+        self._subscribe_backoff = 1.0
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+        self._pull_backoff = 0.1
+        if self.synced:
+            self.pull()
 
     # Datagrams
 
@@ -307,6 +340,7 @@ class Agent:
         self.lease, self.heartbeat = lease, heartbeat
         self._renew_at = now + self.lease / 3
         self._subscribe_backoff = 1.0
+        self._unanswered = 0
         if sub != self.sub:
             # A new subscription (first, or after a restart or an expired
             # lease): its numbers start afresh, and what happened before it

@@ -42,10 +42,13 @@ class Options(usage.Options):
         "changes."
     )
     optParameters = [
-        ["server", None, "127.0.0.1", "The kvconfig server's host name or address."],
+        ["server", None, "127.0.0.1",
+         "The kvconfig server's host name or address; for a cluster, several nodes "
+         "as HOST[:UDPPORT],HOST[:UDPPORT]... (followed in turn when one stops answering)."],
         ["udp-port", None, 15002, "The server's UDP notification port.", int],
         ["xmlrpc", None, None,
-         "The server's XML-RPC URL, to pull from (default http://SERVER:15000/RPC2)."],
+         "The server's XML-RPC URL, to pull from (default http://SERVER:15000/RPC2); "
+         "with several nodes, one URL per node, comma-separated."],
         ["prefix", None, "", "The key prefix to keep (default: every key)."],
         ["output", None, None, "The file to keep the keys in, as one JSON object."],
         ["exec", None, None, "A command (run with /bin/sh) to reload the application "
@@ -77,16 +80,34 @@ class Options(usage.Options):
             raise usage.UsageError("--udp-port must be 1..65535")
         if self["exec"] and not self["output"]:
             raise usage.UsageError("--exec needs --output")
-        if self["xmlrpc"] is None:
-            host = self["server"]
-            host = f"[{host}]" if ":" in host else host
-            self["xmlrpc"] = f"http://{host}:15000/RPC2"
+        self["nodes"] = parse_nodes(self["server"], self["udp-port"], self["xmlrpc"])
         self["secret"] = None
         if self["secret-file"]:
             try:
                 self["secret"] = read_secret(self["secret-file"])
             except ValueError as e:
                 raise usage.UsageError(f"--secret-file: {e}") from None
+
+
+def parse_nodes(servers: str, udp_port: int,
+                xmlrpc: str | None) -> list[tuple[str, int, str]]:
+    """(host, UDP port, XML-RPC URL) of each node of ``--server`` and ``--xmlrpc``."""
+    nodes = []
+    for part in servers.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or ":" in host or not port.isdigit():
+            host, port = part.strip(), str(udp_port)  # no port given (or a bare IPv6)
+        if not host or not 0 < int(port) < 65536:
+            raise usage.UsageError(f"--server: bad node {part!r}; use HOST[:UDPPORT]")
+        nodes.append((host, int(port)))
+    if xmlrpc is None:
+        urls = [f"http://{f'[{host}]' if ':' in host else host}:15000/RPC2"
+                for host, _ in nodes]
+    else:
+        urls = [url.strip() for url in xmlrpc.split(",")]
+        if len(urls) != len(nodes):
+            raise usage.UsageError(f"--xmlrpc: {len(urls)} URLs for {len(nodes)} nodes")
+    return [(host, port, url) for (host, port), url in zip(nodes, urls, strict=True)]
 
 
 class AgentService(service.Service):
@@ -109,11 +130,13 @@ class AgentService(service.Service):
     @inlineCallbacks
     def _start(self):
         options, reactor = self.options, self.reactor
-        address = yield reactor.resolve(options["server"])
-        server = (address, options["udp-port"])
-        self.agent = Agent(options["prefix"], server,
-                           XMLRPCSource(options["xmlrpc"], reactor), self.listener,
-                           reactor, Sealer(options["secret"], reactor))
+        nodes = []
+        for host, port, url in options["nodes"]:
+            address = yield reactor.resolve(host)
+            nodes.append(((address, port), XMLRPCSource(url, reactor)))
+        (server, source), *alternates = nodes
+        self.agent = Agent(options["prefix"], server, source, self.listener,
+                           reactor, Sealer(options["secret"], reactor), alternates=alternates)
         interface = options["listen"] or _route_to(server)
         # Datagrams up to the largest --max-datagram-bytes a server allows.
         self.port = reactor.listenUDP(0, AgentProtocol(self.agent), interface=interface,

@@ -239,9 +239,10 @@ class Cluster:
         self.wait_in_step(node)
         return node
 
-    def agent(self, server: KVConfigProcess, prefix: str, output: Path) -> AgentProcess:
+    def agent(self, server: KVConfigProcess, prefix: str, output: Path,
+              *extra: str) -> AgentProcess:
         agent = AgentProcess(self.tmp_path, "agent", server, prefix, f"--output={output}",
-                             "--debounce=0.05", "--max-delay=0.5")
+                             "--debounce=0.05", "--max-delay=0.5", *extra)
         self.agents.append(agent)
         self.stack.callback(agent.stop)
         agent.start()
@@ -728,4 +729,40 @@ def test_agent_resyncs_after_its_node_is_killed_and_restarted(etcd_single, clust
     sa.save("app/after", "live")
     cluster.wait(lambda: read_json(config) == {**wanted, "app/after": "live"},
                  "a write through A after B's restart in the agent's file")
+    assert agent.running()
+
+
+def test_agent_moves_to_another_node_when_its_node_dies(etcd_single, cluster, tmp_path):
+    """An agent given nodes B and A (``--server`` HOST:UDPPORT,HOST:UDPPORT
+    and one ``--xmlrpc`` URL each) follows B.  B is SIGKILLed for good; the
+    agent notices the silence, moves to A, catches up through it (the
+    writes made while it was moving included) and follows A's changes from
+    then on."""
+    cluster.etcd = etcd_single
+    prefix = f"kvconfig-{uuid.uuid4().hex[:8]}/"
+    urls = etcd_single.client_urls
+    a = cluster.node("A", urls, f"--etcd-prefix={prefix}")
+    b = cluster.node("B", urls, f"--etcd-prefix={prefix}")
+    config = tmp_path / "config.json"
+    agent = cluster.agent(b, "app/", config,
+                          f"--server=127.0.0.1:{b.udp_port},127.0.0.1:{a.udp_port}",
+                          f"--xmlrpc={b.url},{a.url}")
+    sa = a.proxy()
+    sa.save("app/before", 1)
+    cluster.wait(lambda: read_json(config) == {"app/before": 1}, "B's agent has the first write")
+    assert b.proxy().stats()["udp_subscriptions"] == 1
+
+    b.kill(signal.SIGKILL)
+    for i in range(5):
+        sa.save(f"app/while-moving/{i}", i)
+    cluster.wait(lambda: "does not answer; following" in agent.log(),
+                 "the agent to move to node A")
+    wanted = server_items(a, "app/")
+    cluster.wait(lambda: read_json(config) == wanted,
+                 "the agent's file to equal A's list() after the move")
+    cluster.wait(lambda: a.proxy().stats()["udp_subscriptions"] == 1,
+                 "the agent subscribed to node A")
+    sa.save("app/after", "live")
+    cluster.wait(lambda: read_json(config) == {**wanted, "app/after": "live"},
+                 "a write through A after the move in the agent's file")
     assert agent.running()
