@@ -30,10 +30,13 @@ a rewrite attaches a new lease or none, which is kvconfig's "expires unless
 written again", so no lease is ever kept alive.  etcd deletes the key when
 its lease runs out, and every node sees that as a delete event.
 
-**Failures.**  A watch that breaks is reopened on the next member from the
-mirror's revision + 1, so nothing is lost or repeated; one cancelled because
-that history was compacted makes the node re-read its prefix, diff it
-against the mirror and publish the differences.  Calls that cannot connect
+**Failures.**  A watch that says nothing for ``--etcd-timeout`` seconds has its
+member asked for its status; one that does not answer, or has no leader, is
+taken for hung and the watch reopened on another.  A watch that breaks is
+reopened on the next member from the mirror's revision + 1, so nothing is
+lost or repeated; one cancelled because that history was compacted makes
+the node re-read its prefix, diff it against the mirror and publish the
+differences.  Calls that cannot connect
 move on to the next member.  While no member has a leader (quorum lost) or
 none can be reached, the node is *unavailable*: writes fail at once with
 ``unavailable``, reads go on from the mirror and say they may be stale, and
@@ -52,6 +55,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -159,6 +163,10 @@ class EtcdBackend:
         self._batch_call: IDelayedCall | None = None
         self._batches_in_flight = 0
         self._watch: WatchStream | None = None
+        # When the watch last said anything, and whether its member is being asked.
+        self._last_heard = 0.0
+        self._probing = False
+        self._liveness: LoopingCall | None = None
         self._retry: IDelayedCall | None = None
         self._retry_delay = FIRST_RETRY
         self._failures_this_round = 0
@@ -182,6 +190,9 @@ class EtcdBackend:
         """Fires once the mirror is loaded; until then it keeps trying."""
         self._started = Deferred()
         self._resync()
+        self._liveness = LoopingCall(self._check_watch)
+        self._liveness.clock = self.clock
+        self._liveness.start(self.timeout, now=False)
         return self._started
 
     @inlineCallbacks
@@ -189,6 +200,8 @@ class EtcdBackend:
         """Refuse new writes, fail those not yet sent, let those sent be
         answered and acknowledged (each within the timeout), then close."""
         self._stopping = True
+        if self._liveness is not None and self._liveness.running:
+            self._liveness.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         if self._batch_call is not None and self._batch_call.active():
@@ -681,7 +694,32 @@ class EtcdBackend:
         self._failures_this_round = 0
         self._retry_delay = FIRST_RETRY
 
+    def _check_watch(self) -> None:
+        """A watch that has said nothing for a while may be idle, or its
+        member may be hung with the connection open: ask that member, and
+        reopen the watch elsewhere if it does not answer or has no leader."""
+        stream = self._watch
+        if (stream is None or self._probing
+                or self.clock.seconds() - self._last_heard < self.timeout):
+            return
+        self._probing = True
+
+        def answered(answer: dict) -> None:
+            if int(answer.get("leader", 0)) == 0:
+                stream.close(ConnectionError(f"{stream.endpoint} has no leader"))
+
+        def failed(failure) -> None:
+            stream.close(ConnectionError(
+                f"{stream.endpoint} did not answer a status request: {failure.value}"))
+
+        def done(_) -> None:
+            self._probing = False
+
+        d = self.client.status(stream.endpoint)
+        d.addCallbacks(answered, failed).addBoth(done)
+
     def _on_message(self, message: dict) -> None:
+        self._last_heard = self.clock.seconds()
         result = message.get("result")
         stream = self._watch
         if result is None:

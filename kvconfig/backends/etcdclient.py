@@ -172,6 +172,11 @@ class EtcdClient:
             return answer
         raise Unreachable(f"no etcd member could be reached ({', '.join(self.endpoints)})")
 
+    def status(self, endpoint: str) -> Deferred:
+        """The status of the member at *endpoint* (its ``leader`` is "0", or
+        absent, when it has none); fails if it does not answer in time."""
+        return self._post(endpoint, "/v3/maintenance/status", b"{}")
+
     @inlineCallbacks
     def _post(self, endpoint: str, path: str, data: bytes):
         response = yield self._http.post(endpoint + path, data=data, headers=_JSON_HEADERS,
