@@ -707,3 +707,69 @@ def progress(message: str) -> None:
 def exit_on_sigterm(signum: int, frame: object) -> None:
     # SystemExit unwinds through the finally clauses, which stop the servers.
     raise SystemExit(128 + signum)
+
+
+@dataclass
+class HttpReply:
+    status: int
+    body: bytes
+    keep_alive: bool
+    size: int  # bytes of the buffer it took
+
+
+def parse_http(buffer: bytearray) -> HttpReply | None:
+    """The HTTP response at the start of buffer (Content-Length or chunked), or
+    None if it is not complete yet; ValueError if it is not one."""
+    head_end = buffer.find(b"\r\n\r\n")
+    if head_end < 0:
+        if len(buffer) > 65536:
+            raise ValueError("response head over 64 KiB")
+        return None
+    status_line, *header_lines = bytes(buffer[:head_end]).decode("latin-1").split("\r\n")
+    version, status, *_ = status_line.split(" ", 2)
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    position = head_end + 4
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = bytearray()
+        while True:
+            line_end = buffer.find(b"\r\n", position)
+            if line_end < 0:
+                return None
+            size = int(bytes(buffer[position:line_end]).split(b";")[0], 16)
+            data_end = line_end + 2 + size
+            if len(buffer) < data_end + 2:
+                return None
+            if size == 0:
+                if buffer[data_end:data_end + 2] != b"\r\n":
+                    raise ValueError("chunked response with trailers")
+                position = data_end + 2
+                break
+            body += buffer[line_end + 2:data_end]
+            position = data_end + 2
+        body_bytes = bytes(body)
+    elif "content-length" in headers:
+        end = position + int(headers["content-length"])
+        if len(buffer) < end:
+            return None
+        body_bytes, position = bytes(buffer[position:end]), end
+    else:
+        raise ValueError(f"response without Content-Length: {status_line}")
+    connection = headers.get("connection", "").lower()
+    keep_alive = connection == "keep-alive" or (version == "HTTP/1.1" and connection != "close")
+    return HttpReply(int(status), body_bytes, keep_alive, position)
+
+
+def realtime_offset_ns() -> int:
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC, in ns: the kernel stamps
+    datagrams in the first; the best of a few readings."""
+    best = None
+    for _ in range(5):
+        before = time.monotonic_ns()
+        real = time.time_ns()
+        after = time.monotonic_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, real - (before + after) // 2)
+    return best[1]

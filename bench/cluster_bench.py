@@ -39,8 +39,8 @@ JSON string, unique per put), over one persistent connection per client:
 
 A kvconfig write goes to etcd in a txn, which node A shares among the
 writes of one reactor turn (group commit), and is acknowledged once node A's
-copy has applied it from its watch; node B applies it too.  So the kvconfig side costs etcd, node A and node B,
-and the CPU table says how much of each.
+copy has applied it from its watch; node B applies it too.  So the kvconfig
+side costs etcd, node A and node B, and the CPU table says how much of each.
 
 The load generator is this script's own process: one thread, non-blocking
 sockets on one selector, as in the other benches (benchlib's
@@ -305,59 +305,6 @@ def http_request(path: str, content_type: str, port: int, body: bytes) -> bytes:
             ).encode("ascii") + body
 
 
-@dataclass
-class HttpReply:
-    status: int
-    body: bytes
-    keep_alive: bool
-    size: int  # bytes of the buffer it took
-
-
-def parse_http(buffer: bytearray) -> HttpReply | None:
-    """The HTTP response at the start of buffer (Content-Length or chunked), or
-    None if it is not complete yet; ValueError if it is not one."""
-    head_end = buffer.find(b"\r\n\r\n")
-    if head_end < 0:
-        if len(buffer) > 65536:
-            raise ValueError("response head over 64 KiB")
-        return None
-    status_line, *header_lines = bytes(buffer[:head_end]).decode("latin-1").split("\r\n")
-    version, status, *_ = status_line.split(" ", 2)
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    position = head_end + 4
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = bytearray()
-        while True:
-            line_end = buffer.find(b"\r\n", position)
-            if line_end < 0:
-                return None
-            size = int(bytes(buffer[position:line_end]).split(b";")[0], 16)
-            data_end = line_end + 2 + size
-            if len(buffer) < data_end + 2:
-                return None
-            if size == 0:
-                if buffer[data_end:data_end + 2] != b"\r\n":
-                    raise ValueError("chunked response with trailers")
-                position = data_end + 2
-                break
-            body += buffer[line_end + 2:data_end]
-            position = data_end + 2
-        body_bytes = bytes(body)
-    elif "content-length" in headers:
-        end = position + int(headers["content-length"])
-        if len(buffer) < end:
-            return None
-        body_bytes, position = bytes(buffer[position:end]), end
-    else:
-        raise ValueError(f"response without Content-Length: {status_line}")
-    connection = headers.get("connection", "").lower()
-    keep_alive = connection == "keep-alive" or (version == "HTTP/1.1" and connection != "close")
-    return HttpReply(int(status), body_bytes, keep_alive, position)
-
-
 # A parsed reply: (bytes of the buffer it took, what is wrong or None, keep-alive).
 Parsed = tuple[int, str | None, bool]
 
@@ -392,7 +339,7 @@ class EtcdSpeaker(Speaker):
         return http_request("/v3/kv/put", "application/json", self.port, body)
 
     def parse(self, buffer: bytearray) -> Parsed | None:
-        reply = parse_http(buffer)
+        reply = benchlib.parse_http(buffer)
         if reply is None:
             return None
         error = None
@@ -442,7 +389,7 @@ class XmlRpcSpeaker(Speaker):
         return http_request("/RPC2", "text/xml", self.port, body)
 
     def parse(self, buffer: bytearray) -> Parsed | None:
-        reply = parse_http(buffer)
+        reply = benchlib.parse_http(buffer)
         if reply is None:
             return None
         error = None
@@ -756,19 +703,6 @@ class Pump:
         self.selector.close()
 
 
-def realtime_offset_ns() -> int:
-    """CLOCK_REALTIME minus CLOCK_MONOTONIC, in ns: the kernel stamps
-    datagrams in the first; the best of a few readings."""
-    best = None
-    for _ in range(5):
-        before = time.monotonic_ns()
-        real = time.time_ns()
-        after = time.monotonic_ns()
-        if best is None or after - before < best[0]:
-            best = (after - before, real - (before + after) // 2)
-    return best[1]
-
-
 class UdpSubscriber:
     """One UDP socket subscribed to SUB_PREFIX on node B; event datagrams go
     to the shared records as (index, read time, datagram, ancillary data)."""
@@ -949,7 +883,7 @@ class EtcdWriter:
             self.closed = True
             return
         self.inbox += data
-        while (reply := parse_http(self.inbox)) is not None:
+        while (reply := benchlib.parse_http(self.inbox)) is not None:
             del self.inbox[:reply.size]
             ok = reply.status == 200 and b'"header"' in reply.body
             self.replies.append((None if ok else f"etcd HTTP {reply.status}", now))
@@ -1129,7 +1063,7 @@ def analyse(sent: Sent, deliveries: list[tuple[int, bytes, float]], receivers: i
 def kvconfig_deliveries(records: list, use_kernel: bool) -> tuple[list, int]:
     """(receiver index, value JSON text, arrival time) of the event datagrams
     on SUB_KEY, and how many datagrams were malformed."""
-    offset = realtime_offset_ns()
+    offset = benchlib.realtime_offset_ns()
     deliveries, malformed = [], 0
     for index, read_at, data, ancillary in records:
         try:

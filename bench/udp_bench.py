@@ -357,7 +357,7 @@ class Receiver:
         deadline = time.monotonic() + timeout
         while len(self.events) < expect and time.monotonic() < deadline:
             self.pump(min(0.05, deadline - time.monotonic()))
-        offset = realtime_offset_ns()
+        offset = benchlib.realtime_offset_ns()
         records = []
         malformed = 0
         for index, read_at, data, ancillary, port in self.events:
@@ -410,19 +410,6 @@ class Receiver:
             if now >= next_check:
                 self.keep_leases(now)
                 next_check = now + 1
-
-
-def realtime_offset_ns() -> int:
-    """CLOCK_REALTIME minus CLOCK_MONOTONIC, in ns: the kernel stamps
-    datagrams in the first; the best of a few readings."""
-    best = None
-    for _ in range(5):
-        before = time.monotonic_ns()
-        real = time.time_ns()
-        after = time.monotonic_ns()
-        if best is None or after - before < best[0]:
-            best = (after - before, real - (before + after) // 2)
-    return best[1]
 
 
 def raise_open_files(needed: int) -> None:

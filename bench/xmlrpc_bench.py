@@ -154,37 +154,7 @@ def build_requests(op: str, port: int) -> list[bytes]:
     return requests
 
 
-@dataclass
-class Response:
-    status: int
-    keep_alive: bool
-    body: bytes
-    size: int  # bytes of the buffer it took
-
-
-def parse_response(buffer: bytearray) -> Response | None:
-    """The response at the start of buffer, or None if it is not complete yet."""
-    head_end = buffer.find(b"\r\n\r\n")
-    if head_end < 0:
-        return None
-    status_line, *header_lines = bytes(buffer[:head_end]).decode("latin-1").split("\r\n")
-    version, status, *_ = status_line.split(" ", 2)
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if "content-length" not in headers:
-        raise ValueError(f"response without Content-Length: {status_line}")
-    body_start = head_end + 4
-    body_end = body_start + int(headers["content-length"])
-    if len(buffer) < body_end:
-        return None
-    connection = headers.get("connection", "").lower()
-    keep_alive = connection == "keep-alive" or (version == "HTTP/1.1" and connection != "close")
-    return Response(int(status), keep_alive, bytes(buffer[body_start:body_end]), body_end)
-
-
-def response_error(response: Response, expect_value: bool) -> str | None:
+def response_error(response: benchlib.HttpReply, expect_value: bool) -> str | None:
     """What is wrong with a response, or None if it is a good answer."""
     if response.status != 200:
         return f"HTTP status {response.status}"
@@ -275,7 +245,7 @@ class LoadGenerator(LoadGeneratorBase):
         self.disconnect(client)
         self.finish(client)
 
-    def complete(self, client: Client, response: Response) -> None:
+    def complete(self, client: Client, response: benchlib.HttpReply) -> None:
         error = response_error(response, self.expect_value)
         if error is None:
             now = time.perf_counter()
@@ -365,7 +335,7 @@ class LoadGenerator(LoadGeneratorBase):
             return
         client.inbox += data
         try:
-            response = parse_response(client.inbox)
+            response = benchlib.parse_http(client.inbox)
         except ValueError as e:
             self.fail(client, f"bad response: {e}")
             return
