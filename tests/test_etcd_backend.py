@@ -789,14 +789,7 @@ def _outcome(d: Deferred) -> list:
     return got
 
 
-@pytest.mark.parametrize("head", [
-    "sent",
-    pytest.param("unsent", marks=pytest.mark.xfail(
-        strict=True,
-        reason="stop() failing the unsent batched write at the head of a key's queue "
-               "runs _answered, which sends the next write queued to that key in a new "
-               "batch that stop() does not fail: it reaches etcd after stop()")),
-])
+@pytest.mark.parametrize("head", ["sent", "unsent"])
 @pytest_twisted.ensureDeferred
 async def test_stop_fails_unsent_writes_lets_sent_ones_finish_and_sends_nothing_after(
         etcd_single, open_store, head):

@@ -147,10 +147,8 @@ class EtcdBackend:
         # that fails those that wait too long.
         self._waiters: list[_Waiter] = []
         self._waiter_timer: IDelayedCall | None = None
-        # Fires once no answer waits any more (stop() waits for it).
-        self._drained: Deferred | None = None
-        # Fire as each write's call to etcd is answered (stop() waits for them).
-        self._in_flight: set[Deferred] = set()
+        # Fire as each write is acknowledged or fails (stop() waits for them).
+        self._writes: set[Deferred] = set()
         # key -> the writes to it waiting for this node's write in flight
         self._writing: dict[str, list[tuple[Callable[[], Deferred], Deferred]]] = {}
         # key -> (raw, value) of the put of it this node has in flight
@@ -209,17 +207,11 @@ class EtcdBackend:
         batch, self._batch = self._batch, []
         for _, _, d in batch:
             d.errback(Unavailable("kvconfig is stopping; the write was not sent"))
-        for key in list(self._writing):
-            queued, self._writing[key] = self._writing[key], []
-            for _, d in queued:
-                d.errback(Unavailable("kvconfig is stopping; the write was not sent"))
-        # A TTL write's lease grant is followed by its txn: wait again.
-        while self._in_flight or self._waiters:
-            if self._in_flight:
-                yield DeferredList(list(self._in_flight))
-            elif self._waiters:
-                self._drained = Deferred()
-                yield self._drained
+        # Writes queued behind another to their key fail as their turn
+        # comes (_answered); writes sent are answered, and acknowledged
+        # once the watch brings them, or fail within the timeout.
+        while self._writes:
+            yield DeferredList(list(self._writes))
         if self._waiter_timer is not None and self._waiter_timer.active():
             self._waiter_timer.cancel()
         if self._watch is not None:
@@ -235,7 +227,7 @@ class EtcdBackend:
         def send() -> Deferred:
             self._sending[key] = (raw, value)
             if ttl:
-                d = self._call("/v3/lease/grant", {"TTL": str(math.ceil(ttl))})
+                d = self.client.call("/v3/lease/grant", {"TTL": str(math.ceil(ttl))})
                 d.addCallback(lambda answer: request.update(lease=answer["ID"]))
                 d.addCallback(lambda _: self._txn(key, etcd_key, prev_revision,
                                                   {"request_put": request}))
@@ -246,7 +238,7 @@ class EtcdBackend:
             d.addCallback(self._put_done, key, value, raw)
             return d.addErrback(self._failed)
 
-        return self._in_order(key, send)
+        return self._track(self._in_order(key, send))
 
     def delete(self, key: str, prev_revision: int | None = None) -> Deferred:
         self._check_writable()
@@ -261,7 +253,7 @@ class EtcdBackend:
             d.addCallback(self._delete_done, key)
             return d.addErrback(self._failed)
 
-        return self._in_order(key, send)
+        return self._track(self._in_order(key, send))
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"etcd_state": self.state,
@@ -279,17 +271,18 @@ class EtcdBackend:
             raise Unavailable(f"etcd is unavailable: {self.reason}; reads are answered "
                               "from this node's copy, which may be stale")
 
-    def _call(self, path: str, body: dict) -> Deferred:
-        """A write's call to etcd, counted in flight until it is answered."""
+    def _track(self, write: Deferred) -> Deferred:
+        """Count *write* as unfinished until it is acknowledged or failed
+        (stop() waits for those)."""
         done: Deferred = Deferred()
-        self._in_flight.add(done)
+        self._writes.add(done)
 
-        def answered(result):
-            self._in_flight.discard(done)
+        def finished(result):
+            self._writes.discard(done)
             done.callback(None)
             return result
 
-        return self.client.call(path, body).addBoth(answered)
+        return write.addBoth(finished)
 
     def _in_order(self, key: str, send: Callable[[], Deferred]) -> Deferred:
         """Send a write to *key* once this node's earlier writes to it are
@@ -311,7 +304,10 @@ class EtcdBackend:
         queue = self._writing.get(key)
         if queue:
             send, d = queue.pop(0)
-            send().chainDeferred(d)
+            if self._stopping:
+                d.errback(Unavailable("kvconfig is stopping; the write was not sent"))
+            else:
+                send().chainDeferred(d)
         else:
             self._writing.pop(key, None)
             self._seen_puts.pop(key, None)
@@ -345,7 +341,7 @@ class EtcdBackend:
         # metadata each put left comes with its watch event, which the
         # acknowledgement waits for anyway: reading it in the txn would
         # nearly double etcd's work.
-        d = self._call("/v3/kv/txn", {"success": [operation for operation, _, _ in batch]})
+        d = self.client.call("/v3/kv/txn", {"success": [operation for operation, _, _ in batch]})
         self.counters["etcd_batches"] += 1
         self._batches_in_flight += 1
 
@@ -383,7 +379,7 @@ class EtcdBackend:
                             "mod_revision": str(prev_revision)})
         read = {"request_range": {"key": etcd_key, "keys_only": True}}
         body = {"compare": compare, "success": [operation, read], "failure": [read]}
-        d = self._call("/v3/kv/txn", body)
+        d = self.client.call("/v3/kv/txn", body)
         d.addCallback(self._txn_answered, key, prev_revision)
         return d
 
@@ -472,11 +468,6 @@ class EtcdBackend:
             self._waiter_timer.cancel()
         for waiter in ready:
             _settle(waiter.d, waiter.outcome)
-        self._maybe_drained()
-
-    def _maybe_drained(self) -> None:
-        if not self._waiters and self._drained is not None and not self._drained.called:
-            self._drained.callback(None)
 
     def _expire_waiters(self) -> None:
         """One timer for every waiter (they share one timeout, so the first
@@ -492,7 +483,6 @@ class EtcdBackend:
             what = ("the write was made in etcd, but this node's copy has not caught up"
                     if waiter.wrote else "this node's copy has not caught up with etcd's answer")
             waiter.d.errback(Unavailable(f"{what} within {self.timeout:g} s{why}"))
-        self._maybe_drained()
         if expired and self._watch is not None:
             # etcd answered but the watch brought nothing for that long: its
             # member may be hung with the connection open.  Reopen it (on the
