@@ -31,6 +31,7 @@ test run and is not installed.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -773,3 +774,15 @@ def realtime_offset_ns() -> int:
         if best is None or after - before < best[0]:
             best = (after - before, real - (before + after) // 2)
     return best[1]
+
+
+def subscription_request(kind: str, prefix: str, cookie: str | None, pad_to: int) -> bytes:
+    """A notifier request datagram (kind: subscribe or unsubscribe), with the
+    cookie if there is one, padded to pad_to bytes: the server answers an
+    unproven address only with a cookie no larger than the request."""
+    message: dict[str, Any] = {"v": 1, "t": kind, "prefix": prefix}
+    if cookie is not None:
+        message["cookie"] = cookie
+    message["pad"] = ""
+    body = json.dumps(message, separators=(",", ":")).encode()
+    return body[:-2] + b"x" * max(0, pad_to - len(body)) + b'"}'

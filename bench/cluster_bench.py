@@ -766,12 +766,7 @@ class UdpSubscriber:
 
     def request(self, now: float) -> None:
         """Send the request in self.wants, with the cookie if there is one, padded."""
-        message: dict[str, Any] = {"v": 1, "t": self.wants, "prefix": SUB_PREFIX}
-        if self.cookie is not None:
-            message["cookie"] = self.cookie
-        message["pad"] = ""
-        body = json.dumps(message, separators=(",", ":")).encode()
-        body = body[:-2] + b"x" * max(0, PAD_TO - len(body)) + b'"}'
+        body = benchlib.subscription_request(self.wants, SUB_PREFIX, self.cookie, PAD_TO)
         try:
             self.sock.sendto(body, self.server)
         except OSError as e:

@@ -281,12 +281,7 @@ class Receiver:
 
     def request(self, subscriber: Subscriber, now: float) -> None:
         """Send the subscriber's request, with its cookie if it has one, padded."""
-        message: dict[str, Any] = {"v": 1, "t": subscriber.wants, "prefix": PREFIX}
-        if subscriber.cookie is not None:
-            message["cookie"] = subscriber.cookie
-        message["pad"] = ""
-        body = json.dumps(message, separators=(",", ":")).encode()
-        body = body[:-2] + b"x" * max(0, PAD_TO - len(body)) + b'"}'
+        body = benchlib.subscription_request(subscriber.wants, PREFIX, subscriber.cookie, PAD_TO)
         try:
             subscriber.sock.sendto(body, self.server)
         except OSError as e:
