@@ -92,8 +92,7 @@ PAGE_SIZE = 500
 FIRST_RETRY = 0.05
 MAX_RETRY = 1.0
 #: gRPC status codes etcd answers with.
-UNAVAILABLE_CODES = {4, 14}   # deadline exceeded, unavailable (no leader, timed out)
-OUT_OF_RANGE = 11             # a read at a compacted revision
+UNAVAILABLE_CODES = {4, 14}  # deadline exceeded, unavailable (no leader, timed out)
 
 # Allowances beyond the largest value kvconfig writes, for values other
 # writers put under the prefix and for base64 and JSON framing.
