@@ -801,13 +801,49 @@ def handshake(pump: Pump, subscribers: list[UdpSubscriber], kind: str) -> list[s
     return problems
 
 
-class LineWriter:
-    """A line-protocol connection to node A; replies as (line, read time)."""
+class Writer:
+    """One keep-alive connection of the latency runs: write() sends a whole
+    request (blocking, it is small); on_readable() collects the replies as
+    (what is wrong or None, read time) with parse_replies()."""
 
     def __init__(self, port: int) -> None:
+        self.port = port
         self.sock = socket.create_connection((HOST, port), timeout=CONNECT_TIMEOUT_S)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.inbox = bytearray()
+        self.replies: deque[tuple[str | None, float]] = deque()
+        self.closed = False
+
+    def send(self, request: bytes) -> None:
+        self.sock.setblocking(True)
+        try:
+            self.sock.sendall(request)
+        finally:
+            self.sock.setblocking(False)
+
+    def on_readable(self, now: float) -> None:
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return
+        if not data:
+            self.closed = True
+            return
+        self.inbox += data
+        self.parse_replies(now)
+
+    def parse_replies(self, now: float) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class LineWriter(Writer):
+    """A line-protocol connection to node A setting SUB_KEY."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
         while b"\n" not in self.inbox:
             data = self.sock.recv(RECV_BYTES)
             if not data:
@@ -818,73 +854,35 @@ class LineWriter:
             raise RuntimeError(f"node A greeted with {greeting[:80]!r}")
         self.inbox[:] = rest
         self.sock.setblocking(False)
-        self.replies: deque[tuple[str | None, float]] = deque()
-        self.closed = False
 
     def write(self, value: bytes) -> None:
-        self.sock.setblocking(True)
-        try:
-            self.sock.sendall(b"SET %s %s\r\n" % (SUB_KEY.encode(), value))
-        finally:
-            self.sock.setblocking(False)
+        self.send(b"SET %s %s\r\n" % (SUB_KEY.encode(), value))
 
-    def on_readable(self, now: float) -> None:
-        try:
-            data = self.sock.recv(RECV_BYTES)
-        except BlockingIOError:
-            return
-        if not data:
-            self.closed = True
-            return
-        self.inbox += data
+    def parse_replies(self, now: float) -> None:
         *lines, rest = bytes(self.inbox).split(b"\n")
         self.inbox[:] = rest
         for line in lines:
             line = line.rstrip(b"\r")
             self.replies.append((None if line.startswith(b"OK ") else line_error(line), now))
 
-    def close(self) -> None:
-        self.sock.close()
 
-
-class EtcdWriter:
-    """A keep-alive connection to etcd's gateway putting RAW_KEY; replies as
-    (what is wrong or None, read time)."""
+class EtcdWriter(Writer):
+    """A keep-alive connection to etcd's gateway putting RAW_KEY."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.sock = socket.create_connection((HOST, port), timeout=CONNECT_TIMEOUT_S)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__(port)
         self.sock.setblocking(False)
-        self.inbox = bytearray()
-        self.replies: deque[tuple[str | None, float]] = deque()
-        self.closed = False
         self.key = base64.b64encode(RAW_KEY.encode())
 
     def write(self, value: bytes) -> None:
         body = b'{"key":"%s","value":"%s"}' % (self.key, base64.b64encode(value))
-        self.sock.setblocking(True)
-        try:
-            self.sock.sendall(http_request("/v3/kv/put", "application/json", self.port, body))
-        finally:
-            self.sock.setblocking(False)
+        self.send(http_request("/v3/kv/put", "application/json", self.port, body))
 
-    def on_readable(self, now: float) -> None:
-        try:
-            data = self.sock.recv(RECV_BYTES)
-        except BlockingIOError:
-            return
-        if not data:
-            self.closed = True
-            return
-        self.inbox += data
+    def parse_replies(self, now: float) -> None:
         while (reply := benchlib.parse_http(self.inbox)) is not None:
             del self.inbox[:reply.size]
             ok = reply.status == 200 and b'"header"' in reply.body
             self.replies.append((None if ok else f"etcd HTTP {reply.status}", now))
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class EtcdWatch:
@@ -980,7 +978,7 @@ class Sent:
     errors: Counter = field(default_factory=Counter)
 
 
-def timed_writes(pump: Pump, writer: LineWriter | EtcdWriter, first_serial: int, count: int,
+def timed_writes(pump: Pump, writer: Writer, first_serial: int, count: int,
                  interval: float, received: Callable[[], int], receivers: int) -> Sent:
     """Up to count writes, one every interval and each only once the one
     before is answered, within their schedule plus RUN_SLACK_S; then wait at
