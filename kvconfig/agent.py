@@ -2,7 +2,7 @@
 The kvconfig agent: keeps a machine's copy of a key prefix exactly in step
 with the server, and tells the application when it changes.
 
-It subscribes to the server's UDP notifications (kvconfig.notifier holds the
+It subscribes to the server's UDP notifications (kvconfig.udpwire holds the
 wire format) and renews the lease.  Datagrams are only a hint that something
 changed: each carries a per-subscription sequence number, and whatever the
 agent cannot vouch for (a gap in the numbers that does not fill within
@@ -43,15 +43,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvconfig import errors, values
-from kvconfig.notifier import BadDatagram, Sealer
+from kvconfig.udpwire import BadDatagram, Sealer, pad
 
 #: Seconds between the agent's checks of its subscription (renewal, silence).
 TICK = 0.5
 #: Subscribe requests left unanswered before the agent moves to the next node.
 SWITCH_AFTER = 2
-#: Subscribe requests are padded to this size: the server answers an
-#: unproven address with no more bytes than it was sent.
-SUBSCRIBE_PAD_TO = 320
 #: Datagrams held while a gap waits to fill or a pull is under way.
 MAX_HELD = 4096
 
@@ -241,7 +238,7 @@ class Agent:
                 call.cancel()
         if self.sub is not None and self.cookie is not None:
             self._send({"t": "unsubscribe", "prefix": self.prefix, "cookie": self.cookie},
-                       pad=True)
+                       padded=True)
 
     # Subscribing
 
@@ -250,7 +247,7 @@ class Agent:
         if self.cookie is not None:
             message["cookie"] = self.cookie
         self.counters["subscribes"] += 1
-        self._send(message, pad=True)
+        self._send(message, padded=True)
 
     def _tick(self) -> None:
         now = self.clock.seconds()
@@ -542,13 +539,10 @@ class Agent:
         if self._running:
             self._retry_call = self.clock.callLater(delay, self.pull)
 
-    def _send(self, message: dict[str, Any], pad: bool = False) -> None:
+    def _send(self, message: dict[str, Any], padded: bool = False) -> None:
         if self.transport is None:
             return
-        datagram = self.sealer.seal(message)
-        if pad and len(datagram) < SUBSCRIBE_PAD_TO:
-            message = {**message, "pad": "-" * (SUBSCRIBE_PAD_TO - len(datagram) - 9)}
-            datagram = self.sealer.seal(message)
+        datagram = pad(message, self.sealer) if padded else self.sealer.seal(message)
         try:
             self.transport.write(datagram, self.server)
         except Exception as e:  # no route, a full buffer: the next tick retries

@@ -30,8 +30,8 @@ from kvconfig.agent import (
     run_command,
 )
 from kvconfig.errors import KVConfigError
-from kvconfig.notifier import Sealer
 from kvconfig.secret import read_secret
+from kvconfig.udpwire import Sealer
 
 
 class Options(usage.Options):

@@ -1,71 +1,9 @@
 """
-UDP change notifications: the wire format, and the server's notifier.
+The server's UDP notifier: the UDP port's handshake, and the fan-out of
+every change to the subscriptions whose prefix it falls under.
 
-Wire format, version 1
-======================
-
-Notify-then-pull, like DNS NOTIFY: the server pushes small datagrams to
-subscribed addresses; a subscriber that sees a gap pulls what it missed over
-TCP with ``changes(prefix, since)`` (or ``list(prefix)`` after ``compacted``).
-Default port 15002 on 127.0.0.1 (``--udp udp:15002:interface=127.0.0.1``).
-
-Every datagram is one UTF-8 JSON object with ``"v": 1`` and a type ``"t"``.
-With a shared secret (``--secret-file``) the object also carries ``"ts"``
-(the sender's Unix time) and ``"nonce"`` (16 random hex digits), and is
-followed by a newline and the lowercase hex HMAC-SHA256 of the JSON bytes
-under the secret.  A receiver drops, and counts, a datagram that is not
-signed, whose signature is wrong, whose ``ts`` is more than
-``--max-clock-skew`` seconds from its own clock, or whose nonce it has seen.
-Without a secret, datagrams carry no ``ts``, ``nonce`` or signature.
-
-Subscriber to server::
-
-    {"v":1,"t":"subscribe","prefix":P,"cookie":C,"pad":"..."}
-    {"v":1,"t":"unsubscribe","prefix":P,"cookie":C,"pad":"..."}
-
-Without a valid ``cookie`` the server only answers ``{"v":1,"t":"cookie",
-"cookie":C}``, and only if that answer is no larger than the request (so a
-subscriber pads its request with ``pad``; 256 bytes is plenty), at most
-``--max-cookie-rate`` such answers a second.  The cookie proves the sender
-receives at its address; nothing else is ever sent to an address before it
-returns one.  Cookies last at least a minute; an expired one is answered with
-a fresh one.  With a valid cookie, ``subscribe`` creates the subscription of
-that address to prefix ``P``, or renews its lease, and is answered::
-
-    {"v":1,"t":"subscribed","sub":S,"prefix":P,"seq":N,"rev":R,"head":H,
-     "lease":L,"heartbeat":B}
-
-``S`` names this subscription (16 hex digits): a new ``S`` means a new
-subscription whose sequence starts again at 0 (the server restarted, or the
-lease ran out).  ``N`` is the last sequence number sent on it, ``R`` the
-revision of its last event (0: none yet), ``H`` the store's revision, ``L``
-the lease in seconds (renew well before, say every L/3) and ``B`` the
-heartbeat interval.  ``unsubscribe`` is answered ``{"v":1,"t":"unsubscribed",
-"prefix":P,"sub":S|null}``.  A refused subscribe (a bad prefix, a limit) is
-answered ``{"v":1,"t":"error","prefix":P,"code":C,"error":NAME,
-"message":TEXT}`` with the codes of kvconfig.errors.
-
-Server to subscriber, once subscribed, one event per datagram::
-
-    {"v":1,"t":"event","sub":S,"seq":N,"rev":R,"op":"put","key":K,"value":V}
-    {"v":1,"t":"event","sub":S,"seq":N,"rev":R,"op":"put","key":K,"pull":true}
-    {"v":1,"t":"event","sub":S,"seq":N,"rev":R,"op":"delete","key":K[,"expired":true]}
-    {"v":1,"t":"event","sub":S,"seq":N,"rev":R,"pull":true}
-    {"v":1,"t":"heartbeat","sub":S,"seq":N,"rev":R,"head":H}
-
-``seq`` goes up by exactly one per event, starting at 1, including events
-the server skipped (past ``--max-send-rate``) or could not send, so every
-loss shows as a gap.  Events of one revision carry the same ``rev``.  ``V``
-is the value in kvconfig's tagged JSON (see kvconfig.values).  A value that
-would make the datagram larger than ``--max-datagram-bytes`` is left out
-(``"pull":true``: read the key); if even the key does not fit, so is the key
-(pull ``changes`` from the previous revision).  A heartbeat every
-``--heartbeat-seconds`` carries the subscription's last ``seq`` and event
-``rev``, and ``H``, the store's revision: a subscriber whose last seq is
-lower lost the tail and pulls; one that hears nothing for a few heartbeats
-subscribes again.  After skipping events for the rate limit the server sends
-a heartbeat as soon as the rate allows, so the gap is seen at once.
-
+The wire format (datagram shapes, sealing, the cookie handshake) is
+documented and implemented in kvconfig.udpwire, which the agent shares.
 Subscriptions can also be made over TCP, for the caller's own peer address:
 XML-RPC ``subscribe(prefix, udp_port)`` / ``unsubscribe(prefix, udp_port)``
 and the line protocol's ``SUBSCRIBE``/``UNSUBSCRIBE``; the TCP handshake is
@@ -76,10 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,135 +27,23 @@ from twisted.logger import Logger
 
 from kvconfig import errors, values
 from kvconfig.limits import Limits
-from kvconfig.model import DELETE, Event
+from kvconfig.model import Event
 from kvconfig.store import Store
+from kvconfig.udpwire import (
+    MAX_REQUEST_BYTES,
+    BadDatagram,
+    Sealer,
+    event_head,
+    event_room,
+    event_tails,
+    heartbeat,
+    signed_event_head,
+)
 
-WIRE_VERSION = 1
-#: Datagrams larger than this are not read at all.
-MAX_REQUEST_BYTES = 4096
-#: Bytes of a signature: a newline and 64 hex digits.
-SIGNATURE_BYTES = 65
-#: Room kept in every event datagram for its head (type, sub, seq, ts, nonce).
-_HEAD_ROOM = 128
 #: Seconds in one cookie period; a cookie is good for this one and the next.
 COOKIE_PERIOD = 60
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _SURROGATE = re.compile("[\ud800-\udfff]")
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-# Strict JSON: NaN and Infinity would poison timestamps, leases and seqs.
-_loads = json.JSONDecoder(parse_constant=_no_constants).decode
-
-
-class BadDatagram(Exception):
-    """A datagram was dropped; ``reason`` names the counter it goes to."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-#: Why datagrams are dropped: the counters both ends keep.
-DROP_REASONS = ("malformed", "unsigned", "bad_signature", "stale", "replayed")
-
-
-class Sealer:
-    """Seals outgoing datagrams and opens incoming ones, signed or not.
-
-    Both the notifier and the agent use one; with a secret every datagram is
-    signed and carries a timestamp and a nonce, and ``open`` rejects
-    forgeries, stale datagrams and replays within the skew window.
-    """
-
-    def __init__(self, secret: bytes | None, clock: IReactorTime, max_skew: float = 30,
-                 max_nonces: int = 200_000) -> None:
-        self.secret = secret
-        self.clock = clock
-        self.max_skew = max_skew
-        self.max_nonces = max_nonces
-        self._nonces: OrderedDict[str, float] = OrderedDict()
-        self.dropped = dict.fromkeys(DROP_REASONS, 0)
-
-    @property
-    def overhead(self) -> int:
-        """Bytes a seal adds to a message's JSON: the signature, and the
-        ``"ts":1234567890.123,"nonce":"<16 hex>"`` fields (46 bytes) with
-        room to spare."""
-        return SIGNATURE_BYTES + 48 if self.secret else 0
-
-    def seal(self, message: dict[str, Any]) -> bytes:
-        message = {"v": WIRE_VERSION, **message}
-        if self.secret:
-            message["ts"] = round(self.clock.seconds(), 3)
-            message["nonce"] = os.urandom(8).hex()
-        return self.sign(_dumps(message).encode())
-
-    def head(self) -> bytes:
-        """The start of a hand-built datagram: ``{"v":1`` and, when signing,
-        a fresh ``ts`` and ``nonce``."""
-        if self.secret:
-            return b'{"v":1,"ts":%.3f,"nonce":"%s"' % (self.clock.seconds(),
-                                                       os.urandom(8).hex().encode())
-        return b'{"v":1'
-
-    def sign(self, body: bytes) -> bytes:
-        if not self.secret:
-            return body
-        mac = hmac.new(self.secret, body, hashlib.sha256).hexdigest()
-        return body + b"\n" + mac.encode()
-
-    def open(self, datagram: bytes) -> dict[str, Any]:
-        """The message in *datagram*, or BadDatagram (counted)."""
-        try:
-            return self._open(datagram)
-        except BadDatagram as e:
-            self.dropped[e.reason] += 1
-            raise
-
-    def _open(self, datagram: bytes) -> dict[str, Any]:
-        if len(datagram) > MAX_REQUEST_BYTES * 16:
-            raise BadDatagram("malformed")
-        body = datagram
-        if self.secret:
-            body, newline, mac = datagram.rpartition(b"\n")
-            if not newline:
-                raise BadDatagram("unsigned")
-            expected = hmac.new(self.secret, body, hashlib.sha256).hexdigest().encode()
-            if not hmac.compare_digest(mac, expected):
-                raise BadDatagram("bad_signature")
-        try:
-            message = _loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise BadDatagram("malformed") from None
-        if (type(message) is not dict or type(message.get("v")) is not int
-                or message["v"] != WIRE_VERSION
-                or type(message.get("t")) is not str):
-            raise BadDatagram("malformed")
-        if self.secret:
-            self._check_fresh(message)
-        return message
-
-    def _check_fresh(self, message: dict[str, Any]) -> None:
-        ts, nonce = message.get("ts"), message.get("nonce")
-        if type(ts) not in (int, float) or type(nonce) is not str or len(nonce) > 64:
-            raise BadDatagram("malformed")
-        now = self.clock.seconds()
-        # Compared, not subtracted: NaN is then never fresh, and a huge
-        # integer cannot overflow a float.
-        if not now - self.max_skew <= ts <= now + self.max_skew:
-            raise BadDatagram("stale")
-        nonces = self._nonces
-        # A nonce older than the window cannot be replayed (it would be
-        # stale), so it need not be remembered.
-        while nonces and (next(iter(nonces.values())) < now - self.max_skew
-                          or len(nonces) >= self.max_nonces):
-            nonces.popitem(last=False)
-        if nonce in nonces:
-            raise BadDatagram("replayed")
-        nonces[nonce] = ts
 
 
 @dataclass(eq=False)
@@ -251,7 +75,7 @@ class Subscription:
     event_head: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
-        self.event_head = b'{"v":1,"t":"event","sub":"%s","seq":' % self.id.encode()
+        self.event_head = event_head(self.id)
 
     def description(self, head: int, limits: Limits) -> dict[str, Any]:
         return {"sub": self.id, "prefix": self.prefix, "seq": self.seq, "rev": self.rev,
@@ -497,17 +321,10 @@ class Notifier:
     def _tail(self, event: Event) -> bytes:
         """The part of an event datagram after ``seq`` (the same for every
         subscriber): the fullest form that fits."""
-        room = self.limits.max_datagram_bytes - _HEAD_ROOM - self.sealer.overhead
-        head = b',"rev":%d' % event.revision
-        key = _dumps(event.key).encode()
-        if event.type == DELETE:
-            tail = head + b',"op":"delete","key":' + key + (
-                b',"expired":true}' if event.expired else b"}")
-            forms = [tail]
-        else:
-            forms = [head + b',"op":"put","key":' + key + b',"value":' + event.kv.raw + b"}",
-                     head + b',"op":"put","key":' + key + b',"pull":true}']
-        forms.append(head + b',"pull":true}')
+        room = event_room(self.limits.max_datagram_bytes, self.sealer)
+        kv = event.kv
+        forms = event_tails(event.revision, event.type, event.key,
+                            None if kv is None else kv.raw, event.expired)
         return next(form for form in forms if len(form) <= room)
 
     def _fan_out(self, revision: int, tail: bytes,
@@ -540,8 +357,8 @@ class Notifier:
                 continue
             bucket.tokens = (rate if tokens > rate else tokens) - 1
             if signing:
-                datagram = sealer.sign(b'%s,"t":"event","sub":"%s","seq":%d%s' % (
-                    sealer.head(), subscription.id.encode(), seq, tail))
+                datagram = sealer.sign(b"%s%d%s" % (
+                    signed_event_head(sealer, subscription.id), seq, tail))
             else:
                 datagram = b"%s%d%s" % (subscription.event_head, seq, tail)
             try:
@@ -559,8 +376,8 @@ class Notifier:
                 1 / self.limits.max_send_rate, self._heartbeat_to, subscription)
 
     def _heartbeat_to(self, subscription: Subscription) -> None:
-        message = {"t": "heartbeat", "sub": subscription.id, "seq": subscription.seq,
-                   "rev": subscription.rev, "head": self.store.revision}
+        message = heartbeat(subscription.id, subscription.seq, subscription.rev,
+                            self.store.revision)
         if self._send(self.sealer.seal(message), subscription.address):
             self.counters["heartbeats_sent"] += 1
 

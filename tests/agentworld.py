@@ -10,7 +10,8 @@ import random
 from twisted.internet.defer import Deferred
 
 from kvconfig.agent import Agent, Change
-from kvconfig.notifier import Notifier, Sealer
+from kvconfig.notifier import Notifier
+from kvconfig.udpwire import Sealer
 
 SERVER = ("127.0.0.1", 15002)
 AGENT = ("127.0.0.1", 40000)

@@ -19,15 +19,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
 from kvconfig import errors, values
-from kvconfig.notifier import (
-    COOKIE_PERIOD,
-    DROP_REASONS,
-    MAX_REQUEST_BYTES,
-    BadDatagram,
-    Notifier,
-    NotifierProtocol,
-    Sealer,
-)
+from kvconfig.notifier import COOKIE_PERIOD, Notifier, NotifierProtocol
+from kvconfig.udpwire import DROP_REASONS, MAX_REQUEST_BYTES, BadDatagram, Sealer
 
 from faults import INVALID_KEY, KEY_TOO_LARGE
 from stores import clocked_store

@@ -33,9 +33,10 @@ from twisted.web.server import Site
 from kvconfig.backends.memory import MemoryBackend
 from kvconfig.limits import Limits
 from kvconfig.line import LineFactory
-from kvconfig.notifier import Notifier, NotifierProtocol, Sealer
+from kvconfig.notifier import Notifier, NotifierProtocol
 from kvconfig.store import Store
 from kvconfig.tap import Options, makeService
+from kvconfig.udpwire import Sealer
 from kvconfig.xmlrpc import KVConfigXMLRPC, make_factory
 
 from faults import (
