@@ -7,9 +7,9 @@ package for form decoding, canonicalised header objects, sessions, the
 resource tree); measured, that is most of each call's cost.  This channel
 parses exactly what XML-RPC over HTTP needs and hands the body to the
 handler (the twisted.web.xmlrpc resource in kvconfig.xmlrpc), whose
-``respond(body, peer)`` returns the response body or a Deferred of it;
-``peer`` is the connection's peer host (the caller's IP address, which UDP
-subscriptions are made for), or None for a peer without one.
+``respond(body, session)`` returns the response body or a Deferred of it;
+``session`` is the connection's kvconfig.session.Session, which knows the
+client and orders its requests.
 
 What it speaks:
 
@@ -41,6 +41,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.web.http import datetimeToString
 
 from kvconfig.limits import Limits
+from kvconfig.session import Session, Sessions
 
 MAX_HEAD_BYTES = 16 * 1024
 
@@ -57,9 +58,9 @@ _STATUS = {
 class Handler(TypingProtocol):
     paths: tuple[bytes, ...]
 
-    def respond(self, body: bytes | None, peer: str | None) -> bytes | Deferred:
+    def respond(self, body: bytes | None, session: Session) -> bytes | Deferred:
         """The response body for a request body (None: it was too large)
-        from the peer host *peer*."""
+        from the client of *session*."""
 
 
 class HTTPError(Exception):
@@ -77,8 +78,9 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
 
     log = Logger()
 
-    def __init__(self, factory: XMLRPCChannelFactory) -> None:
+    def __init__(self, factory: XMLRPCChannelFactory, session: Session) -> None:
         self.factory = factory
+        self.session = session
         self.callLater = factory.clock.callLater  # TimeoutMixin's clock
         self._buffer = bytearray()
         self._state = _HEAD
@@ -89,14 +91,11 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         # The request being read
         self._remaining = 0          # body (or chunk) bytes still to read
         self._body: bytearray | None = None   # None while discarding
-        self._peer: str | None = None
 
     # Connection life
 
     def connectionMade(self) -> None:
-        self.factory.connections += 1
-        # A UNIX socket's peer has no host.
-        self._peer = getattr(self.transport.getPeer(), "host", None)
+        self.session.connected_from(self.transport.getPeer())
         if hasattr(self.transport, "setTcpNoDelay"):
             # Responses are written whole; waiting for more (Nagle) only adds latency.
             self.transport.setTcpNoDelay(True)
@@ -105,7 +104,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason=None) -> None:
         self.connected = False
-        self.factory.connections -= 1
+        self.session.close()
         self.setTimeout(None)
         self._buffer.clear()
 
@@ -291,7 +290,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
 
     def _dispatch(self, body: bytes | None) -> None:
         try:
-            result = self.factory.handler.respond(body, self._peer)
+            result = self.factory.handler.respond(body, self.session)
         except Exception:
             self.log.failure("XML-RPC handler failed")
             self._fail(500, "internal error")
@@ -343,25 +342,22 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
 
 
 class XMLRPCChannelFactory(Factory):
-    """Builds channels; refuses connections over ``max_connections``."""
+    """Builds channels, each with a session of its own (None past the
+    connection limit: *sessions* refuses it)."""
 
-    def __init__(self, handler: Handler, limits: Limits, clock: IReactorTime) -> None:
+    def __init__(self, handler: Handler, limits: Limits, clock: IReactorTime,
+                 sessions: Sessions) -> None:
         self.handler = handler
         self.limits = limits
         self.clock = clock
-        self.connections = 0
-        self.refused = 0
+        self.sessions = sessions
+        self.counters = sessions.counters
         self._date_second = -1
         self._date = b""
 
     def buildProtocol(self, addr) -> XMLRPCChannel | None:
-        if self.connections >= self.limits.max_connections:
-            self.refused += 1
-            return None
-        return XMLRPCChannel(self)
-
-    def stats(self) -> dict[str, int]:
-        return {"connections": self.connections, "refused": self.refused}
+        session = self.sessions.open()
+        return None if session is None else XMLRPCChannel(self, session)
 
     def date_header(self) -> bytes:
         """The Date header line, formatted once a second."""

@@ -48,7 +48,7 @@ streams live ones.  ``expires_at`` is a Unix time.
 
 ``SUBSCRIBE`` makes (or renews the lease of) a UDP subscription to
 ``prefix`` (default: every key) for this connection's peer host at UDP
-``port``: notifications then arrive as datagrams (kvconfig.notifier's wire
+``port``: notifications then arrive as datagrams (kvconfig.udpwire's wire
 format), not on this connection, and outlive it until the lease runs out.
 The reply gives the subscription's name, its last sequence number and event
 revision, the store's revision, the lease and the heartbeat interval in
@@ -98,13 +98,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
-from twisted.python.failure import Failure
 
 from kvconfig import __version__, errors, values
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
-from kvconfig.notifier import Notifier
+from kvconfig.session import Session, Sessions
 from kvconfig.store import Store
+from kvconfig.subscriptions import Subscriptions
 
 
 def _no_constants(name: str) -> Any:
@@ -196,76 +196,53 @@ class Command:
     writes: bool = False    # changes the store
 
 
-def _settled(result: Any) -> Any:
-    """The result of a Deferred that has already fired, else *result* itself."""
-    # A called Deferred that is paused (waiting on one it chained to) has
-    # no result yet.
-    if isinstance(result, Deferred) and result.called and not result.paused:
-        box: list = []
-        result.addBoth(box.append)
-        return box[0]
-    return result
-
-
-#: Commands held behind a pending write before reading pauses (flow
-#: control, not an error: reading resumes as they are answered).
-MAX_QUEUED_COMMANDS = 1024
-
-
-@dataclass(frozen=True)
-class _Queued:
-    """A command waiting for the replies before it."""
-
-    command: Command
-    rest: str
+def _raiser(error: errors.KVConfigError) -> Callable[[], Any]:
+    """An operation that fails with *error*: an error answered in its turn."""
+    def operation() -> Any:
+        raise error
+    return operation
 
 
 class LineProtocol(Protocol, TimeoutMixin):
-    """One connection: parse lines, answer in order, stream watch events."""
+    """One connection: parse lines, hand each command to the client's
+    session, write the answers as they come (in request order), stream
+    watch events between them."""
 
     log = Logger()
 
-    def __init__(self, factory: LineFactory) -> None:
+    def __init__(self, factory: LineFactory, session: Session) -> None:
         self.factory = factory
-        self.store = factory.store
+        self.session = session
         self.limits = factory.limits
         self.callLater = factory.clock.callLater
         self._buffer = bytearray()
         self._discarding = False
-        self._replies: deque[list] = deque()   # reply slots, in request order
-        self._queued = 0                       # commands waiting in _replies
-        self._queued_bytes = 0
-        self._draining = False
-        self._held = False                     # reading stopped: queue full
+        self._held = False                     # reading stopped: session backlogged
         self._out: list[bytes] | None = None   # replies of the lines being read
         self._out_bytes = 0
+        self._backlog: deque[bytes] = deque()  # watch events not yet written
         self._backlog_bytes = 0
         self._paused = False
         self._closing = False
-        self._watches: dict[int, Callable[[], None]] = {}
-        self._backlog: deque[bytes] = deque()
-        self._next_watch = 1
 
     # Connection life
 
     def connectionMade(self) -> None:
-        self.factory.connections += 1
+        self.session.connected_from(self.transport.getPeer())
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
         self.transport.registerProducer(self, True)
         self.setTimeout(self.limits.idle_timeout)
         self._write_lines([b"HELLO kvconfig %s revision %d - type HELP for commands"
-                           % (__version__.encode(), self.store.revision)])
+                           % (__version__.encode(), self.factory.store.revision)])
 
     def connectionLost(self, reason=None) -> None:
-        self.factory.connections -= 1
         self.setTimeout(None)
-        self._end_watches()
-        self._replies.clear()
+        self.session.close()
         self._backlog.clear()
 
     def timeoutConnection(self) -> None:
-        if self._watches:
+        if self.session.watching:
             # Watching connections are expected to be quiet.  (The timer has
             # fired, so it is set anew rather than reset.)
             self.setTimeout(self.limits.idle_timeout)
@@ -289,7 +266,7 @@ class LineProtocol(Protocol, TimeoutMixin):
             self._process()
 
     def stopProducing(self) -> None:
-        self._end_watches()
+        self.session.unwatch()
 
     # Reading
 
@@ -307,9 +284,9 @@ class LineProtocol(Protocol, TimeoutMixin):
         finally:
             self._flush_out()
             self._out = None
-        if self._buffer and self._queue_full() and not self._held:
+        if self._buffer and self.session.backlogged and not self._held:
             # Too many commands wait behind a pending write: stop reading
-            # until they drain (_drain resumes).
+            # until they are answered (_answered resumes).
             self._held = True
             self.transport.pauseProducing()
         self._close_if_done()
@@ -319,13 +296,10 @@ class LineProtocol(Protocol, TimeoutMixin):
         if out and self.connected:
             self.transport.write(b"".join(out))
 
-    def _queue_full(self) -> bool:
-        return (self._queued >= MAX_QUEUED_COMMANDS
-                or self._queued_bytes > self.factory.max_line_bytes)
-
     def _read_lines(self) -> None:
         buffer, limit = self._buffer, self.factory.max_line_bytes
-        while not self._paused and not self._closing and not self._queue_full():
+        session = self.session
+        while not self._paused and not self._closing and not session.backlogged:
             end = buffer.find(b"\n")
             if end < 0:
                 if self._discarding:
@@ -349,15 +323,16 @@ class LineProtocol(Protocol, TimeoutMixin):
     def _too_long(self, discarding: bool = True) -> None:
         if not self._discarding:
             self.factory.counters["lines_too_long"] += 1
-            self._reply(errors.RequestTooLarge(
-                f"line is longer than {self.factory.max_line_bytes} bytes; skipped"))
+            self._reply(self.session.submit(_raiser(errors.RequestTooLarge(
+                f"line is longer than {self.factory.max_line_bytes} bytes; skipped"))))
         self._discarding = discarding
 
     def _line(self, raw: bytes) -> None:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            self._reply(errors.BadEncoding("line is not valid UTF-8"))
+            self._reply(self.session.submit(_raiser(errors.BadEncoding(
+                "line is not valid UTF-8"))))
             return
         words = split_words(text, 1)
         if not words:
@@ -365,85 +340,41 @@ class LineProtocol(Protocol, TimeoutMixin):
         name, rest = words[0], words[1] if len(words) > 1 else ""
         command = COMMANDS.get(name.upper())
         if command is None:
-            self._reply(errors.NoSuchMethod(
-                f"unknown command {errors.brief(name)}; type HELP"))
+            self._reply(self.session.submit(_raiser(errors.NoSuchMethod(
+                f"unknown command {errors.brief(name)}; type HELP"))))
             return
         self.factory.counters["commands"] += 1
         if command.name == "quit" and not split_words(rest):
             self._closing = True  # read nothing after it
-        if self._replies and (not command.writes or self._queued):
-            # Reads show durable state only, so one pipelined behind this
-            # connection's pending writes runs once they are answered; and
-            # writes after it wait for it.  Consecutive writes do not wait:
-            # each is decided seeing the ones before, and they share a commit.
-            self._queued += 1
-            self._queued_bytes += len(rest)
-            self._replies.append([_Queued(command, rest)])
-            return
-        self._reply(self._execute(command, rest))
+        self._reply(self.session.submit(lambda: self._execute(command, rest),
+                                        command.writes, len(rest)))
 
     def _execute(self, command: Command, rest: str) -> Any:
-        """Run a command: its reply lines, a Deferred of them, or an error."""
-        try:
-            if command.raw_rest:
-                return getattr(self, "do_" + command.name)(rest.strip(" \t"))
-            args = split_words(rest)
-            if not command.least <= len(args) <= command.most:
-                raise errors.WrongArguments(f"usage: {command.usage}")
-            return getattr(self, "do_" + command.name)(*args)
-        except errors.KVConfigError as e:
-            return e
-        except Exception:
-            self.log.failure("line command {name} failed", name=command.name)
-            return errors.InternalError("internal error")
+        """Run a command: its reply lines, or a Deferred of them."""
+        if command.raw_rest:
+            return getattr(self, "do_" + command.name)(rest.strip(" \t"))
+        args = split_words(rest)
+        if not command.least <= len(args) <= command.most:
+            raise errors.WrongArguments(f"usage: {command.usage}")
+        return getattr(self, "do_" + command.name)(*args)
 
-    # Replying, in request order whatever finishes first.  _replies holds one
-    # slot per reply not yet written: [None] while a write is waiting for
-    # its commit, [_Queued] for a read waiting for the writes before it,
-    # [lines] once ready.
+    # Replying, in request order: the session hands each outcome back in
+    # that order, at once or through a Deferred.
 
-    def _reply(self, result: Any) -> None:
-        result = _settled(result)
-        if isinstance(result, Deferred):
-            slot = [None]
-            self._replies.append(slot)
-            result.addBoth(self._fill, slot)
-            return
-        lines = self._lines(result)
-        if self._replies:
-            self._replies.append([lines])
+    def _reply(self, outcome: Any) -> None:
+        if isinstance(outcome, Deferred):
+            outcome.addCallback(self._answered)
         else:
-            self._write_lines(lines)
+            self._write_lines(self._lines(outcome))
 
-    def _fill(self, result: Any, slot: list) -> None:
-        slot[0] = self._lines(result)
-        if not self._draining:
-            self._drain()
-
-    def _drain(self) -> None:
-        """Write the replies at the head of the queue that are ready, running
-        the queued commands that come up, until one has to wait."""
-        self._draining = True
-        try:
-            replies = self._replies
-            while replies:
-                slot = replies[0]
-                if isinstance(slot[0], _Queued):
-                    queued, slot[0] = slot[0], None
-                    self._queued -= 1
-                    self._queued_bytes -= len(queued.rest)
-                    result = _settled(self._execute(queued.command, queued.rest))
-                    if isinstance(result, Deferred):
-                        result.addBoth(self._fill, slot)
-                    else:
-                        slot[0] = self._lines(result)
-                if slot[0] is None:
-                    break
-                self._write_lines(replies.popleft()[0])
-        finally:
-            self._draining = False
+    def _answered(self, outcome: Any) -> None:
+        if not self.connected:
+            return
+        self._write_lines(self._lines(outcome))
+        if self.session.busy:
+            return
         self._flush_backlog()
-        if self._held and not self._queue_full():
+        if self._held and not self.session.backlogged:
             self._held = False
             if not self._paused:
                 self.transport.resumeProducing()
@@ -451,23 +382,16 @@ class LineProtocol(Protocol, TimeoutMixin):
         self._close_if_done()
 
     def _flush_backlog(self) -> None:
-        while self._backlog and not self._paused and not self._replies:
+        while self._backlog and not self._paused and not self.session.busy:
             data = self._backlog.popleft()
             self._backlog_bytes -= len(data)
             self._send(data)
 
-    def _lines(self, result: Any) -> list[bytes]:
-        if isinstance(result, Failure):
-            result = result.value if isinstance(result.value, errors.KVConfigError) \
-                else self._internal(result)
-        if isinstance(result, errors.KVConfigError):
+    def _lines(self, outcome: Any) -> list[bytes]:
+        if isinstance(outcome, errors.KVConfigError):
             self.factory.counters["errors"] += 1
-            return [error_line(result)]
-        return [result] if isinstance(result, bytes) else result
-
-    def _internal(self, failure: Failure) -> errors.KVConfigError:
-        self.log.failure("line command failed", failure)
-        return errors.InternalError("internal error")
+            return [error_line(outcome)]
+        return [outcome] if isinstance(outcome, bytes) else outcome
 
     def _write_lines(self, lines: list[bytes]) -> None:
         self._send(b"\r\n".join(lines) + b"\r\n")
@@ -484,7 +408,7 @@ class LineProtocol(Protocol, TimeoutMixin):
     # Commands
 
     def do_get(self, key: str) -> bytes:
-        kv = self.store.get(key)
+        kv = self.session.get(key)
         return b"NIL " + key.encode() if kv is None else value_line(kv)
 
     def do_set(self, rest: str) -> Deferred:
@@ -506,7 +430,7 @@ class LineProtocol(Protocol, TimeoutMixin):
             else:
                 raise errors.InvalidArgument(f"unknown option {errors.brief(option)}; "
                                              "use EX seconds or IF revision")
-        return self.store.put(key, value, prev, ttl).addCallback(
+        return self.session.put(key, value, prev, ttl).addCallback(
             lambda kv: b"OK %d %d" % (kv.mod_revision, kv.version))
 
     def do_del(self, key: str, *options: str) -> Deferred:
@@ -515,13 +439,13 @@ class LineProtocol(Protocol, TimeoutMixin):
             if len(options) != 2 or options[0].upper() != "IF":
                 raise errors.WrongArguments(f"usage: {COMMANDS['DEL'].usage}")
             prev = parse_int(options[1], "IF")
-        store = self.store
-        return store.delete(key, prev).addCallback(
-            lambda revision: b"OK %d absent" % store.revision if revision is None
+        session = self.session
+        return session.delete(key, prev).addCallback(
+            lambda revision: b"OK %d absent" % session.store.revision if revision is None
             else b"OK %d deleted" % revision)
 
     def _range(self, prefix: str, limit: str | None) -> tuple[int, list[KeyValue]]:
-        return self.store.range(prefix, None if limit is None else parse_int(limit, "limit"))
+        return self.session.range(prefix, None if limit is None else parse_int(limit, "limit"))
 
     def do_keys(self, prefix: str = "", limit: str | None = None) -> list[bytes]:
         revision, kvs = self._range(prefix, limit)
@@ -536,76 +460,42 @@ class LineProtocol(Protocol, TimeoutMixin):
         return lines
 
     def do_changes(self, since: str, prefix: str = "") -> list[bytes]:
-        revision, events = self.store.changes(prefix, parse_int(since, "since"))
+        revision, events = self.session.changes(prefix, parse_int(since, "since"))
         lines = [b"CHANGE " + change_fields(event) for event in events]
         lines.append(self._end(revision, len(events)))
         return lines
 
     def _end(self, revision: int, count: int) -> bytes:
         """The END line of a listing; ``stale`` while it may lag etcd."""
-        if self.store.stale:
+        if self.session.stale:
             return b"END %d %d stale" % (revision, count)
         return b"END %d %d" % (revision, count)
 
-    def do_watch(self, prefix: str = "", start: str | None = None) -> bytes:
-        values.check_prefix(prefix, self.limits.max_key_bytes)
-        if len(self._watches) >= self.limits.max_watches:
-            raise errors.LimitExceeded(
-                f"at most {self.limits.max_watches} watches per connection")
-        feed = self.store.feed
-        # Replay only what the feed has published (committed); everything
-        # after that arrives live from the feed: no gap, no duplicate.
-        replay: list[Event] = []
-        if start is not None:
-            since = parse_int(start, "from") - 1
-            if since < 0:
-                raise errors.InvalidArgument("from must be a revision >= 1")
-            _, events = self.store.changes(prefix, since)
-            replay = [event for event in events if event.revision <= feed.revision]
-        watch_id = self._next_watch
-        self._next_watch += 1
-        header = b"EVENT %d " % watch_id
-        self._watches[watch_id] = feed.subscribe(
-            lambda event: self._event(header + change_fields(event)), prefix)
+    def do_watch(self, prefix: str = "", start: str | None = None) -> list[bytes]:
+        since = None if start is None else parse_int(start, "from")
+        watch_id, revision, replay = self.session.watch(prefix, since, self._watch_event)
         self.factory.counters["watches"] += 1
-        lines = [b"OK watching %d %s %d" % (watch_id, (prefix or "*").encode(), feed.revision)]
+        header = b"EVENT %d " % watch_id
+        lines = [b"OK watching %d %s %d" % (watch_id, (prefix or "*").encode(), revision)]
         lines.extend(header + change_fields(event) for event in replay)
         return lines
 
     def do_unwatch(self, watch_id: str | None = None) -> bytes:
-        if watch_id is None:
-            return b"OK %d" % self._end_watches()
-        unsubscribe = self._watches.pop(parse_int(watch_id, "id"), None)
-        if unsubscribe is None:
-            raise errors.InvalidArgument(f"no watch {errors.brief(watch_id)} here")
-        unsubscribe()
-        return b"OK 1"
+        return b"OK %d" % self.session.unwatch(
+            None if watch_id is None else parse_int(watch_id, "id"))
 
     def do_subscribe(self, port: str, prefix: str = "") -> bytes:
-        notifier, address = self._udp_address(port)
-        description = notifier.description(notifier.subscribe_peer(address, prefix))
+        description = self.session.subscribe(parse_int(port, "port"), prefix)
         return b"OK subscribed %s %d %d %d %d %d" % (
             description["sub"].encode(), description["seq"], description["rev"],
             description["head"], description["lease"], description["heartbeat"])
 
     def do_unsubscribe(self, port: str, prefix: str = "") -> bytes:
-        notifier, address = self._udp_address(port)
-        return b"OK 0" if notifier.unsubscribe(address, prefix) is None else b"OK 1"
-
-    def _udp_address(self, port: str) -> tuple[Notifier, tuple[str, int]]:
-        """The notifier, and this peer's host with *port*."""
-        notifier = self.factory.notifier
-        if notifier is None:
-            raise errors.Unavailable("this server sends no UDP notifications")
-        host = getattr(self.transport.getPeer(), "host", None)
-        if host is None:
-            raise errors.Unavailable("UDP subscriptions need a peer with an IP address")
-        number = parse_int(port, "port")
-        return notifier, (host, number)
+        return b"OK 1" if self.session.unsubscribe(parse_int(port, "port"), prefix) else b"OK 0"
 
     def do_stats(self) -> list[bytes]:
         lines = [b"STAT %s %s" % (name.encode(), _encode(value).encode())
-                 for name, value in self.store.stats().items()]
+                 for name, value in self.session.stats().items()]
         lines.append(b"END")
         return lines
 
@@ -630,13 +520,14 @@ class LineProtocol(Protocol, TimeoutMixin):
         return b"OK bye"
 
     def _close_if_done(self) -> None:
-        if self._closing and not self._replies and self.connected:
+        if self._closing and not self.session.busy and self.connected:
             self.transport.loseConnection()
 
     # Watches
 
-    def _event(self, line: bytes) -> None:
-        if not self._paused and not self._backlog and not self._replies:
+    def _watch_event(self, watch_id: int, event: Event) -> None:
+        line = b"EVENT %d %s" % (watch_id, change_fields(event))
+        if not self._paused and not self._backlog and not self.session.busy:
             self._write_lines([line])
             return
         # Held while the client is not reading, or behind replies still being
@@ -645,7 +536,7 @@ class LineProtocol(Protocol, TimeoutMixin):
         if (len(self._backlog) >= self.limits.max_watch_backlog
                 or self._backlog_bytes + len(line) > self.limits.max_watch_backlog_bytes):
             self.factory.counters["watchers_dropped"] += 1
-            ended = self._end_watches()
+            ended = self.session.unwatch()
             self._backlog.clear()
             notice = error_line(errors.SlowConsumer(
                 f"{ended} watch(es) ended: more than {self.limits.max_watch_backlog} events "
@@ -656,13 +547,6 @@ class LineProtocol(Protocol, TimeoutMixin):
             return
         self._backlog.append(line + b"\r\n")
         self._backlog_bytes += len(line) + 2
-
-    def _end_watches(self) -> int:
-        ended = len(self._watches)
-        for unsubscribe in self._watches.values():
-            unsubscribe()
-        self._watches.clear()
-        return ended
 
 
 _HELP = {
@@ -706,26 +590,19 @@ COMMANDS = {
 
 
 class LineFactory(Factory):
-    """Builds line-protocol connections over one store (and the notifier that
-    SUBSCRIBE uses, if any); refuses past the limit."""
+    """Builds line-protocol connections, each with a session of its own,
+    over one store (and the subscription registry SUBSCRIBE uses, if any)."""
 
     def __init__(self, store: Store, limits: Limits, clock: IReactorTime,
-                 notifier: Notifier | None = None) -> None:
+                 subscriptions: Subscriptions | None = None) -> None:
         self.store = store
         self.limits = limits
         self.clock = clock
-        self.notifier = notifier
         self.max_line_bytes = limits.max_line_bytes
-        self.connections = 0
-        self.counters = {"commands": 0, "errors": 0, "watches": 0, "watchers_dropped": 0,
-                         "lines_too_long": 0, "refused": 0}
-        store.add_stats("line", self.stats)
+        self.sessions = Sessions(store, "line", limits, subscriptions, counters=(
+            "commands", "errors", "watches", "watchers_dropped", "lines_too_long"))
+        self.counters = self.sessions.counters
 
     def buildProtocol(self, addr) -> LineProtocol | None:
-        if self.connections >= self.limits.max_connections:
-            self.counters["refused"] += 1
-            return None
-        return LineProtocol(self)
-
-    def stats(self) -> dict[str, int]:
-        return dict(self.counters, connections=self.connections)
+        session = self.sessions.open()
+        return None if session is None else LineProtocol(self, session)

@@ -17,7 +17,6 @@ import hmac
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -25,15 +24,15 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from kvconfig import errors, values
+from kvconfig import errors
 from kvconfig.limits import Limits
 from kvconfig.model import Event
 from kvconfig.store import Store
+from kvconfig.subscriptions import Subscription, Subscriptions, TokenBucket
 from kvconfig.udpwire import (
     MAX_REQUEST_BYTES,
     BadDatagram,
     Sealer,
-    event_head,
     event_room,
     event_tails,
     heartbeat,
@@ -46,83 +45,42 @@ COOKIE_PERIOD = 60
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-@dataclass(eq=False)
-class SendBucket:
-    """A token bucket for one address: the send rate is per address, so
-    subscribing one port to many prefixes does not multiply it."""
-
-    tokens: float
-    refilled_at: float
-    subscriptions: int = 0
-
-
-@dataclass(eq=False)
-class Subscription:
-    """A lease on a key prefix held by one UDP address."""
-
-    id: str
-    address: tuple[str, int]
-    prefix: str
-    expires_at: float
-    #: The send-rate bucket, shared by every subscription of this address.
-    bucket: SendBucket
-    #: The last sequence number used, and the revision of the last event.
-    seq: int = 0
-    rev: int = 0
-    #: A catch-up heartbeat is due (events were skipped).
-    behind: Any = field(default=None, repr=False)
-    #: An unsigned event datagram up to its seq number, made once.
-    event_head: bytes = field(default=b"", repr=False)
-
-    def __post_init__(self) -> None:
-        self.event_head = event_head(self.id)
-
-    def description(self, head: int, limits: Limits) -> dict[str, Any]:
-        return {"sub": self.id, "prefix": self.prefix, "seq": self.seq, "rev": self.rev,
-                "head": head, "lease": limits.lease_seconds,
-                "heartbeat": limits.heartbeat_seconds}
-
-
 class Notifier:
-    """Holds the subscriptions and sends each of them its events.
+    """Sends each subscription its events and heartbeats, and answers the
+    UDP port's requests.
 
-    It consumes the store's change feed; ``received`` handles requests that
-    arrive on the UDP port, and ``subscribe``/``unsubscribe`` serve the TCP
-    interfaces.  Datagrams go out through ``transport`` (a UDP port, set by
-    NotifierProtocol), and are never queued: one that cannot be sent now is
-    skipped and shows as a gap.
+    It consumes the store's change feed.  The subscriptions themselves are
+    kept by the registry (kvconfig.subscriptions), through which the TCP
+    interfaces subscribe too.  Datagrams go out through ``transport`` (a UDP
+    port, set by NotifierProtocol), and are never queued: one that cannot
+    be sent now is skipped and shows as a gap.
     """
 
     log = Logger()
 
-    def __init__(self, store: Store, limits: Limits, clock: IReactorTime,
-                 secret: bytes | None = None) -> None:
+    def __init__(self, store: Store, subscriptions: Subscriptions, limits: Limits,
+                 clock: IReactorTime, secret: bytes | None = None) -> None:
         self.store = store
+        self.subscriptions = subscriptions
+        subscriptions.on_removed = self._forget
         self.limits = limits
         self.clock = clock
         self.sealer = Sealer(secret, clock, limits.max_clock_skew)
         self.transport = None
-        #: The address the UDP port is bound to ("" while unknown).
-        self.bound_host = ""
         self._cookie_key = os.urandom(32)
-        self._subscriptions: dict[tuple[str, int, str], Subscription] = {}
-        # prefix -> subscriptions to it: one encoding per prefix and event.
-        self._by_prefix: dict[str, dict[tuple[str, int, str], Subscription]] = {}
-        self._buckets: dict[tuple[str, int], SendBucket] = {}
-        self._cookie_tokens = float(limits.max_cookie_rate)
-        self._cookie_refilled_at = clock.seconds()
+        self._cookie_rate = TokenBucket(limits.max_cookie_rate, clock.seconds())
         self._unsubscribe_feed: Callable[[], None] | None = None
         self._heartbeat = LoopingCall(self.tick)
         self._heartbeat.clock = clock
         self.counters = dict.fromkeys(
             ("datagrams_sent", "events_skipped", "send_errors", "heartbeats_sent",
-             "cookies_sent", "cookies_withheld", "subscribes", "renewals",
-             "unsubscribes", "expired", "refused"), 0)
+             "cookies_sent", "cookies_withheld", "refused"), 0)
+        store.add_stats("udp", self.stats)
 
     # Life
 
     def start(self) -> None:
-        self._unsubscribe_feed = self.store.feed.subscribe(self.publish)
+        self._unsubscribe_feed = self.store.feed.subscribe(self.notify)
         self._heartbeat.start(self.limits.heartbeat_seconds, now=False)
 
     def stop(self) -> None:
@@ -131,100 +89,20 @@ class Notifier:
             self._unsubscribe_feed = None
         if self._heartbeat.running:
             self._heartbeat.stop()
-        for subscription in self._subscriptions.values():
-            if subscription.behind is not None and subscription.behind.active():
-                subscription.behind.cancel()
+        for subscription in self.subscriptions:
+            self._forget(subscription)
 
     def stats(self) -> dict[str, int]:
-        stats = {"subscriptions": len(self._subscriptions), **self.counters}
+        stats = {"subscriptions": len(self.subscriptions), **self.counters,
+                 **self.subscriptions.counters}
         stats.update({f"dropped_{reason}": count
                       for reason, count in self.sealer.dropped.items()})
         return stats
 
-    # Subscriptions
-
-    def subscribe(self, address: tuple[str, int], prefix: Any) -> Subscription:
-        """Create *address*'s subscription to *prefix*, or renew its lease."""
-        values.check_prefix(prefix, self.limits.max_key_bytes)
-        host, port = self._check_address(address)
-        now = self.clock.seconds()
-        index = (host, port, prefix)
-        subscription = self._subscriptions.get(index)
-        if subscription is not None:
-            subscription.expires_at = now + self.limits.lease_seconds
-            self.counters["renewals"] += 1
-            return subscription
-        if len(self._subscriptions) >= self.limits.max_subscriptions:
-            raise errors.LimitExceeded(
-                f"{self.limits.max_subscriptions} subscriptions is the limit")
-        same_prefix = self._by_prefix.setdefault(prefix, {})
-        if len(same_prefix) >= self.limits.max_subscriptions_per_prefix:
-            raise errors.LimitExceeded(
-                f"{self.limits.max_subscriptions_per_prefix} subscriptions to one "
-                "prefix is the limit")
-        bucket = self._buckets.get((host, port))
-        if bucket is None:
-            bucket = self._buckets[(host, port)] = SendBucket(
-                float(self.limits.max_send_rate), now)
-        bucket.subscriptions += 1
-        subscription = Subscription(
-            id=os.urandom(8).hex(), address=(host, port), prefix=prefix,
-            expires_at=now + self.limits.lease_seconds, bucket=bucket)
-        self._subscriptions[index] = same_prefix[index] = subscription
-        self.counters["subscribes"] += 1
-        return subscription
-
-    def subscribe_peer(self, address: tuple[str, int], prefix: Any) -> Subscription:
-        """subscribe() for a TCP caller: its host is proven by the TCP
-        handshake, but its port is not, so the well-known ports (DNS, NTP,
-        syslog ...) that a caller could aim datagrams at are refused."""
-        if type(address[1]) is int and address[1] < 1024:
-            raise errors.InvalidArgument(
-                f"port {address[1]} is below 1024; subscribe over UDP to use it")
-        return self.subscribe(address, prefix)
-
-    def unsubscribe(self, address: tuple[str, int], prefix: Any) -> Subscription | None:
-        """End *address*'s subscription to *prefix*; returns it, or None."""
-        values.check_prefix(prefix, self.limits.max_key_bytes)
-        host, port = self._check_address(address)
-        subscription = self._remove((host, port, prefix))
-        if subscription is not None:
-            self.counters["unsubscribes"] += 1
-        return subscription
-
-    def _check_address(self, address: tuple[str, int]) -> tuple[str, int]:
-        """*address*, if datagrams can be sent to it from the UDP port."""
-        host, port = address
-        if type(port) is not int or not 0 < port < 65536:
-            raise errors.InvalidArgument(f"port must be 1..65535, not {errors.brief(port)}")
-        bound = self.bound_host
-        if bound and (":" in bound) != (":" in host):
-            raise errors.InvalidArgument(
-                f"the UDP port is bound to {bound}, which cannot send to {host}")
-        if _is_loopback(bound) and not _is_loopback(host):
-            raise errors.InvalidArgument(
-                f"the UDP port is bound to {bound}, which cannot send to {host}; "
-                "see --udp")
-        return host, port
-
-    def _remove(self, index: tuple[str, int, str]) -> Subscription | None:
-        subscription = self._subscriptions.pop(index, None)
-        if subscription is None:
-            return None
-        same_prefix = self._by_prefix[subscription.prefix]
-        del same_prefix[index]
-        if not same_prefix:
-            del self._by_prefix[subscription.prefix]
+    def _forget(self, subscription: Subscription) -> None:
+        """A subscription ended: no catch-up heartbeat for it."""
         if subscription.behind is not None and subscription.behind.active():
             subscription.behind.cancel()
-        subscription.bucket.subscriptions -= 1
-        if not subscription.bucket.subscriptions:
-            del self._buckets[subscription.address]
-        return subscription
-
-    def description(self, subscription: Subscription) -> dict[str, Any]:
-        """What a subscriber is told about its subscription."""
-        return subscription.description(self.store.revision, self.limits)
 
     # Requests on the UDP port
 
@@ -245,11 +123,13 @@ class Notifier:
             self._send_cookie(len(datagram), address)
             return
         prefix = message.get("prefix")
+        subscriptions = self.subscriptions
         try:
             if kind == "subscribe":
-                answer = {"t": "subscribed", **self.description(self.subscribe(address, prefix))}
+                answer = {"t": "subscribed", **subscriptions.description(
+                    subscriptions.subscribe(address, prefix))}
             else:
-                subscription = self.unsubscribe(address, prefix)
+                subscription = subscriptions.unsubscribe(address, prefix)
                 answer = {"t": "unsubscribed", "prefix": prefix,
                           "sub": None if subscription is None else subscription.id}
         except errors.KVConfigError as e:
@@ -279,39 +159,28 @@ class Notifier:
         answer = self.sealer.seal({"t": "cookie", "cookie": self.cookie_for(address)})
         # Never more bytes to an unproven address than it sent, and never
         # more than the cookie rate in all: no reflection, no amplification.
-        if len(answer) > request_size or not self._take_cookie_token():
+        if len(answer) > request_size or not self._cookie_rate.take(self.clock.seconds()):
             self.counters["cookies_withheld"] += 1
             return
         if self._send(answer, address):
             self.counters["cookies_sent"] += 1
 
-    def _take_cookie_token(self) -> bool:
-        now = self.clock.seconds()
-        rate = self.limits.max_cookie_rate
-        self._cookie_tokens = min(rate, self._cookie_tokens + (now - self._cookie_refilled_at)
-                                  * rate)
-        self._cookie_refilled_at = now
-        if self._cookie_tokens < 1:
-            return False
-        self._cookie_tokens -= 1
-        return True
-
     # Sending
 
-    def publish(self, event: Event) -> None:
+    def notify(self, event: Event) -> None:
         """The change feed's consumer: one datagram per subscription whose
         prefix the key is under."""
         try:
-            self._publish(event)
+            self._fan_out_event(event)
         except Exception:
             # The feed drops a consumer that raises; one bad event must not
             # end every notification.  Subscribers see the gap and pull.
             self.log.failure("cannot notify revision {revision}", revision=event.revision)
 
-    def _publish(self, event: Event) -> None:
+    def _fan_out_event(self, event: Event) -> None:
         key = event.key
         tail = None
-        for prefix, subscriptions in self._by_prefix.items():
+        for prefix, subscriptions in self.subscriptions.by_prefix.items():
             if not key.startswith(prefix):
                 continue
             if tail is None:
@@ -341,21 +210,14 @@ class Notifier:
         sealer = self.sealer
         signing = bool(sealer.secret)
         now = self.clock.seconds()
-        rate = self.limits.max_send_rate
         sent = 0
         for subscription in subscriptions.values():
             seq = subscription.seq = subscription.seq + 1
             subscription.rev = revision
-            # Token bucket: refilled by elapsed time, capped at one second's worth.
-            bucket = subscription.bucket
-            tokens = bucket.tokens + (now - bucket.refilled_at) * rate
-            bucket.refilled_at = now
-            if tokens < 1:
-                bucket.tokens = tokens
+            if not subscription.bucket.take(now):
                 self.counters["events_skipped"] += 1
                 self._catch_up_later(subscription)
                 continue
-            bucket.tokens = (rate if tokens > rate else tokens) - 1
             if signing:
                 datagram = sealer.sign(b"%s%d%s" % (
                     signed_event_head(sealer, subscription.id), seq, tail))
@@ -383,13 +245,9 @@ class Notifier:
 
     def tick(self) -> None:
         """Every heartbeat interval: expire leases, send heartbeats."""
-        now = self.clock.seconds()
-        for index, subscription in list(self._subscriptions.items()):
-            if subscription.expires_at <= now:
-                self._remove(index)
-                self.counters["expired"] += 1
-            else:
-                self._heartbeat_to(subscription)
+        self.subscriptions.expire()
+        for subscription in self.subscriptions:
+            self._heartbeat_to(subscription)
 
     def _sendto(self) -> Callable[[bytes, tuple[str, int]], Any] | None:
         """The UDP socket's own sendto, or None before the port is bound.
@@ -419,10 +277,6 @@ class Notifier:
         self.log.debug("cannot send to {address}: {error}", address=address, error=error)
 
 
-def _is_loopback(host: str) -> bool:
-    return host.startswith("127.") or host == "::1"
-
-
 class NotifierProtocol(DatagramProtocol):
     """The UDP port: hands datagrams to the notifier and lends it the port."""
 
@@ -431,7 +285,7 @@ class NotifierProtocol(DatagramProtocol):
 
     def startProtocol(self) -> None:
         self.notifier.transport = self.transport
-        self.notifier.bound_host = self.transport.getHost().host
+        self.notifier.subscriptions.bound_host = self.transport.getHost().host
 
     def stopProtocol(self) -> None:
         self.notifier.transport = None

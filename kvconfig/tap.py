@@ -24,6 +24,7 @@ from kvconfig.line import LineFactory
 from kvconfig.notifier import Notifier, NotifierProtocol
 from kvconfig.secret import read_secret
 from kvconfig.store import Store
+from kvconfig.subscriptions import Subscriptions
 from kvconfig.xmlrpc import make_factory
 
 _LIMIT_OPTIONS = [
@@ -199,8 +200,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     store_service.setName("store")
     store_service.setServiceParent(top)
 
-    notifier = Notifier(store, limits, reactor, options["secret"])
-    store.add_stats("udp", notifier.stats)
+    subscriptions = Subscriptions(limits, reactor, lambda: store.revision)
+    notifier = Notifier(store, subscriptions, limits, reactor, options["secret"])
     notifier_service = NotifierService(notifier)
     notifier_service.setName("notifier")
     notifier_service.setServiceParent(top)
@@ -211,8 +212,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     udp.setServiceParent(top)
 
     interfaces = [
-        ("xmlrpc", make_factory(store, limits, reactor, notifier)),
-        ("line", LineFactory(store, limits, reactor, notifier)),
+        ("xmlrpc", make_factory(store, limits, reactor, subscriptions)),
+        ("line", LineFactory(store, limits, reactor, subscriptions)),
     ]
     for name, factory in interfaces:
         listener = StreamServerEndpointService(serverFromString(reactor, options[name]),

@@ -69,23 +69,32 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from typing import Any
 from xml.parsers.expat import ExpatError
 from xmlrpc.client import Fault, Marshaller, loads
 
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.xmlrpc import XMLRPC
 
 from kvconfig import errors
 from kvconfig.httpchannel import XMLRPCChannelFactory
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
-from kvconfig.notifier import Notifier
+from kvconfig.session import Client, Session, Sessions, run
 from kvconfig.store import Store
+from kvconfig.subscriptions import Subscriptions
 from kvconfig.values import NOT_XML
+
+with warnings.catch_warnings():
+    # Importing twisted.web.xmlrpc defines its HTTP/1.0 client, Proxy, on
+    # twisted.web.http's deprecated HTTPClient.  kvconfig uses only the
+    # server side, the XMLRPC resource (the agent pulls with treq).
+    warnings.filterwarnings("ignore", "twisted.web.http.HTTPClient was deprecated",
+                            DeprecationWarning)
+    from twisted.web.xmlrpc import XMLRPC
 
 RPC_PATHS = (b"/RPC2", b"/")
 #: Methods that change the store; everything else only reads.
@@ -196,10 +205,10 @@ def _options(options: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
-def with_peer(method):
-    """Pass the caller's TCP peer host (None if it has none) as the first
-    argument, before the XML-RPC params."""
-    method.with_peer = True
+def batch(method):
+    """Mark a method that orders the calls it holds itself, through the
+    session (system.multicall), rather than being one request in it."""
+    method.batch = True
     return method
 
 
@@ -229,16 +238,17 @@ class _Dispatcher(XMLRPC):
 
 
 class KVConfigXMLRPC(_Dispatcher):
-    """The XML-RPC resource: translates calls to the Store, errors to Faults."""
+    """The XML-RPC resource: translates calls to the client's Session,
+    errors to Faults."""
 
     log = Logger()
 
     def __init__(self, store: Store, limits: Limits | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 subscriptions: Subscriptions | None = None) -> None:
         super().__init__(allowNone=True, useDateTime=True)
         self.store = store
         self.limits = limits or store.limits
-        self.notifier = notifier
+        self.subscriptions = subscriptions
         self.putSubHandler("system", SystemHandler(self))
         self._arity: dict[Any, tuple[int, int]] = {}
 
@@ -246,9 +256,9 @@ class KVConfigXMLRPC(_Dispatcher):
 
     paths = RPC_PATHS
 
-    def respond(self, body: bytes | None, peer: str | None = None) -> bytes | Deferred:
+    def respond(self, body: bytes | None, session: Session) -> bytes | Deferred:
         """The XML response to an XML-RPC request body (None: the body was
-        over the limit and discarded) from the TCP peer host *peer*.  Reads
+        over the limit and discarded) from the client of *session*.  Reads
         answer at once; writes with a Deferred that fires once they are
         durable."""
         try:
@@ -257,24 +267,27 @@ class KVConfigXMLRPC(_Dispatcher):
                     f"request body is larger than {self.limits.max_body_bytes} bytes"
                 )
             method, args = self.parse(body)
+            procedure = self.procedure(method, args)
         except errors.KVConfigError as e:
-            return self.marshal(Failure(e))
-        d = self.call(method, args, peer)
-        if d.called and not d.paused:
-            # No Deferred plumbing for answers that are ready (a paused
-            # Deferred waits on another and has no result yet).
-            ready = []
-            d.addBoth(ready.append)
-            return self.marshal(ready[0])
-        return d.addBoth(self.marshal)
+            return self.marshal(e)
+        if getattr(procedure, "batch", False):
+            outcome = run(lambda: procedure(session, *args))
+        else:
+            outcome = session.submit(lambda: procedure(session, *args), _is_write(method))
+        if isinstance(outcome, Deferred):
+            return outcome.addCallback(self.marshal)
+        return self.marshal(outcome)
 
     def render_POST(self, request: server.Request):
         """Serve the same calls when mounted in a twisted.web Site (whose own
-        limits then apply to the body as it arrives)."""
+        limits then apply to the body as it arrives): a session per request."""
         body = request.content.read()
-        peer = getattr(request.getClientAddress(), "host", None)
+        address = request.getClientAddress()
+        session = Session(self.store, Client("xmlrpc", getattr(address, "host", None),
+                                             getattr(address, "port", None)),
+                          self.limits, self.subscriptions)
         response = self.respond(body if len(body) <= self.limits.max_body_bytes else None,
-                                peer)
+                                session)
         request.setHeader(b"content-type", b"text/xml; charset=utf-8")
         if not isinstance(response, Deferred):
             return response
@@ -311,24 +324,14 @@ class KVConfigXMLRPC(_Dispatcher):
             raise errors.InvalidRequest("request is not an XML-RPC methodCall")
         return method, params
 
-    def call(self, method_name: str, args: tuple, peer: str | None = None) -> Deferred:
-        """Call an XML-RPC method for the TCP peer host *peer*; the Deferred
-        fails with a KVConfigError for anything the client did wrong."""
-        try:
-            function = self.lookupProcedure(method_name)
-            self._check_arguments(function, args)
-        except errors.KVConfigError as e:
-            return _failed(e)
-        if getattr(function, "with_peer", False):
-            return maybeDeferred(function, peer, *args)
-        return maybeDeferred(function, *args)
-
-    def _check_arguments(self, function, args: tuple) -> None:
+    def procedure(self, method_name: Any, args: tuple):
+        """The method *method_name*, checked to take *args*; raises a
+        KVConfigError for anything the client did wrong.  Every method takes
+        the client's Session before its XML-RPC params."""
+        function = self.lookupProcedure(method_name)
         arity = self._arity.get(function)
         if arity is None:
-            parameters = list(inspect.signature(function).parameters.values())
-            if getattr(function, "with_peer", False):
-                parameters = parameters[1:]
+            parameters = list(inspect.signature(function).parameters.values())[1:]
             arity = self._arity[function] = (
                 sum(p.default is inspect.Parameter.empty for p in parameters),
                 len(parameters),
@@ -339,57 +342,46 @@ class KVConfigXMLRPC(_Dispatcher):
             raise errors.WrongArguments(
                 f"{function.__name__[7:]} takes {expected} arguments, not {len(args)}"
             )
+        return function
 
-    def marshal(self, result: Any) -> bytes:
-        """The methodResponse body for a result, a Fault or a Failure."""
-        if isinstance(result, Failure):
-            result = self.fault(result)
-        if not isinstance(result, Fault):
-            result = (result,)
+    def marshal(self, outcome: Any) -> bytes:
+        """The methodResponse body for an outcome: a result, or an error."""
+        result = fault_for(outcome) if isinstance(outcome, errors.KVConfigError) else (outcome,)
         try:
             return dumps_response(result)
         except Exception as e:
             self.log.failure("cannot marshal a response", Failure(e))
             return dumps_response(fault_for(errors.InternalError("cannot marshal the response")))
 
-    def fault(self, failure: Failure) -> Fault:
-        error = failure.value
-        if isinstance(error, errors.KVConfigError):
-            return fault_for(error)
-        if isinstance(error, Fault):
-            return error
-        self.log.failure("XML-RPC method failed", failure)
-        return fault_for(errors.InternalError(f"internal error: {type(error).__name__}"))
-
     # The classic calls
 
     @signature(["nil", "string", "any"])
-    def xmlrpc_save(self, key, value):
+    def xmlrpc_save(self, session, key, value):
         """save(key, value): store value under key; returns nil once it is durable."""
-        return self.store.save(key, value)
+        return session.save(key, value)
 
     @signature(["any", "string"])
-    def xmlrpc_load(self, key):
+    def xmlrpc_load(self, session, key):
         """load(key): the value stored under key, or nil if there is none."""
-        return self.store.load(key)
+        return session.load(key)
 
     @signature(["nil", "string"])
-    def xmlrpc_delete(self, key):
+    def xmlrpc_delete(self, session, key):
         """delete(key): remove key; no error if it does not exist. Returns nil
         once the delete is durable."""
-        return self.store.delete(key).addCallback(lambda _: None)
+        return session.delete(key).addCallback(lambda _: None)
 
     # Richer calls
 
     @signature(["struct", "string"])
-    def xmlrpc_get(self, key):
+    def xmlrpc_get(self, session, key):
         """get(key): {key, value, version, create_revision, mod_revision,
         [expires_at]} for key, or nil if there is none."""
-        kv = self.store.get(key)
-        return None if kv is None else self._say_stale(kv_struct(kv))
+        kv = session.get(key)
+        return None if kv is None else _say_stale(session, kv_struct(kv))
 
     @signature(["struct", "string", "any"], ["struct", "string", "any", "struct"])
-    def xmlrpc_put(self, key, value, options=None):
+    def xmlrpc_put(self, session, key, value, options=None):
         """put(key, value[, {prev_revision, ttl}]): store value under key and
         return its new metadata and the revision of the write.
 
@@ -403,11 +395,11 @@ class KVConfigXMLRPC(_Dispatcher):
             struct["revision"] = kv.mod_revision
             return struct
 
-        return self.store.put(key, value, opts.get("prev_revision"), opts.get("ttl")) \
+        return session.put(key, value, opts.get("prev_revision"), opts.get("ttl")) \
             .addCallback(done)
 
     @signature(["struct", "string"], ["struct", "string", "struct"])
-    def xmlrpc_remove(self, key, options=None):
+    def xmlrpc_remove(self, session, key, options=None):
         """remove(key[, {prev_revision}]): delete key; returns {deleted, revision}.
 
         deleted is false if the key did not exist; revision is that of the
@@ -415,46 +407,40 @@ class KVConfigXMLRPC(_Dispatcher):
         prev_revision: delete only if the key's mod_revision equals it."""
         opts = _options(options, ("prev_revision",)) if options is not None else {}
         store = self.store
-        return store.delete(key, opts.get("prev_revision")).addCallback(
+        return session.delete(key, opts.get("prev_revision")).addCallback(
             lambda revision: {"deleted": revision is not None,
                               "revision": store.revision if revision is None else revision}
         )
 
     @signature(["struct", "string"], ["struct", "string", "struct"])
-    def xmlrpc_keys(self, prefix, options=None):
+    def xmlrpc_keys(self, session, prefix, options=None):
         """keys(prefix[, {limit}]): {revision, keys} with the keys starting with
         prefix, in order ("" for all)."""
         opts = _options(options, ("limit",)) if options is not None else {}
-        revision, kvs = self.store.range(prefix, opts.get("limit"))
-        return self._say_stale({"revision": revision, "keys": [kv.key for kv in kvs]})
+        revision, kvs = session.range(prefix, opts.get("limit"))
+        return _say_stale(session, {"revision": revision, "keys": [kv.key for kv in kvs]})
 
     @signature(["struct", "string"], ["struct", "string", "struct"])
-    def xmlrpc_list(self, prefix, options=None):
+    def xmlrpc_list(self, session, prefix, options=None):
         """list(prefix[, {limit}]): {revision, items}, a snapshot of the keys
         starting with prefix, each as get() returns it.  Continue from its
         revision with changes()."""
         opts = _options(options, ("limit",)) if options is not None else {}
-        revision, kvs = self.store.range(prefix, opts.get("limit"))
-        return self._say_stale({"revision": revision, "items": [kv_struct(kv) for kv in kvs]})
+        revision, kvs = session.range(prefix, opts.get("limit"))
+        return _say_stale(session, {"revision": revision,
+                                    "items": [kv_struct(kv) for kv in kvs]})
 
     @signature(["struct", "string", "int"])
-    def xmlrpc_changes(self, prefix, since):
+    def xmlrpc_changes(self, session, prefix, since):
         """changes(prefix, since): {revision, events} with every change after
         revision since to keys starting with prefix, oldest first.  Fault 7
         compacted if those are no longer in history: take list(prefix) then."""
-        revision, events = self.store.changes(prefix, since)
-        return self._say_stale({"revision": revision,
-                                "events": [event_struct(e) for e in events]})
-
-    def _say_stale(self, struct: dict) -> dict:
-        """Mark a read answered while the store may lag etcd (cluster mode)."""
-        if self.store.stale:
-            struct["stale"] = True
-        return struct
+        revision, events = session.changes(prefix, since)
+        return _say_stale(session, {"revision": revision,
+                                    "events": [event_struct(e) for e in events]})
 
     @signature(["struct", "string", "int"])
-    @with_peer
-    def xmlrpc_subscribe(self, peer, prefix, udp_port):
+    def xmlrpc_subscribe(self, session, prefix, udp_port):
         """subscribe(prefix, udp_port): notify the caller's host at udp_port, by
         UDP datagrams, of every change to keys starting with prefix ("" for
         all); calling again renews the lease.  Returns {sub, prefix, seq, rev,
@@ -463,29 +449,25 @@ class KVConfigXMLRPC(_Dispatcher):
         revision of the last event, the store's revision, the lease and the
         heartbeat interval in seconds.  Renew within the lease (every lease/3,
         say).  The host is always the address this call came from."""
-        notifier, address = self._udp_address(peer, udp_port)
-        return notifier.description(notifier.subscribe_peer(address, prefix))
+        return session.subscribe(udp_port, prefix)
 
     @signature(["struct", "string", "int"])
-    @with_peer
-    def xmlrpc_unsubscribe(self, peer, prefix, udp_port):
+    def xmlrpc_unsubscribe(self, session, prefix, udp_port):
         """unsubscribe(prefix, udp_port): end the caller's subscription to
         prefix at udp_port.  Returns {unsubscribed}: false if there was none."""
-        notifier, address = self._udp_address(peer, udp_port)
-        return {"unsubscribed": notifier.unsubscribe(address, prefix) is not None}
-
-    def _udp_address(self, peer: str | None, port: Any) -> tuple[Notifier, tuple[str, int]]:
-        """The notifier, and the caller's host with *port*."""
-        if self.notifier is None:
-            raise errors.Unavailable("this server sends no UDP notifications")
-        if peer is None:
-            raise errors.Unavailable("UDP subscriptions need a caller with an IP address")
-        return self.notifier, (peer, port)
+        return {"unsubscribed": session.unsubscribe(udp_port, prefix)}
 
     @signature(["struct"])
-    def xmlrpc_stats(self):
+    def xmlrpc_stats(self, session):
         """stats(): the server's counters (keys, revision, reads, puts, ...)."""
-        return self.store.stats()
+        return session.stats()
+
+
+def _say_stale(session: Session, struct: dict) -> dict:
+    """Mark a read answered while the store may lag etcd (cluster mode)."""
+    if session.stale:
+        struct["stale"] = True
+    return struct
 
 
 class SystemHandler(_Dispatcher):
@@ -496,26 +478,26 @@ class SystemHandler(_Dispatcher):
         self.parent = parent
 
     @signature(["array"])
-    def xmlrpc_listMethods(self):
+    def xmlrpc_listMethods(self, session):
         """system.listMethods(): the names of every method this server has."""
         names = self.parent.listProcedures()
         names += [f"system.{name}" for name in self.listProcedures()]
         return sorted(names)
 
     @signature(["string", "string"])
-    def xmlrpc_methodHelp(self, method_name):
+    def xmlrpc_methodHelp(self, session, method_name):
         """system.methodHelp(name): the documentation of a method."""
         return inspect.getdoc(self.parent.lookupProcedure(method_name)) or ""
 
     @signature(["array", "string"])
-    def xmlrpc_methodSignature(self, method_name):
+    def xmlrpc_methodSignature(self, session, method_name):
         """system.methodSignature(name): the method's signatures, each a list
         [return type, argument types...]."""
         return self.parent.lookupProcedure(method_name).signature
 
     @signature(["array", "array"])
-    @with_peer
-    def xmlrpc_multicall(self, peer, calls):
+    @batch
+    def xmlrpc_multicall(self, session, calls):
         """system.multicall([{methodName, params}, ...]): make several calls in
         one request, in order.  Returns a list with [result] for each call
         that succeeded and {faultCode, faultString} for each that failed;
@@ -526,70 +508,44 @@ class SystemHandler(_Dispatcher):
         limit = self.parent.limits.max_multicall
         if len(calls) > limit:
             raise errors.BatchTooLarge(f"{len(calls)} calls in one multicall; the limit is {limit}")
-        # Each call sees the calls before it, as if run one by one.  Reads
-        # show durable state only, so a read waits for the writes before it,
-        # and a write after a read waits for that read.  A run of consecutive
-        # writes starts together: they are decided in order, so each sees
-        # the ones before it, and they share one group commit.
-        results: list[Deferred] = []
-        finished: Deferred = Deferred()
-        unanswered: list[Deferred] = []   # writes since the last read
+        # Each call sees the calls before it, as if run one by one: the
+        # session orders them (kvconfig.session).
+        outcomes = [
+            session.submit(lambda call=call: self._one(session, call),
+                           type(call) is dict and _is_write(call.get("methodName")))
+            for call in calls
+        ]
+        if not any(isinstance(outcome, Deferred) for outcome in outcomes):
+            return [self._entry(outcome) for outcome in outcomes]
+        return gatherResults([outcome if isinstance(outcome, Deferred) else succeed(outcome)
+                              for outcome in outcomes]).addCallback(
+            lambda outcomes: [self._entry(outcome) for outcome in outcomes])
 
-        def run(start: int) -> None:
-            for index in range(start, len(calls)):
-                call = calls[index]
-                write = type(call) is dict and _is_write(call.get("methodName"))
-                if not write and any(not d.called for d in unanswered):
-                    DeferredList(unanswered).addCallback(lambda _, i=index: run(i))
-                    unanswered.clear()
-                    return
-                d = self._one(call, peer).addCallbacks(lambda result: [result], self._fault_struct)
-                results.append(d)
-                if write:
-                    unanswered.append(d)
-                else:
-                    unanswered.clear()
-                    if not d.called:
-                        d.addCallback(_continue, run, index + 1)
-                        return
-            gatherResults(results).chainDeferred(finished)
-
-        run(0)
-        return finished
-
-    def _one(self, call: Any, peer: str | None) -> Deferred:
+    def _one(self, session: Session, call: Any) -> Any:
         if type(call) is not dict or "methodName" not in call:
-            return _failed(errors.InvalidRequest("each call must be a struct with methodName"))
+            raise errors.InvalidRequest("each call must be a struct with methodName")
         name, params = call["methodName"], call.get("params", [])
         if name == "system.multicall":
-            return _failed(errors.InvalidRequest("system.multicall cannot be nested"))
+            raise errors.InvalidRequest("system.multicall cannot be nested")
         if type(params) is not list:
-            return _failed(errors.WrongArguments("params must be an array"))
-        return self.parent.call(name, tuple(params), peer)
+            raise errors.WrongArguments("params must be an array")
+        return self.parent.procedure(name, tuple(params))(session, *params)
 
-    def _fault_struct(self, failure: Failure) -> dict:
-        fault = self.parent.fault(failure)
-        return {"faultCode": fault.faultCode, "faultString": fault.faultString}
-
-
-def _continue(result: Any, run, start: int) -> Any:
-    run(start)
-    return result
+    @staticmethod
+    def _entry(outcome: Any) -> Any:
+        """A multicall result: [result], or the fault as a struct."""
+        if isinstance(outcome, errors.KVConfigError):
+            fault = fault_for(outcome)
+            return {"faultCode": fault.faultCode, "faultString": fault.faultString}
+        return [outcome]
 
 
 def _is_write(method_name: Any) -> bool:
     return type(method_name) is str and method_name in WRITE_METHODS
 
 
-def _failed(error: Exception) -> Deferred:
-    d: Deferred = Deferred()
-    d.errback(Failure(error))
-    return d
-
-
 def make_factory(store: Store, limits: Limits, clock,
-                 notifier: Notifier | None = None) -> XMLRPCChannelFactory:
+                 subscriptions: Subscriptions | None = None) -> XMLRPCChannelFactory:
     """The protocol factory the XML-RPC endpoint listens with."""
-    factory = XMLRPCChannelFactory(KVConfigXMLRPC(store, limits, notifier), limits, clock)
-    store.add_stats("xmlrpc", factory.stats)
-    return factory
+    return XMLRPCChannelFactory(KVConfigXMLRPC(store, limits, subscriptions), limits, clock,
+                                Sessions(store, "xmlrpc", limits, subscriptions))

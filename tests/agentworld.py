@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 
 from kvconfig.agent import Agent, Change
 from kvconfig.notifier import Notifier
+from kvconfig.subscriptions import Subscriptions
 from kvconfig.udpwire import Sealer
 
 SERVER = ("127.0.0.1", 15002)
@@ -146,7 +147,10 @@ class World:
         self.agent.start()
 
     def start_notifier(self) -> Notifier:
-        notifier = Notifier(self.store, self.store.limits, self.clock, self.secret)
+        self.subscriptions = Subscriptions(self.store.limits, self.clock,
+                                           lambda: self.store.revision)
+        notifier = Notifier(self.store, self.subscriptions, self.store.limits, self.clock,
+                            self.secret)
         notifier.transport = self.network.transport(SERVER)
         self.network.endpoints[SERVER] = notifier
         notifier.start()

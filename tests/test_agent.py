@@ -200,8 +200,8 @@ def test_lease_is_renewed_before_it_expires():
     sub = world.agent.sub
     world.run(60)
     assert world.agent.sub == sub
-    assert world.notifier.counters["expired"] == 0
-    assert world.notifier.counters["renewals"] >= 60 // 2 - 2
+    assert world.subscriptions.counters["expired"] == 0
+    assert world.subscriptions.counters["renewals"] >= 60 // 2 - 2
 
 
 def test_a_store_that_went_back_in_time_is_resnapshotted():

@@ -222,7 +222,7 @@ def test_connection_limit():
     second = conn.factory.buildProtocol(None)
     second.makeConnection(StringTransport())
     assert conn.factory.buildProtocol(None) is None
-    assert conn.factory.refused == 1
+    assert conn.factory.counters["refused"] == 1
     stats = conn.store.stats()
     assert stats["xmlrpc_refused"] == 1 and stats["xmlrpc_connections"] == 2
     second.connectionLost(None)

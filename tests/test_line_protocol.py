@@ -687,7 +687,7 @@ def test_a_client_racing_ahead_of_its_writes_is_not_read_further(tmp_path):
     and resumes (answering everything, in order) once the write commits."""
     conn = Line("sqlite", tmp_path)
     conn.feed(b"SET r/k 1\r\n" + b"GET r/k\r\n" * 3000)
-    assert conn.protocol._queued <= 1024
+    assert conn.protocol.session.queued <= 1024
     assert conn.transport.producerState == "paused"
     for _ in range(10):
         conn.clock.advance(0)

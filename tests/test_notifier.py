@@ -20,6 +20,7 @@ from twisted.internet.task import Clock
 
 from kvconfig import errors, values
 from kvconfig.notifier import COOKIE_PERIOD, Notifier, NotifierProtocol
+from kvconfig.subscriptions import Subscriptions
 from kvconfig.udpwire import DROP_REASONS, MAX_REQUEST_BYTES, BadDatagram, Sealer
 
 from faults import INVALID_KEY, KEY_TOO_LARGE
@@ -69,7 +70,8 @@ class UDP:
         self.store = clocked_store(**limits)
         self.clock: Clock = self.store.backend.clock
         self.limits = self.store.limits
-        self.notifier = Notifier(self.store, self.limits, self.clock, secret)
+        self.subscriptions = Subscriptions(self.limits, self.clock, lambda: self.store.revision)
+        self.notifier = Notifier(self.store, self.subscriptions, self.limits, self.clock, secret)
         self.transport = RecordingTransport()
         self.protocol = NotifierProtocol(self.notifier)
         self.protocol.makeConnection(self.transport)
@@ -565,13 +567,13 @@ def test_subscribe_and_unsubscribe_for_tcp_callers():
     """Notifier.subscribe/unsubscribe (for XML-RPC and the line protocol)
     need no cookie; unsubscribe returns the subscription, then None."""
     udp = UDP()
-    subscription = udp.notifier.subscribe(ADDRESS, "app/")
+    subscription = udp.subscriptions.subscribe(ADDRESS, "app/")
     assert udp.take() == []
-    assert udp.notifier.subscribe(ADDRESS, "app/") is subscription
+    assert udp.subscriptions.subscribe(ADDRESS, "app/") is subscription
     udp.put("app/a", "x")
     assert udp.messages() == [event(subscription.id, 1, 1, op="put", key="app/a", value="x")]
-    assert udp.notifier.unsubscribe(ADDRESS, "app/") is subscription
-    assert udp.notifier.unsubscribe(ADDRESS, "app/") is None
+    assert udp.subscriptions.unsubscribe(ADDRESS, "app/") is subscription
+    assert udp.subscriptions.unsubscribe(ADDRESS, "app/") is None
     udp.put("app/b", "y")
     udp.wait(4)
     assert udp.take() == []
@@ -584,7 +586,7 @@ def test_tcp_subscribe_checks_the_port(port):
     """A subscribe for a port outside 1..65535 is an invalid_argument."""
     udp = UDP()
     with pytest.raises(errors.InvalidArgument):
-        udp.notifier.subscribe(("127.0.0.1", port), "app/")
+        udp.subscriptions.subscribe(("127.0.0.1", port), "app/")
     assert udp.stats()["subscriptions"] == 0
 
 
@@ -709,7 +711,7 @@ def test_every_event_datagram_fits_and_says_what_it_can(key, value, size, secret
     the seq goes up by one per event."""
     udp = UDP(secret, max_datagram_bytes=size)
     udp.clock.advance(1.7e9)  # ten-digit timestamps in signed datagrams
-    sub = udp.notifier.subscribe(ADDRESS, "").id
+    sub = udp.subscriptions.subscribe(ADDRESS, "").id
     udp.put(key, value)
     udp.delete(key)
     written = udp.take()
@@ -846,7 +848,7 @@ def test_the_subscription_limit():
     assert renewed["sub"] == sub
     stats = udp.stats()
     assert (stats["subscriptions"], stats["refused"], stats["renewals"]) == (2, 1, 1)
-    udp.notifier.unsubscribe(ADDRESS, "b/")
+    udp.subscriptions.unsubscribe(ADDRESS, "b/")
     assert udp.request("subscribe", "a/", third, OTHER)[0]["t"] == "subscribed"
 
 
@@ -862,7 +864,7 @@ def test_the_per_prefix_limit():
     assert udp.stats()["subscriptions"] == 2
     assert udp.stats()["refused"] == 1
     with pytest.raises(errors.LimitExceeded):
-        udp.notifier.subscribe(("192.0.2.9", 1), "app/")
+        udp.subscriptions.subscribe(("192.0.2.9", 1), "app/")
     udp.put("app/xk", 1)
     assert [to for _, to in udp.take()] == [ADDRESS, OTHER]
 
@@ -1106,7 +1108,8 @@ def test_the_protocol_lends_its_transport_and_forwards_datagrams():
     """NotifierProtocol sets the notifier's transport when it starts, clears
     it when it stops, and hands it every datagram with its address."""
     store = clocked_store()
-    notifier = Notifier(store, store.limits, store.backend.clock)
+    notifier = Notifier(store, Subscriptions(store.limits, store.backend.clock, lambda: 0),
+                        store.limits, store.backend.clock)
     received = []
     notifier.received = lambda datagram, address: received.append((datagram, address))
     protocol = NotifierProtocol(notifier)

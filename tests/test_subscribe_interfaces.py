@@ -34,7 +34,9 @@ from kvconfig.backends.memory import MemoryBackend
 from kvconfig.limits import Limits
 from kvconfig.line import LineFactory
 from kvconfig.notifier import Notifier, NotifierProtocol
+from kvconfig.session import Client, Session
 from kvconfig.store import Store
+from kvconfig.subscriptions import Subscriptions
 from kvconfig.tap import Options, makeService
 from kvconfig.udpwire import Sealer
 from kvconfig.xmlrpc import KVConfigXMLRPC, make_factory
@@ -81,7 +83,8 @@ class Notified:
     def __init__(self, **limits) -> None:
         self.store = clocked_store(**limits)
         self.clock, self.limits = self.store.backend.clock, self.store.limits
-        self.notifier = Notifier(self.store, self.limits, self.clock)
+        self.registry = Subscriptions(self.limits, self.clock, lambda: self.store.revision)
+        self.notifier = Notifier(self.store, self.registry, self.limits, self.clock)
         self.udp = FakeDatagramTransport()
         NotifierProtocol(self.notifier).makeConnection(self.udp)
         self.notifier.start()
@@ -103,8 +106,8 @@ class LineConn:
                  **limits) -> None:
         self.notified = notified or Notified(**limits)
         store = self.notified.store
-        notifier = self.notified.notifier if with_notifier else None
-        factory = LineFactory(store, store.limits, self.notified.clock, notifier)
+        subscriptions = self.notified.registry if with_notifier else None
+        factory = LineFactory(store, store.limits, self.notified.clock, subscriptions)
         self.transport = StringTransport(peerAddress=peer or IPv4Address("TCP", PEER, 40000))
         self.protocol = factory.buildProtocol(None)
         self.protocol.makeConnection(self.transport)
@@ -198,7 +201,7 @@ def test_line_subscriptions_are_per_port_and_prefix_and_the_default_prefix_is_al
 def test_line_subscribe_uses_an_ipv6_peer_host():
     """The subscription's host is the peer's, IPv6 included."""
     notified = Notified()
-    notified.notifier.bound_host = "::"
+    notified.registry.bound_host = "::"
     conn = LineConn(notified, IPv6Address("TCP", "::1", 40000))
     assert SUBSCRIBED.match(conn.send("SUBSCRIBE 4000")[0])
     notified.put("k", 1)
@@ -216,7 +219,7 @@ def test_subscriptions_the_udp_port_cannot_serve_are_refused(bound, peer):
     address family, or a remote host from a loopback port) is refused
     rather than failing every send."""
     notified = Notified()
-    notified.notifier.bound_host = bound
+    notified.registry.bound_host = bound
     conn = LineConn(notified, peer)
     assert conn.send("SUBSCRIBE 4000")[0].startswith("ERR invalid_argument 5 ")
     assert notified.notifier.stats()["subscriptions"] == 0
@@ -322,7 +325,7 @@ class XMLRPCConn:
     def __init__(self, notified: Notified, peer=None) -> None:
         self.notified = notified
         store = notified.store
-        factory = make_factory(store, store.limits, notified.clock, notified.notifier)
+        factory = make_factory(store, store.limits, notified.clock, notified.registry)
         self.transport = StringTransport(peerAddress=peer or IPv4Address("TCP", PEER, 40000))
         self.channel = factory.buildProtocol(None)
         self.channel.makeConnection(self.transport)
@@ -380,14 +383,16 @@ def test_xmlrpc_subscribe_without_a_notifier_or_an_ip_peer_is_unavailable():
     store = clocked_store()
     resource = KVConfigXMLRPC(store)
     for method in ("subscribe", "unsubscribe"):
-        body = resource.respond(call(method, "", 4000), "127.0.0.1")
+        body = resource.respond(call(method, "", 4000), Session(store, Client("xmlrpc",
+                                                                               "127.0.0.1")))
         with pytest.raises(xmlrpc.client.Fault) as info:
             xmlrpc.client.loads(body)
         check_fault(info.value, UNAVAILABLE)
     notified = Notified()
-    resource = KVConfigXMLRPC(notified.store, notifier=notified.notifier)
+    resource = KVConfigXMLRPC(notified.store, subscriptions=notified.registry)
     with pytest.raises(xmlrpc.client.Fault) as info:
-        xmlrpc.client.loads(resource.respond(call("subscribe", "", 4000), None))
+        xmlrpc.client.loads(resource.respond(call("subscribe", "", 4000),
+                                             Session(notified.store, Client("xmlrpc"))))
     check_fault(info.value, UNAVAILABLE)
     assert notified.subscriptions() == 0
 
@@ -399,11 +404,12 @@ def site():
     limits = Limits()
     store = Store(MemoryBackend(reactor, limits), limits)
     store.start()
-    notifier = Notifier(store, limits, reactor)
+    subscriptions = Subscriptions(limits, reactor, lambda: store.revision)
+    notifier = Notifier(store, subscriptions, limits, reactor)
     udp = FakeDatagramTransport()
     NotifierProtocol(notifier).makeConnection(udp)
     notifier.start()
-    port = reactor.listenTCP(0, Site(KVConfigXMLRPC(store, limits, notifier)),
+    port = reactor.listenTCP(0, Site(KVConfigXMLRPC(store, limits, subscriptions)),
                              interface="127.0.0.1")
     yield SiteClient(b"http://127.0.0.1:%d/RPC2" % port.getHost().port), udp
     notifier.stop()
@@ -504,7 +510,9 @@ def test_make_service_wires_the_notifier_between_the_store_and_the_interfaces():
     assert order == ["start store", "start notifier"]
     line_factory = memory.tcpServers[1][1]
     xmlrpc_factory = memory.tcpServers[0][1]
-    assert line_factory.notifier is notifier and xmlrpc_factory.handler.notifier is notifier
+    subscriptions = notifier.subscriptions
+    assert (line_factory.sessions.subscriptions is subscriptions
+            and xmlrpc_factory.handler.subscriptions is subscriptions)
     stats = store.stats()
     assert stats["udp_subscriptions"] == 0 and "udp_dropped_unsigned" in stats
     top.stopService()

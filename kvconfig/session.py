@@ -1,0 +1,380 @@
+"""
+A client's session with the store: who the client is, and the order its
+requests take.
+
+Every TCP interface opens one Session per connection (``Sessions.open``,
+which also keeps the interface's connection limit) and hands it each
+request as an *operation*: a function that does the request's work through
+the session and returns its result, or a Deferred of it.  The session
+decides when each operation runs and hands back its *outcome* (the result,
+or the KVConfigError it raised or failed with) in request order.  The rule,
+which every interface shares and none encodes itself:
+
+- a read shows durable state only, so it runs once every request before it
+  on this session is answered; a write after a waiting read waits for it;
+- a run of consecutive writes starts at once: each is decided seeing the
+  ones before it, and they share one group commit;
+- answers come back in request order, whatever finishes first.
+
+The session also says who the client is (interface, peer address; a user
+later), holds its watches and makes its UDP subscriptions, so that a rule
+about clients (bounds, permissions, audit) has one place to live.  It does
+no I/O: the protocols read and write their wire, the store decides.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kvconfig import errors, values
+from kvconfig.limits import Limits
+from kvconfig.model import Event, KeyValue
+from kvconfig.store import Store
+
+if TYPE_CHECKING:
+    from kvconfig.subscriptions import Subscriptions
+
+log = Logger()
+
+#: Requests held behind a pending write before the client should stop being
+#: read (flow control, not an error: reading resumes as they are answered).
+MAX_QUEUED_REQUESTS = 1024
+
+_QUEUED, _RUNNING, _DONE = range(3)
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who a session serves: the interface it came through and its peer."""
+
+    interface: str
+    #: The peer's IP address, or None for a peer without one (a UNIX socket).
+    host: str | None = None
+    port: int | None = None
+
+
+def settled(result: Any) -> Any:
+    """The result of a Deferred that has already fired, else *result* itself."""
+    # A called Deferred that is paused (waiting on one it chained to) has no
+    # result yet.
+    if isinstance(result, Deferred) and result.called and not result.paused:
+        box: list = []
+        result.addBoth(box.append)
+        return box[0]
+    return result
+
+
+def outcome_of(result: Any) -> Any:
+    """An operation's result as an outcome: a Failure becomes the
+    KVConfigError it holds, or (logged) an InternalError."""
+    if isinstance(result, Failure):
+        if isinstance(result.value, errors.KVConfigError):
+            return result.value
+        log.failure("request failed", result)
+        return errors.InternalError(f"internal error: {result.type.__name__}")
+    return result
+
+
+def run(operation: Callable[[], Any]) -> Any:
+    """Run *operation*: its outcome, or a Deferred that fires with it."""
+    try:
+        result = settled(operation())
+    except errors.KVConfigError as e:
+        return e
+    except Exception:
+        return outcome_of(Failure())
+    if isinstance(result, Deferred):
+        return result.addBoth(outcome_of)
+    return outcome_of(result)
+
+
+class _Request:
+    __slots__ = ("operation", "writes", "size", "state", "outcome", "answer")
+
+    def __init__(self, operation: Callable[[], Any], writes: bool, size: int) -> None:
+        self.operation = operation
+        self.writes = writes
+        self.size = size
+        self.state = _QUEUED
+        self.outcome: Any = None
+        self.answer: Deferred = Deferred()
+
+
+class Session:
+    """One client's requests, in the order the module docstring gives."""
+
+    def __init__(self, store: Store, client: Client, limits: Limits | None = None,
+                 subscriptions: Subscriptions | None = None,
+                 on_close: Callable[[Session], None] | None = None) -> None:
+        self.store = store
+        self.client = client
+        self.limits = limits or store.limits
+        self.subscriptions = subscriptions
+        self._on_close = on_close
+        #: Requests not yet answered, oldest first.
+        self._requests: deque[_Request] = deque()
+        self._queued = 0
+        self._queued_bytes = 0
+        self._reads_running = 0
+        self._advancing = False
+        self._closed = False
+        self._watches: dict[int, Callable[[], None]] = {}
+        self._next_watch = 1
+
+    def connected_from(self, address: Any) -> None:
+        """The connection is made: its peer is the client's address (a UNIX
+        socket's peer has no host)."""
+        self.client = Client(self.client.interface, getattr(address, "host", None),
+                             getattr(address, "port", None))
+
+    # Ordering
+
+    @property
+    def busy(self) -> bool:
+        """True while some request is not yet answered."""
+        return bool(self._requests)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the answers before them, not yet started."""
+        return self._queued
+
+    @property
+    def backlogged(self) -> bool:
+        """True when so much waits that the client should not be read further."""
+        return (self._queued >= MAX_QUEUED_REQUESTS
+                or self._queued_bytes > self.limits.max_line_bytes)
+
+    def submit(self, operation: Callable[[], Any], writes: bool = False, size: int = 0) -> Any:
+        """Run *operation* in this client's order.
+
+        Returns its outcome at once when it is ready and nothing before it
+        is unanswered, else a Deferred that fires with the outcome (never
+        fails), after the answers of every earlier request.  *size* is the
+        request's size in bytes, for the session's bounds.
+        """
+        requests = self._requests
+        if not requests:
+            outcome = run(operation)
+            if not isinstance(outcome, Deferred):
+                return outcome
+            request = _Request(operation, writes, size)
+            self._started(request, outcome)
+            requests.append(request)
+            return request.answer
+        request = _Request(operation, writes, size)
+        requests.append(request)
+        if writes and not self._queued and not self._reads_running:
+            # Only writes before it, each already decided: it is decided now,
+            # seeing them, and joins their commit.
+            self._start(request)
+        else:
+            self._queued += 1
+            self._queued_bytes += size
+        return request.answer
+
+    def _start(self, request: _Request) -> None:
+        outcome = run(request.operation)
+        request.operation = None
+        if isinstance(outcome, Deferred):
+            self._started(request, outcome)
+        else:
+            request.state, request.outcome = _DONE, outcome
+
+    def _started(self, request: _Request, outcome: Deferred) -> None:
+        request.state = _RUNNING
+        if not request.writes:
+            self._reads_running += 1
+        outcome.addCallback(self._finished, request)
+
+    def _finished(self, outcome: Any, request: _Request) -> None:
+        if not request.writes:
+            self._reads_running -= 1
+        request.state, request.outcome = _DONE, outcome
+        self._advance()
+
+    def _advance(self) -> None:
+        """Answer the requests at the head that are done, starting those
+        queued requests that may start, until one has to wait."""
+        if self._advancing:
+            return  # the loop below, further up the stack, goes on
+        self._advancing = True
+        try:
+            requests = self._requests
+            while requests and not self._closed:
+                head = requests[0]
+                if head.state == _QUEUED:
+                    self._dequeue(head)
+                    self._start(head)
+                if head.state == _DONE:
+                    requests.popleft()
+                    head.answer.callback(head.outcome)
+                    continue
+                if head.writes:
+                    self._start_writes_behind(head)
+                break
+        finally:
+            self._advancing = False
+
+    def _start_writes_behind(self, head: _Request) -> None:
+        """A write is under way at the head: the queued writes that follow
+        it, up to the next read, may start too (a run shares a commit)."""
+        for request in list(self._requests)[1:]:
+            if not request.writes:
+                return
+            if request.state == _QUEUED:
+                self._dequeue(request)
+                self._start(request)
+
+    def _dequeue(self, request: _Request) -> None:
+        self._queued -= 1
+        self._queued_bytes -= request.size
+
+    def close(self) -> None:
+        """The client is gone: drop what waits, end its watches."""
+        if self._closed:
+            return
+        self._closed = True
+        self._requests.clear()
+        self._queued = self._queued_bytes = 0
+        self.unwatch()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    # The store, as this client
+
+    def get(self, key: str) -> KeyValue | None:
+        return self.store.get(key)
+
+    def load(self, key: str) -> Any:
+        return self.store.load(key)
+
+    def range(self, prefix: str, limit: int | None = None) -> tuple[int, list[KeyValue]]:
+        return self.store.range(prefix, limit)
+
+    def changes(self, prefix: str, since: int) -> tuple[int, list[Event]]:
+        return self.store.changes(prefix, since)
+
+    def put(self, key: str, value: Any, prev_revision: int | None = None,
+            ttl: float | None = None) -> Deferred:
+        return self.store.put(key, value, prev_revision, ttl)
+
+    def save(self, key: str, value: Any) -> Deferred:
+        return self.store.save(key, value)
+
+    def delete(self, key: str, prev_revision: int | None = None) -> Deferred:
+        return self.store.delete(key, prev_revision)
+
+    def stats(self) -> dict[str, Any]:
+        return self.store.stats()
+
+    @property
+    def stale(self) -> bool:
+        return self.store.stale
+
+    # Watches
+
+    def watch(self, prefix: str, start: int | None,
+              consumer: Callable[[int, Event], None]) -> tuple[int, int, list[Event]]:
+        """Follow changes under *prefix*: (watch id, the feed's revision, the
+        events replayed from revision *start* on, if given).  Every later
+        change goes to *consumer* with the watch id, with no gap and no
+        duplicate after the replay."""
+        values.check_prefix(prefix, self.limits.max_key_bytes)
+        if len(self._watches) >= self.limits.max_watches:
+            raise errors.LimitExceeded(
+                f"at most {self.limits.max_watches} watches per connection")
+        feed = self.store.feed
+        # Replay only what the feed has published (committed); everything
+        # after that arrives live from the feed.
+        replay: list[Event] = []
+        if start is not None:
+            if start < 1:
+                raise errors.InvalidArgument("from must be a revision >= 1")
+            _, events = self.store.changes(prefix, start - 1)
+            replay = [event for event in events if event.revision <= feed.revision]
+        watch_id = self._next_watch
+        self._next_watch += 1
+        self._watches[watch_id] = feed.subscribe(
+            lambda event: consumer(watch_id, event), prefix)
+        return watch_id, feed.revision, replay
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._watches)
+
+    def unwatch(self, watch_id: int | None = None) -> int:
+        """End one watch (InvalidArgument if there is none of that id), or
+        all of them; returns how many ended."""
+        if watch_id is None:
+            ended = len(self._watches)
+            for unsubscribe in self._watches.values():
+                unsubscribe()
+            self._watches.clear()
+            return ended
+        unsubscribe = self._watches.pop(watch_id, None)
+        if unsubscribe is None:
+            raise errors.InvalidArgument(f"no watch {watch_id} here")
+        unsubscribe()
+        return 1
+
+    # UDP subscriptions, for this client's own host
+
+    def subscribe(self, port: Any, prefix: Any) -> dict[str, Any]:
+        """Make (or renew) a UDP subscription to *prefix* for this client's
+        host at *port*; returns what a subscriber is told of it."""
+        subscriptions, address = self._udp_address(port)
+        return subscriptions.description(subscriptions.subscribe_peer(address, prefix))
+
+    def unsubscribe(self, port: Any, prefix: Any) -> bool:
+        """End this client's host's subscription at *port*; False if none."""
+        subscriptions, address = self._udp_address(port)
+        return subscriptions.unsubscribe(address, prefix) is not None
+
+    def _udp_address(self, port: Any) -> tuple[Subscriptions, tuple[str, Any]]:
+        if self.subscriptions is None:
+            raise errors.Unavailable("this server sends no UDP notifications")
+        if self.client.host is None:
+            raise errors.Unavailable("UDP subscriptions need a client with an IP address")
+        return self.subscriptions, (self.client.host, port)
+
+
+class Sessions:
+    """The sessions of one interface: one per connection, within the
+    interface's connection limit, and the interface's counters."""
+
+    def __init__(self, store: Store, interface: str, limits: Limits | None = None,
+                 subscriptions: Subscriptions | None = None,
+                 counters: tuple[str, ...] = ()) -> None:
+        self.store = store
+        self.interface = interface
+        self.limits = limits or store.limits
+        self.subscriptions = subscriptions
+        self.connections = 0
+        #: The interface's own counters (the protocol counts in them), and
+        #: the connections refused past the limit.
+        self.counters = dict.fromkeys((*counters, "refused"), 0)
+        store.add_stats(interface, self.stats)
+
+    def open(self) -> Session | None:
+        """A session for a new connection, or None (counted) past the limit;
+        its protocol tells it the peer once connected."""
+        if self.connections >= self.limits.max_connections:
+            self.counters["refused"] += 1
+            return None
+        self.connections += 1
+        return Session(self.store, Client(self.interface), self.limits,
+                       self.subscriptions, self._closed)
+
+    def _closed(self, session: Session) -> None:
+        self.connections -= 1
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters, connections=self.connections)

@@ -1,0 +1,207 @@
+"""
+UDP subscriptions: the registry every interface subscribes through, with no I/O.
+
+A subscription is a lease on a key prefix held by one UDP address (host,
+port).  It is made, renewed and cancelled here, whichever way it was asked
+for: a UDP ``subscribe`` whose address the notifier has proven with a
+cookie, or a TCP call (XML-RPC ``subscribe``, line ``SUBSCRIBE``) for the
+caller's own host, through its Session.  The registry keeps the limits (in
+total and per prefix), the address policy (what the UDP port can reach;
+no well-known ports over TCP) and each address's send rate.  The notifier
+(kvconfig.notifier) only sends: it fans each change out to the
+subscriptions under its key and sends their heartbeats.
+
+``TokenBucket`` is the one rate limit kvconfig uses wherever a rate is
+limited.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from kvconfig import errors, values
+from kvconfig.limits import Limits
+from kvconfig.udpwire import event_head
+
+Address = tuple[str, int]
+Index = tuple[str, int, str]
+
+
+class TokenBucket:
+    """*rate* a second, with a burst of *burst* (default: one second's worth):
+    ``take`` says whether one more is allowed now, and counts it if so."""
+
+    __slots__ = ("rate", "burst", "tokens", "refilled_at")
+
+    def __init__(self, rate: float, now: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = rate if burst is None else burst
+        self.tokens = float(self.burst)
+        self.refilled_at = now
+
+    def take(self, now: float) -> bool:
+        tokens = self.tokens + (now - self.refilled_at) * self.rate
+        self.refilled_at = now
+        if tokens < 1:
+            self.tokens = tokens
+            return False
+        burst = self.burst
+        self.tokens = (burst if tokens > burst else tokens) - 1
+        return True
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A lease on a key prefix held by one UDP address."""
+
+    id: str
+    address: Address
+    prefix: str
+    expires_at: float
+    #: The send rate, shared by every subscription of this address: the
+    #: rate is per address, so subscribing one port to many prefixes does
+    #: not multiply it.
+    bucket: TokenBucket
+    #: The last sequence number used, and the revision of the last event.
+    seq: int = 0
+    rev: int = 0
+    #: The notifier's catch-up heartbeat timer, while one is due.
+    behind: Any = field(default=None, repr=False)
+    #: An unsigned event datagram up to its seq number, made once.
+    event_head: bytes = field(default=b"", repr=False)
+
+    def __post_init__(self) -> None:
+        self.event_head = event_head(self.id)
+
+
+class Subscriptions:
+    """Every subscription, by address and prefix, and by prefix for the fan-out."""
+
+    def __init__(self, limits: Limits, clock: IReactorTime,
+                 revision: Callable[[], int]) -> None:
+        """*revision* gives the store's revision, which subscribers are told."""
+        self.limits = limits
+        self.clock = clock
+        self._revision = revision
+        #: The address the UDP port is bound to ("" while unknown).
+        self.bound_host = ""
+        #: Called with each subscription as it ends (cancelled or expired).
+        self.on_removed: Callable[[Subscription], None] | None = None
+        self._subscriptions: dict[Index, Subscription] = {}
+        #: prefix -> its subscriptions: one encoding per prefix and event.
+        self.by_prefix: dict[str, dict[Index, Subscription]] = {}
+        # address -> its send rate, and how many subscriptions share it
+        self._buckets: dict[Address, TokenBucket] = {}
+        self._bucket_users: dict[Address, int] = {}
+        self.counters = dict.fromkeys(("subscribes", "renewals", "unsubscribes", "expired"), 0)
+
+    def __len__(self) -> int:
+        return len(self._subscriptions)
+
+    def __iter__(self) -> Iterator[Subscription]:
+        return iter(list(self._subscriptions.values()))
+
+    def subscribe(self, address: Address, prefix: Any) -> Subscription:
+        """Create *address*'s subscription to *prefix*, or renew its lease;
+        the address must be proven to receive (a UDP cookie round trip)."""
+        values.check_prefix(prefix, self.limits.max_key_bytes)
+        host, port = self._check_address(address)
+        now = self.clock.seconds()
+        index = (host, port, prefix)
+        subscription = self._subscriptions.get(index)
+        if subscription is not None:
+            subscription.expires_at = now + self.limits.lease_seconds
+            self.counters["renewals"] += 1
+            return subscription
+        if len(self._subscriptions) >= self.limits.max_subscriptions:
+            raise errors.LimitExceeded(
+                f"{self.limits.max_subscriptions} subscriptions is the limit")
+        same_prefix = self.by_prefix.get(prefix, {})
+        if len(same_prefix) >= self.limits.max_subscriptions_per_prefix:
+            raise errors.LimitExceeded(
+                f"{self.limits.max_subscriptions_per_prefix} subscriptions to one "
+                "prefix is the limit")
+        bucket = self._buckets.get((host, port))
+        if bucket is None:
+            bucket = self._buckets[(host, port)] = TokenBucket(self.limits.max_send_rate, now)
+        self._bucket_users[(host, port)] = self._bucket_users.get((host, port), 0) + 1
+        subscription = Subscription(
+            id=os.urandom(8).hex(), address=(host, port), prefix=prefix,
+            expires_at=now + self.limits.lease_seconds, bucket=bucket)
+        self._subscriptions[index] = subscription
+        self.by_prefix.setdefault(prefix, {})[index] = subscription
+        self.counters["subscribes"] += 1
+        return subscription
+
+    def subscribe_peer(self, address: Address, prefix: Any) -> Subscription:
+        """subscribe() for a TCP caller: its host is proven by the TCP
+        handshake, but its port is not, so the well-known ports (DNS, NTP,
+        syslog ...) that a caller could aim datagrams at are refused."""
+        if type(address[1]) is int and address[1] < 1024:
+            raise errors.InvalidArgument(
+                f"port {address[1]} is below 1024; subscribe over UDP to use it")
+        return self.subscribe(address, prefix)
+
+    def unsubscribe(self, address: Address, prefix: Any) -> Subscription | None:
+        """End *address*'s subscription to *prefix*; returns it, or None."""
+        values.check_prefix(prefix, self.limits.max_key_bytes)
+        host, port = self._check_address(address)
+        subscription = self._remove((host, port, prefix))
+        if subscription is not None:
+            self.counters["unsubscribes"] += 1
+        return subscription
+
+    def expire(self) -> None:
+        """End every subscription whose lease has run out."""
+        now = self.clock.seconds()
+        for index, subscription in list(self._subscriptions.items()):
+            if subscription.expires_at <= now:
+                self._remove(index)
+                self.counters["expired"] += 1
+
+    def description(self, subscription: Subscription) -> dict[str, Any]:
+        """What a subscriber is told about its subscription."""
+        return {"sub": subscription.id, "prefix": subscription.prefix,
+                "seq": subscription.seq, "rev": subscription.rev,
+                "head": self._revision(), "lease": self.limits.lease_seconds,
+                "heartbeat": self.limits.heartbeat_seconds}
+
+    def _check_address(self, address: Address) -> Address:
+        """*address*, if datagrams can be sent to it from the UDP port."""
+        host, port = address
+        if type(port) is not int or not 0 < port < 65536:
+            raise errors.InvalidArgument(f"port must be 1..65535, not {errors.brief(port)}")
+        bound = self.bound_host
+        if bound and (":" in bound) != (":" in host):
+            raise errors.InvalidArgument(
+                f"the UDP port is bound to {bound}, which cannot send to {host}")
+        if _is_loopback(bound) and not _is_loopback(host):
+            raise errors.InvalidArgument(
+                f"the UDP port is bound to {bound}, which cannot send to {host}; "
+                "see --udp")
+        return host, port
+
+    def _remove(self, index: Index) -> Subscription | None:
+        subscription = self._subscriptions.pop(index, None)
+        if subscription is None:
+            return None
+        same_prefix = self.by_prefix[subscription.prefix]
+        del same_prefix[index]
+        if not same_prefix:
+            del self.by_prefix[subscription.prefix]
+        address = subscription.address
+        self._bucket_users[address] -= 1
+        if not self._bucket_users[address]:
+            del self._buckets[address], self._bucket_users[address]
+        if self.on_removed is not None:
+            self.on_removed(subscription)
+        return subscription
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1"
