@@ -2,61 +2,56 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def limit(default: int, help_: str) -> Any:
+    """A limit's default, and the help text of its ``twistd kvconfig`` option."""
+    return field(default=default, metadata={"help": help_})
 
 
 @dataclass(frozen=True)
 class Limits:
     """Limits on what clients may send and on what the server keeps.
 
-    Every one is a ``twistd kvconfig`` option; the defaults are those in the
-    README.
+    Every one is a ``twistd kvconfig`` option named after the field
+    (``max_key_bytes`` is ``--max-key-bytes``), with the help text given
+    here; tap.py makes the options from this table, and a test holds the
+    README's option table to it.
     """
 
-    #: Longest key, in bytes of its UTF-8 encoding.
-    max_key_bytes: int = 1024
-    #: Longest value, in bytes of its stored (tagged JSON) encoding.
-    max_value_bytes: int = 1 << 20
-    #: Deepest nesting of lists and dicts inside a value.
-    max_value_depth: int = 64
-    #: Largest XML-RPC request body; a larger one is discarded unread.
-    max_body_bytes: int = 8 << 20
-    #: Most simultaneous connections to one interface.
-    max_connections: int = 1000
-    #: Seconds an idle connection is kept open.
-    idle_timeout: int = 300
-    #: Most calls in one ``system.multicall``.
-    max_multicall: int = 1000
-    #: Longest line-protocol line (without its LF); must hold the largest value.
-    max_line_bytes: int = (1 << 20) + 4096
-    #: Most WATCHes on one line-protocol connection.
-    max_watches: int = 100
-    #: Most events held for a watcher that is not reading, before its
-    #: watches are ended (slow_consumer).
-    max_watch_backlog: int = 10_000
-    #: Most bytes of such events held.
-    max_watch_backlog_bytes: int = 16 << 20
-    #: Most change events kept as history for ``changes(prefix, since)``.
-    history_events: int = 10_000
-    #: Most bytes of values kept in that history.
-    history_bytes: int = 64 << 20
-    #: Most UDP subscriptions held at once, and most on any one prefix.
-    max_subscriptions: int = 10_000
-    max_subscriptions_per_prefix: int = 5_000
-    #: Largest notification datagram, signature included; a value that does
-    #: not fit is announced without it, to be pulled.
-    max_datagram_bytes: int = 1200
-    #: Most datagrams a second to one subscriber (also its burst); past that
-    #: events are skipped, which the subscriber sees as a gap and pulls.
-    max_send_rate: int = 1000
-    #: Most cookie answers a second to unproven addresses, in total.
-    max_cookie_rate: int = 1000
-    #: Seconds a subscription lives unless renewed.
-    lease_seconds: int = 30
-    #: Seconds between heartbeats to each subscriber.
-    heartbeat_seconds: int = 2
-    #: Seconds a signed datagram's timestamp may be off (replay window).
-    max_clock_skew: int = 30
+    max_key_bytes: int = limit(1024, "Longest key, in UTF-8 bytes.")
+    max_value_bytes: int = limit(1 << 20, "Longest encoded value, in bytes.")
+    max_value_depth: int = limit(64, "Deepest nesting of lists and dicts in a value.")
+    max_body_bytes: int = limit(8 << 20, "Largest XML-RPC request body, in bytes.")
+    max_connections: int = limit(1000, "Most simultaneous connections per interface.")
+    idle_timeout: int = limit(300, "Seconds before an idle connection is closed.")
+    max_multicall: int = limit(1000, "Most calls in one system.multicall.")
+    # Without its LF; it must hold the largest value (see __post_init__).
+    max_line_bytes: int = limit((1 << 20) + 4096, "Longest line-protocol line, in bytes.")
+    max_watches: int = limit(100, "Most WATCHes per line-protocol connection.")
+    max_watch_backlog: int = limit(
+        10_000, "Events held for a watcher that is not reading before its watches end.")
+    max_watch_backlog_bytes: int = limit(
+        16 << 20, "Bytes of events held for a watcher that is not reading.")
+    history_events: int = limit(10_000, "Most change events kept for changes().")
+    history_bytes: int = limit(64 << 20, "Most bytes of values kept in that history.")
+    max_subscriptions: int = limit(10_000, "Most UDP subscriptions held at once.")
+    max_subscriptions_per_prefix: int = limit(
+        5_000, "Most UDP subscriptions to any one prefix.")
+    # The signature included.
+    max_datagram_bytes: int = limit(
+        1200, "Largest notification datagram; a value that does not fit is pulled.")
+    # Also the burst; a skipped event is a gap, which the subscriber pulls.
+    max_send_rate: int = limit(
+        1000, "Most datagrams a second to one subscriber; past that events are skipped.")
+    max_cookie_rate: int = limit(
+        1000, "Most cookie answers a second to unproven UDP addresses, in total.")
+    lease_seconds: int = limit(30, "Seconds a UDP subscription lives unless renewed.")
+    heartbeat_seconds: int = limit(2, "Seconds between heartbeats to a subscriber.")
+    max_clock_skew: int = limit(
+        30, "Seconds a signed datagram's timestamp may be off (the replay window).")
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -74,3 +69,9 @@ class Limits:
         if self.max_line_bytes < needed:
             raise ValueError(f"max_line_bytes must be at least {needed} "
                              "(max_value_bytes + max_key_bytes + 64)")
+
+
+def limit_options() -> list[tuple[str, str, int, str]]:
+    """(option flag, field name, default, help) of every limit, in order."""
+    return [(f.name.replace("_", "-"), f.name, f.default, f.metadata["help"])
+            for f in fields(Limits)]

@@ -19,7 +19,7 @@ from twisted.python import usage
 from kvconfig import __version__
 from kvconfig.backends import backend_from_string, parse_store
 from kvconfig.backends.etcd import check_prefix as check_etcd_prefix
-from kvconfig.limits import Limits
+from kvconfig.limits import Limits, limit_options
 from kvconfig.line import LineFactory
 from kvconfig.notifier import Notifier, NotifierProtocol
 from kvconfig.secret import read_secret
@@ -27,37 +27,7 @@ from kvconfig.store import Store
 from kvconfig.subscriptions import Subscriptions
 from kvconfig.xmlrpc import make_factory
 
-_LIMIT_OPTIONS = [
-    ("max-key-bytes", "max_key_bytes", "Longest key, in UTF-8 bytes."),
-    ("max-value-bytes", "max_value_bytes", "Longest encoded value, in bytes."),
-    ("max-value-depth", "max_value_depth", "Deepest nesting of lists and dicts in a value."),
-    ("max-body-bytes", "max_body_bytes", "Largest XML-RPC request body, in bytes."),
-    ("max-multicall", "max_multicall", "Most calls in one system.multicall."),
-    ("max-connections", "max_connections", "Most simultaneous connections per interface."),
-    ("idle-timeout", "idle_timeout", "Seconds before an idle connection is closed."),
-    ("max-line-bytes", "max_line_bytes", "Longest line-protocol line, in bytes."),
-    ("max-watches", "max_watches", "Most WATCHes per line-protocol connection."),
-    ("max-watch-backlog", "max_watch_backlog",
-     "Events held for a watcher that is not reading before its watches end."),
-    ("max-watch-backlog-bytes", "max_watch_backlog_bytes",
-     "Bytes of events held for a watcher that is not reading."),
-    ("history-events", "history_events", "Most change events kept for changes()."),
-    ("history-bytes", "history_bytes", "Most bytes of values kept in that history."),
-    ("max-subscriptions", "max_subscriptions", "Most UDP subscriptions held at once."),
-    ("max-subscriptions-per-prefix", "max_subscriptions_per_prefix",
-     "Most UDP subscriptions to any one prefix."),
-    ("max-datagram-bytes", "max_datagram_bytes",
-     "Largest notification datagram; a value that does not fit is pulled."),
-    ("max-send-rate", "max_send_rate",
-     "Most datagrams a second to one subscriber; past that events are skipped."),
-    ("max-cookie-rate", "max_cookie_rate",
-     "Most cookie answers a second to unproven UDP addresses, in total."),
-    ("lease-seconds", "lease_seconds", "Seconds a UDP subscription lives unless renewed."),
-    ("heartbeat-seconds", "heartbeat_seconds", "Seconds between heartbeats to a subscriber."),
-    ("max-clock-skew", "max_clock_skew",
-     "Seconds a signed datagram's timestamp may be off (the replay window)."),
-]
-_DEFAULT_LIMITS = Limits()
+_LIMIT_OPTIONS = limit_options()
 
 
 class Options(usage.Options):
@@ -81,8 +51,7 @@ class Options(usage.Options):
         ["secret-file", None, None,
          "File holding the shared secret that signs UDP datagrams (not world-readable)."],
     ] + [
-        [flag, None, getattr(_DEFAULT_LIMITS, field), help_, int]
-        for flag, field, help_ in _LIMIT_OPTIONS
+        [flag, None, default, help_, int] for flag, _, default, help_ in _LIMIT_OPTIONS
     ]
 
     def opt_version(self) -> None:
@@ -100,7 +69,7 @@ class Options(usage.Options):
             raise usage.UsageError("--etcd-timeout must be 0..3600 seconds")
         try:
             self["limits"] = Limits(
-                **{field: self[flag] for flag, field, _ in _LIMIT_OPTIONS}
+                **{field: self[flag] for flag, field, _, _ in _LIMIT_OPTIONS}
             )
         except ValueError as e:
             raise usage.UsageError(str(e).replace("_", "-")) from None

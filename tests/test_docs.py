@@ -8,6 +8,7 @@ import docutils.core
 import pytest
 
 from kvconfig import agenttap, errors, line
+from kvconfig.limits import limit_options
 from kvconfig.tap import Options
 
 README = Path(__file__).resolve().parent.parent / "README.rst"
@@ -53,3 +54,13 @@ def test_every_line_command_is_documented(readme, command):
     """Each line-protocol command is in the README and in the module's grammar."""
     assert f"``{command}" in readme
     assert f"\n    {command}" in line.__doc__
+
+
+@pytest.mark.parametrize("flag, default", [(flag, default)
+                                           for flag, _, default, _ in limit_options()])
+def test_every_limit_default_in_the_readme_is_the_codes(readme, flag, default):
+    """The option table's default for each limit is the Limits field's own,
+    so the README cannot drift from the one table options are made from."""
+    rows = [row.split() for row in readme.splitlines() if row.startswith(f"``--{flag}``")]
+    assert rows, f"--{flag} has no row in the option table"
+    assert rows[0][1] == str(default)
