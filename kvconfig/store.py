@@ -23,9 +23,6 @@ from kvconfig.feed import ChangeFeed
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
 
-# Scalars are immutable and canonical already: stored as given.
-_SCALARS = (str, int, float, bool, type(None))
-
 
 class Store:
     """A revisioned key-value store over one backend."""
@@ -111,15 +108,14 @@ class Store:
         try:
             limits = self.limits
             values.check_key(key, limits.max_key_bytes)
-            raw = values.encode(value, limits.max_value_bytes, limits.max_value_depth)
+            # Stored: a private, canonical copy, so that reads return what
+            # any other interface would.
+            value, raw = values.canonical(value, limits.max_value_bytes,
+                                          limits.max_value_depth)
             if prev_revision is not None:
                 _check_int(prev_revision, "prev_revision", minimum=0)
             if ttl is not None:
                 _check_ttl(ttl)
-            if not isinstance(value, _SCALARS):
-                # Store a private, canonical copy (lists, not tuples; bytes,
-                # not bytearray) so reads return what any other interface would.
-                value = values.decode(raw)
             d = self.backend.put(key, value, raw, prev_revision, ttl)
         except KVConfigError as e:
             return self._rejected(e)

@@ -41,6 +41,29 @@ def test_every_xmlrpc_value_round_trips_through_the_encoding(value):
     assert values.decode(values.encode(value, 1 << 30, 64)) == value
 
 
+def _typed(value):
+    """*value* with the type of every part spelled out (1, 1.0 and True differ)."""
+    if type(value) is list:
+        return ["list", [_typed(item) for item in value]]
+    if type(value) is dict:
+        return ["dict", {name: _typed(item) for name, item in value.items()}]
+    return [type(value).__name__, value]
+
+
+@given(xmlrpc_values)
+def test_the_canonical_copy_is_what_decoding_the_encoding_gives(value):
+    """canonical() returns, in one pass, the value every interface reads back
+    (equal to decode(raw), type for type) and a copy that shares no list or
+    dict with the original; tuples become lists and bytearrays bytes."""
+    copy, raw = values.canonical(value, 1 << 30, 64)
+    assert raw == values.encode(value, 1 << 30, 64)
+    assert _typed(copy) == _typed(values.decode(raw))
+    if isinstance(value, (list, dict)):
+        assert copy is not value
+    assert values.canonical((b"a", bytearray(b"b")), 100, 4)[0] == [b"a", b"b"]
+    assert type(values.canonical([bytearray(b"b")], 100, 4)[0][0]) is bytes
+
+
 @given(xmlrpc_values)
 def test_encoded_values_round_trip_through_xmlrpc_marshalling(value):
     """What the store returns marshals and unmarshals back equal with the stdlib."""
