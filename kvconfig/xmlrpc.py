@@ -212,11 +212,27 @@ def batch(method):
     return method
 
 
+#: The type names of the XML-RPC specification, the only ones a signature
+#: may hold (xmlrpc-c's xml-rpc-api2cpp refuses any other).
+SPEC_TYPES = frozenset({"int", "i4", "boolean", "string", "double", "dateTime.iso8601",
+                        "base64", "struct", "array"})
+#: What system.methodSignature answers for a method whose types the spec's
+#: names cannot state (any value, or nil): the introspection convention's
+#: non-array answer, as xmlrpc-c's servers give it (its tools expect this
+#: word; the stdlib server says "signatures not supported").
+NO_SIGNATURE = "undef"
+
+
 def signature(*signatures: list[str]):
-    """Attach XML-RPC type signatures for system.methodSignature."""
+    """Attach XML-RPC type signatures for system.methodSignature; with none,
+    the method's types cannot be said in the spec's names."""
+    for types in signatures:
+        unknown = set(types) - SPEC_TYPES
+        if unknown:
+            raise ValueError(f"not XML-RPC type names: {sorted(unknown)}")
 
     def attach(method):
-        method.signature = [list(s) for s in signatures]
+        method.signature = [list(s) for s in signatures] or NO_SIGNATURE
         return method
 
     return attach
@@ -355,17 +371,17 @@ class KVConfigXMLRPC(_Dispatcher):
 
     # The classic calls
 
-    @signature(["nil", "string", "any"])
+    @signature()  # nil, any
     def xmlrpc_save(self, session, key, value):
         """save(key, value): store value under key; returns nil once it is durable."""
         return session.save(key, value)
 
-    @signature(["any", "string"])
+    @signature()  # any or nil
     def xmlrpc_load(self, session, key):
         """load(key): the value stored under key, or nil if there is none."""
         return session.load(key)
 
-    @signature(["nil", "string"])
+    @signature()  # nil
     def xmlrpc_delete(self, session, key):
         """delete(key): remove key; no error if it does not exist. Returns nil
         once the delete is durable."""
@@ -373,14 +389,14 @@ class KVConfigXMLRPC(_Dispatcher):
 
     # Richer calls
 
-    @signature(["struct", "string"])
+    @signature()  # a struct, or nil
     def xmlrpc_get(self, session, key):
         """get(key): {key, value, version, create_revision, mod_revision,
         [expires_at]} for key, or nil if there is none."""
         kv = session.get(key)
         return None if kv is None else _say_stale(session, kv_struct(kv))
 
-    @signature(["struct", "string", "any"], ["struct", "string", "any", "struct"])
+    @signature()  # any value
     def xmlrpc_put(self, session, key, value, options=None):
         """put(key, value[, {prev_revision, ttl}]): store value under key and
         return its new metadata and the revision of the write.
@@ -492,7 +508,9 @@ class SystemHandler(_Dispatcher):
     @signature(["array", "string"])
     def xmlrpc_methodSignature(self, session, method_name):
         """system.methodSignature(name): the method's signatures, each a list
-        [return type, argument types...]."""
+        [return type, argument types...] of XML-RPC type names; the string
+        "undef" for a method whose types those names cannot state (a value
+        of any type, or nil)."""
         return self.parent.lookupProcedure(method_name).signature
 
     @signature(["array", "array"])

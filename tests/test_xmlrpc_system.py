@@ -9,7 +9,10 @@ failure not stopping the others), a cap on batch size and no nesting.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from xmlrpc.client import Fault, MultiCall
 
 import pytest
@@ -107,20 +110,72 @@ def test_method_help_returns_each_methods_docstring(proxy):
     assert "compacted" in helps["changes"]
 
 
-def test_method_signature_is_a_list_of_lists_for_every_method(proxy):
+#: Methods whose types the spec's type names cannot state (a value of any
+#: type, or nil): their signature is the introspection convention's "undef".
+UNTYPED = {"save", "load", "delete", "get", "put"}
+SPEC_TYPES = {"int", "i4", "boolean", "string", "double", "dateTime.iso8601", "base64",
+              "struct", "array"}
+
+
+def test_method_signature_uses_only_the_specs_type_names(proxy):
     """system.methodSignature returns, for every listed method, a list of
-    [return type, argument types...] lists of type names, whose argument
-    counts are the ones the method takes."""
+    [return type, argument types...] lists of the XML-RPC spec's type names
+    (never nil or any), whose argument counts are the ones the method takes;
+    or, for a method those names cannot describe, the string "undef"."""
     for name in proxy.system.listMethods():
         signatures = proxy.system.methodSignature(name)
+        if name in UNTYPED:
+            assert signatures == "undef", name
+            continue
         assert type(signatures) is list and signatures, name
         for signature in signatures:
             assert type(signature) is list and signature, (name, signature)
-            assert all(type(t) is str and t for t in signature), (name, signature)
+            assert set(signature) <= SPEC_TYPES, (name, signature)
         if name in ARITIES:
             assert {len(s) - 1 for s in signatures} == ARITIES[name], (name, signatures)
-    assert proxy.system.methodSignature("save")[0][1] == "string"
+    assert proxy.system.methodSignature("keys")[0][1] == "string"
     assert proxy.system.methodSignature("stats") == [["struct"]]
+
+
+@pytest.fixture
+def xmlrpc_c_tool():
+    """The path of a tool of Debian's xmlrpc-api-utils (xmlrpc-c), which
+    .ci/run installs; skipped without it unless KVCONFIG_REQUIRE_TOOLS is set."""
+    def find(name: str) -> str:
+        path = shutil.which(name)
+        if path is None:
+            if os.environ.get("KVCONFIG_REQUIRE_TOOLS"):
+                pytest.fail(f"{name} is not installed (Debian package xmlrpc-api-utils)")
+            pytest.skip(f"{name} is not installed (Debian package xmlrpc-api-utils)")
+        return path
+    return find
+
+
+def test_xmlrpc_c_generates_a_cpp_proxy_for_every_typed_method(server, xmlrpc_c_tool,
+                                                               tmp_path):
+    """xmlrpc-c's xml-rpc-api2cpp reads every signature without failing (it
+    refused 'nil'), declares a C++ method for each typed one, and skips the
+    untyped ones as having no signature."""
+    result = subprocess.run([xmlrpc_c_tool("xml-rpc-api2cpp"), server.url, "", "KV"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Unknown XML-RPC type name" not in result.stdout + result.stderr
+    for name in ("keys", "list", "changes", "remove", "stats"):
+        assert re.search(rf"\b{name} \(", result.stdout), name
+    for name in UNTYPED:
+        assert f"Skipping method {name} " in result.stdout + result.stderr, name
+
+
+def test_xmlrpc_c_describes_the_api(server, xmlrpc_c_tool):
+    """xml-rpc-api2txt lists the typed methods with their types, the others
+    as unknown, each with its help."""
+    result = subprocess.run([xmlrpc_c_tool("xml-rpc-api2txt"), server.url],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "struct keys (string)" in result.stdout
+    assert "struct changes (string, int)" in result.stdout
+    assert "unknown load (...)" in result.stdout
+    assert not re.search(r"^(nil|any) ", result.stdout, re.M)
 
 
 @pytest.mark.parametrize("name", ["nope", "system.nope", "system", "", "Save", 5])
