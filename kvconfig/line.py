@@ -25,6 +25,8 @@ Commands::
                                             <create_revision> <expires_at|-> <json>
                                       or NIL <key>
     SET key value [EX sec] [IF rev]   OK <revision> <version>
+    TTL key                           TTL <key> <seconds left, rounded up | -1>
+                                      or NIL <key>
     DEL key [IF rev]                  OK <revision> deleted | OK <revision> absent
     KEYS [prefix [limit]]             KEY <key> ... END <revision> <count>
     LIST [prefix [limit]]             VALUE ... END <revision> <count>
@@ -41,7 +43,11 @@ Commands::
     QUIT                              OK bye, then the server closes
 
 ``EX`` gives the key a time to live in seconds; ``IF`` makes the write a
-compare-and-set on the key's mod_revision (``IF 0``: only if absent).
+compare-and-set on the key's mod_revision (``IF 0``: only if absent).  A
+value holding spaces is quoted as a JSON string (``SET greeting "hello
+world"``).  ``TTL`` answers ``-1`` for a key without a time to live (in
+cluster mode, also for one whose lease only etcd knows).  A prefix of ``*``
+or ``""`` means every key, so ``KEYS * 10`` lists the first ten keys.
 ``CHANGES`` lists changes after revision ``since``; ``WATCH ... from`` first
 replays the changes from revision ``from`` on (etcd's start revision), then
 streams live ones.  ``expires_at`` is a Unix time.
@@ -62,7 +68,7 @@ reads ``END <revision> <count> stale``, and ``STATS`` says ``stale true``.
 (A GET reply has no room for the word; ask STATS.)
 
 Every reply line starts with a status word: ``OK``, ``ERR``, ``VALUE``,
-``NIL``, ``KEY``, ``CHANGE``, ``STAT``, ``HELP``, ``PONG``, ``END``,
+``NIL``, ``TTL``, ``KEY``, ``CHANGE``, ``STAT``, ``HELP``, ``PONG``, ``END``,
 ``HELLO`` - or ``EVENT`` for a watch notification, which may come between
 two replies but never inside a multi-line one.  Change lines read::
 
@@ -74,6 +80,11 @@ Errors are one line, ``ERR <name> <code> <message>``, with the names and
 codes of kvconfig.errors (the XML-RPC Fault codes); the connection stays
 usable.  A line longer than ``--max-line-bytes`` gets ``ERR
 request_too_large`` and is skipped up to its newline without being kept.
+
+Telnet's commands (bytes from 0xff on, which UTF-8 never holds) are taken
+out of the input and answered as kvconfig.telnet says: a telnet client's
+Ctrl-C discards the line typed so far and its timing mark is answered, so
+the session goes on.
 
 A watcher that does not read fast enough is not buffered for without bound:
 while its connection's send buffer is full, events wait in a queue of at
@@ -87,6 +98,7 @@ are answered.  Connections with a watch are exempt from the idle timeout.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import deque
 from collections.abc import Callable
@@ -105,6 +117,7 @@ from kvconfig.model import Event, KeyValue
 from kvconfig.session import Session, Sessions
 from kvconfig.store import Store
 from kvconfig.subscriptions import Subscriptions
+from kvconfig.telnet import ERASE_CHAR, ERASE_LINE, TelnetFilter
 
 
 def _no_constants(name: str) -> Any:
@@ -168,6 +181,12 @@ def parse_value(text: str) -> tuple[Any, str]:
     return word, rest[0] if rest else ""
 
 
+def parse_prefix(word: str) -> str:
+    """A prefix word: ``*`` and ``""`` (the empty JSON string) mean every key;
+    any other word is the prefix itself."""
+    return "" if word in ("*", '""') else word
+
+
 def parse_int(text: str, what: str) -> int:
     try:
         return int(text, 10)
@@ -216,6 +235,7 @@ class LineProtocol(Protocol, TimeoutMixin):
         self.limits = factory.limits
         self.callLater = factory.clock.callLater
         self._buffer = bytearray()
+        self._telnet = TelnetFilter()
         self._discarding = False
         self._held = False                     # reading stopped: session backlogged
         self._out: list[bytes] | None = None   # replies of the lines being read
@@ -272,8 +292,28 @@ class LineProtocol(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
-        self._buffer += data
+        telnet = self._telnet
+        if telnet.plain and b"\xff" not in data:
+            self._buffer += data
+        else:
+            self._telnet_input(*telnet.feed(data))
         self._process()
+
+    def _telnet_input(self, parts: list[bytes | str], answer: bytes) -> None:
+        """Data with telnet's commands taken out (kvconfig.telnet), and its
+        answers to them, which go out at once: a client waiting for its
+        timing mark shows nothing until it comes."""
+        if answer:
+            self.transport.write(answer)
+        buffer = self._buffer
+        for part in parts:
+            if part is ERASE_LINE:
+                del buffer[buffer.rfind(b"\n") + 1:]
+            elif part is ERASE_CHAR:
+                if buffer and buffer[-1:] != b"\n":
+                    del buffer[-1:]
+            else:
+                buffer += part
 
     def _process(self) -> None:
         # Replies to what is read now leave together, a write per 64 KiB, so
@@ -418,8 +458,12 @@ class LineProtocol(Protocol, TimeoutMixin):
         key, rest = words
         value, rest = parse_value(rest)
         options = split_words(rest)
+        # What follows the value is options; if not, the value was most
+        # likely text with spaces, which JSON quotes.
+        quote = (f'; a value with spaces is quoted, as in SET {key} "hello world"'
+                 if options and options[0].upper() not in ("EX", "IF") else "")
         if len(options) % 2:
-            raise errors.WrongArguments(f"usage: {COMMANDS['SET'].usage}")
+            raise errors.WrongArguments(f"usage: {COMMANDS['SET'].usage}{quote}")
         ttl = prev = None
         for option, argument in zip(options[::2], options[1::2], strict=True):
             option = option.upper()
@@ -429,9 +473,15 @@ class LineProtocol(Protocol, TimeoutMixin):
                 prev = parse_int(argument, "IF")
             else:
                 raise errors.InvalidArgument(f"unknown option {errors.brief(option)}; "
-                                             "use EX seconds or IF revision")
+                                             f"use EX seconds or IF revision{quote}")
         return self.session.put(key, value, prev, ttl).addCallback(
             lambda kv: b"OK %d %d" % (kv.mod_revision, kv.version))
+
+    def do_ttl(self, key: str) -> bytes:
+        left = self.session.ttl(key)
+        if left is None:
+            return b"NIL " + key.encode()
+        return b"TTL %s %d" % (key.encode(), -1 if left < 0 else math.ceil(left))
 
     def do_del(self, key: str, *options: str) -> Deferred:
         prev = None
@@ -445,7 +495,8 @@ class LineProtocol(Protocol, TimeoutMixin):
             else b"OK %d deleted" % revision)
 
     def _range(self, prefix: str, limit: str | None) -> tuple[int, list[KeyValue]]:
-        return self.session.range(prefix, None if limit is None else parse_int(limit, "limit"))
+        return self.session.range(parse_prefix(prefix),
+                                  None if limit is None else parse_int(limit, "limit"))
 
     def do_keys(self, prefix: str = "", limit: str | None = None) -> list[bytes]:
         revision, kvs = self._range(prefix, limit)
@@ -460,7 +511,7 @@ class LineProtocol(Protocol, TimeoutMixin):
         return lines
 
     def do_changes(self, since: str, prefix: str = "") -> list[bytes]:
-        revision, events = self.session.changes(prefix, parse_int(since, "since"))
+        revision, events = self.session.changes(parse_prefix(prefix), parse_int(since, "since"))
         lines = [b"CHANGE " + change_fields(event) for event in events]
         lines.append(self._end(revision, len(events)))
         return lines
@@ -473,6 +524,7 @@ class LineProtocol(Protocol, TimeoutMixin):
 
     def do_watch(self, prefix: str = "", start: str | None = None) -> list[bytes]:
         since = None if start is None else parse_int(start, "from")
+        prefix = parse_prefix(prefix)
         watch_id, revision, replay = self.session.watch(prefix, since, self._watch_event)
         self.factory.counters["watches"] += 1
         header = b"EVENT %d " % watch_id
@@ -485,13 +537,14 @@ class LineProtocol(Protocol, TimeoutMixin):
             None if watch_id is None else parse_int(watch_id, "id"))
 
     def do_subscribe(self, port: str, prefix: str = "") -> bytes:
-        description = self.session.subscribe(parse_int(port, "port"), prefix)
+        description = self.session.subscribe(parse_int(port, "port"), parse_prefix(prefix))
         return b"OK subscribed %s %d %d %d %d %d" % (
             description["sub"].encode(), description["seq"], description["rev"],
             description["head"], description["lease"], description["heartbeat"])
 
     def do_unsubscribe(self, port: str, prefix: str = "") -> bytes:
-        return b"OK 1" if self.session.unsubscribe(parse_int(port, "port"), prefix) else b"OK 0"
+        ended = self.session.unsubscribe(parse_int(port, "port"), parse_prefix(prefix))
+        return b"OK 1" if ended else b"OK 0"
 
     def do_stats(self) -> list[bytes]:
         lines = [b"STAT %s %s" % (name.encode(), _encode(value).encode())
@@ -556,10 +609,12 @@ _HELP = {
             "Store a value (JSON; a bare word is a string). EX: delete after that\n"
             "many seconds. IF: only if the key's mod_revision is that (0: absent).\n"
             "Answers OK revision version once the write is durable."),
+    "TTL": ("TTL key", "Seconds the key has left before it expires (rounded up): TTL key\n"
+            "seconds; TTL key -1 if it has no time to live; NIL key if absent."),
     "DEL": ("DEL key [IF mod_revision]", "Delete a key: OK revision deleted, or OK revision\n"
             "absent if there was none."),
     "KEYS": ("KEYS [prefix [limit]]", "The keys starting with prefix, in order: KEY lines,\n"
-             "then END revision count."),
+             "then END revision count. * or \"\" is every key: KEYS * 10."),
     "LIST": ("LIST [prefix [limit]]", "A snapshot of the keys starting with prefix: VALUE\n"
              "lines, then END revision count. Continue with CHANGES or WATCH."),
     "CHANGES": ("CHANGES since [prefix]", "Changes after revision since: CHANGE lines, then\n"
@@ -578,7 +633,7 @@ _HELP = {
     "QUIT": ("QUIT", "Close the connection."),
 }
 # Word counts; SET and PING parse the raw rest of the line themselves.
-_ARITY = {"GET": (1, 1), "SET": None, "DEL": (1, 3), "KEYS": (0, 2), "LIST": (0, 2),
+_ARITY = {"GET": (1, 1), "SET": None, "TTL": (1, 1), "DEL": (1, 3), "KEYS": (0, 2), "LIST": (0, 2),
           "CHANGES": (1, 2), "WATCH": (0, 2), "UNWATCH": (0, 1), "SUBSCRIBE": (1, 2),
           "UNSUBSCRIBE": (1, 2), "STATS": (0, 0),
           "PING": None, "HELP": (0, 1), "QUIT": (0, 0)}

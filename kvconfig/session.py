@@ -256,6 +256,9 @@ class Session:
     def load(self, key: str) -> Any:
         return self.store.load(key)
 
+    def ttl(self, key: str) -> float | None:
+        return self.store.ttl(key)
+
     def range(self, prefix: str, limit: int | None = None) -> tuple[int, list[KeyValue]]:
         return self.store.range(prefix, limit)
 

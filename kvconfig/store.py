@@ -68,6 +68,16 @@ class Store:
         kv = self.get(key)
         return None if kv is None else kv.value
 
+    def ttl(self, key: str) -> float | None:
+        """Seconds the key has left before it expires (-1 if it has no time
+        to live), or None if it is absent."""
+        kv = self.get(key)
+        if kv is None:
+            return None
+        if kv.expires_at is None:
+            return -1
+        return max(0.0, kv.expires_at - self.backend.clock.seconds())
+
     def range(self, prefix: str, limit: int | None = None) -> tuple[int, list[KeyValue]]:
         """(revision, keys starting with *prefix* in key order): a snapshot."""
         values.check_prefix(prefix, self.limits.max_key_bytes)

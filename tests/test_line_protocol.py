@@ -16,7 +16,7 @@ from kvconfig.line import LineFactory
 
 from stores import clocked_store
 
-STATUS_WORDS = {"OK", "ERR", "VALUE", "NIL", "KEY", "CHANGE", "STAT", "HELP", "PONG", "END",
+STATUS_WORDS = {"OK", "ERR", "VALUE", "NIL", "TTL", "KEY", "CHANGE", "STAT", "HELP", "PONG", "END",
                 "HELLO", "EVENT"}
 ERR = re.compile(r"ERR (\S+) (-?\d+) \S")
 #: The XML-RPC Fault code of each error name.
@@ -299,7 +299,7 @@ BAD_INPUT = [
     (b"WATCH bad/ 0", "invalid_argument", 5),
     (b"UNWATCH 7", "invalid_argument", 5),
     (b"SET exists/k 2 IF 99", "compare_failed", 6),
-    (b"GET \xff\xfe", "bad_encoding", -32702),
+    (b"GET \xfe\xc0", "bad_encoding", -32702),  # (0xff starts a telnet command)
     (b"\xc3\x28", "bad_encoding", -32702),
     (b"SET bad/k caf\xe9", "bad_encoding", -32702),
 ]
@@ -424,6 +424,10 @@ def test_garbage_never_raises_and_the_connection_still_answers(garbage):
     conn = Line()
     conn.feed(garbage, 3)
     conn.feed(b"\nPING alive\r\n")
+    # Telnet's option refusals (kvconfig.telnet) are not lines.
+    out = conn.transport.value()
+    conn.transport.clear()
+    conn.transport.write(re.sub(rb"\xff[\xfb-\xfe][^\n]", b"", out))
     lines = conn.take()
     assert lines[-1] == "PONG alive"
     assert all(line.split(" ", 1)[0] in STATUS_WORDS for line in lines)
@@ -709,3 +713,55 @@ def test_slow_consumer_backlog_is_bounded_in_bytes():
     assert conn.protocol._backlog_bytes <= 5000
     conn.protocol.resumeProducing()
     assert conn.take()[-1].startswith("ERR slow_consumer 12 ")
+
+
+# For people at a telnet prompt
+
+
+def test_set_of_unquoted_text_with_spaces_says_to_quote_it():
+    """SET greeting hello world is refused (nothing stored) with the usage
+    and how to quote a value that holds spaces; quoted, it is stored."""
+    conn = Line()
+    (line,) = conn.send("SET greeting hello world")
+    assert error(line) == ("wrong_arguments", -32602)
+    assert 'SET greeting "hello world"' in line and "quoted" in line
+    (line,) = conn.send("SET greeting hello big world")
+    assert error(line) == ("invalid_argument", 5) and "quoted" in line
+    assert conn.store.get("greeting") is None
+    assert conn.send('SET greeting "hello world"') == ["OK 1 1"]
+    assert conn.store.load("greeting") == "hello world"
+
+
+@pytest.mark.parametrize("every", ["*", '""'])
+def test_star_and_empty_string_mean_every_key(every):
+    """KEYS * 2 and KEYS "" 2 list every key up to the limit (the way to give
+    a limit without a prefix); LIST, CHANGES and WATCH take them too."""
+    conn = Line()
+    for key in ("a/1", "b/2", "c/3"):
+        conn.put(key, 1)
+    assert conn.send(f"KEYS {every} 2") == ["KEY a/1", "KEY b/2", "END 3 2"]
+    assert [line.split()[1] for line in conn.send(f"LIST {every}")[:-1]] == ["a/1", "b/2",
+                                                                             "c/3"]
+    assert conn.send(f"CHANGES 2 {every}")[-1] == "END 3 1"
+    assert conn.send(f"WATCH {every}") == ["OK watching 1 * 3"]
+    conn.put("z/9", 2)
+    assert conn.take()[0].startswith("EVENT 1 put z/9 4 ")
+    conn.send("UNWATCH")
+    conn.put("*literal", 1)
+    assert conn.send("KEYS *l") == ["KEY *literal", "END 5 1"]  # only a lone * is special
+
+
+def test_ttl_says_the_seconds_a_key_has_left():
+    """TTL key answers the seconds left, rounded up, as Redis's TTL does; -1
+    for a key without a time to live; NIL for an absent key."""
+    conn = Line()
+    assert conn.send("SET t/k 1 EX 30") == ["OK 1 1"]
+    assert conn.send("TTL t/k") == ["TTL t/k 30"]
+    conn.clock.advance(10.5)
+    assert conn.send("TTL t/k") == ["TTL t/k 20"]
+    assert conn.send("SET t/forever 1") == ["OK 2 1"]
+    assert conn.send("TTL t/forever") == ["TTL t/forever -1"]
+    assert conn.send("TTL t/none") == ["NIL t/none"]
+    conn.clock.advance(20)
+    assert conn.send("TTL t/k") == ["NIL t/k"]
+    assert error(conn.send("TTL")[0]) == ("wrong_arguments", -32602)

@@ -35,6 +35,7 @@ class IBackend(Interface):
     keyspace = Attribute("The Keyspace reads are served from.")
     feed = Attribute("The ChangeFeed events are published on, in revision order.")
     ready = Attribute("True once the keyspace may be read (after start).")
+    clock = Attribute("The clock TTLs count on: KeyValue.expires_at is in its seconds.")
     stale = Attribute("True while the keyspace may lag the store of record "
                       "(a remote backend out of touch with it).")
 
