@@ -18,7 +18,9 @@ What it speaks:
   with ``Connection: keep-alive``; ``Connection: close`` honoured;
   ``Expect: 100-continue`` answered; pipelined requests answered in order.
 - Paths other than the handler's (``/RPC2``, ``/``) get 404, methods other
-  than POST 405, malformed requests 400, and the connection is closed.
+  than POST 405, malformed requests 400, a compressed body (a
+  ``Content-Encoding`` other than identity) 415 once it is read, and the
+  connection is closed.
 - A head larger than ``MAX_HEAD_BYTES`` gets 431.  A body larger than
   ``max_body_bytes`` is never held: it is read and discarded (so the client,
   which sends the whole body before reading, gets its answer) and the
@@ -49,6 +51,7 @@ _STATUS = {
     400: b"400 Bad Request",
     404: b"404 Not Found",
     405: b"405 Method Not Allowed",
+    415: b"415 Unsupported Media Type",
     431: b"431 Request Header Fields Too Large",
     500: b"500 Internal Server Error",
     505: b"505 HTTP Version Not Supported",
@@ -91,6 +94,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         # The request being read
         self._remaining = 0          # body (or chunk) bytes still to read
         self._body: bytearray | None = None   # None while discarding
+        self._refusal: tuple[int, str] | None = None   # to answer once the body is read
 
     # Connection life
 
@@ -225,6 +229,11 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
     def _end_body(self) -> None:
         self._state = _HEAD
         body, self._body = self._body, bytearray()
+        if self._refusal is not None:
+            # Refused once its body was read (discarded), so that the
+            # client, which sends it whole before reading, hears why.
+            self._fail(*self._refusal)
+            return
         self._dispatch(None if body is None else bytes(body))
 
     def _start_request(self, head: bytes) -> None:
@@ -241,6 +250,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
             raise HTTPError(505 if version.startswith(b"HTTP/") else 400, "unsupported version")
         length = None
         chunked = expect_continue = False
+        encoding = b"identity"
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             if not colon or not name or name[-1:] in b" \t" or line[:1] in b" \t":
@@ -263,6 +273,8 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
                     keep_alive = True
             elif name == b"expect" and value.lower() == b"100-continue":
                 expect_continue = True
+            elif name == b"content-encoding":
+                encoding = value.lower()
         if chunked and length is not None:
             raise HTTPError(400, "both Content-Length and chunked")
         self._keep_alive = keep_alive
@@ -270,6 +282,12 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
             raise HTTPError(405, "only POST is allowed")
         if path.split(b"?", 1)[0] not in self.factory.handler.paths:
             raise HTTPError(404, "no such XML-RPC path; use /RPC2")
+        self._refusal = None
+        if encoding != b"identity":
+            self._refusal = (415, f"Content-Encoding {encoding.decode('latin-1')} is not "
+                                  "supported: send the XML-RPC body uncompressed")
+            if expect_continue:
+                raise HTTPError(*self._refusal)
         too_large = length is not None and length > self.factory.limits.max_body_bytes
         if too_large and expect_continue:
             # Refused before the client sends it; the connection cannot be
@@ -279,7 +297,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
             return
         if expect_continue:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._body = None if too_large else bytearray()
+        self._body = None if too_large or self._refusal else bytearray()
         if chunked:
             self._state = _CHUNK_SIZE
         else:
@@ -327,7 +345,8 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
 
     def _fail(self, status: int, reason: str) -> None:
         body = reason.encode("utf-8") + b"\n"
-        allow = b"Allow: POST\r\n" if status == 405 else b""
+        # What the client may send instead (RFC 9110 15.5.6, RFC 7694).
+        allow = {405: b"Allow: POST\r\n", 415: b"Accept-Encoding: identity\r\n"}.get(status, b"")
         self.transport.write(
             b"HTTP/1.1 %s\r\n%s%sContent-Type: text/plain\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%s"

@@ -67,12 +67,16 @@ and whose faultString starts with that type's name, as in
 
 from __future__ import annotations
 
+import base64
+import binascii
 import inspect
 import re
 import warnings
+from datetime import datetime
 from typing import Any
+from xml.parsers import expat
 from xml.parsers.expat import ExpatError
-from xmlrpc.client import Fault, Marshaller, loads
+from xmlrpc.client import Fault, Marshaller, Unmarshaller
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
@@ -104,11 +108,14 @@ WRITE_METHODS = frozenset({"save", "delete", "put", "remove"})
 # int and nil params only, no entities, no carriage returns.  Such a body is
 # read with two regular expressions; anything else goes to the full parser,
 # which also produces every error.
+# XML's whitespace is these four only (\s would take \f and \v too, which
+# the full parser refuses).
 _SIMPLE_CALL = re.compile(
-    rb"(?:<\?xml version=['\"]1\.0['\"]\?>)?\s*<methodCall>\s*"
-    rb"<methodName>([A-Za-z0-9_.]{1,100})</methodName>\s*<params>\s*"
-    rb"((?:<param>\s*<value>(?:<string>[^<&\r]*</string>|<(?:int|i4)>-?[0-9]{1,10}</(?:int|i4)>"
-    rb"|<nil/>)</value>\s*</param>\s*)*)</params>\s*</methodCall>\s*\Z"
+    rb"(?:<\?xml version=['\"]1\.0['\"]\?>)?[ \t\r\n]*<methodCall>[ \t\r\n]*"
+    rb"<methodName>([A-Za-z0-9_.]{1,100})</methodName>[ \t\r\n]*<params>[ \t\r\n]*"
+    rb"((?:<param>[ \t\r\n]*<value>(?:<string>[^<&\r]*</string>"
+    rb"|<(?:int|i4)>-?[0-9]{1,10}</(?:int|i4)>|<nil/>)</value>[ \t\r\n]*</param>[ \t\r\n]*)*)"
+    rb"</params>[ \t\r\n]*</methodCall>[ \t\r\n]*\Z"
 )
 _SIMPLE_PARAM = re.compile(
     rb"<value>(?:<string>([^<&\r]*)</string>|<(?:int|i4)>(-?[0-9]+)</(?:int|i4)>|(<nil/>))"
@@ -157,7 +164,7 @@ def _parse_simple_call(body: bytes) -> tuple[str, tuple] | None:
     """(method, params) of a call in the common simple form, or None when
     the full parser must decide (it gives the same result, or the error)."""
     call = _SIMPLE_CALL.match(body)
-    if call is None:
+    if call is None or b"]]>" in call.group(2):  # "]]>" is not allowed in text
         return None
     params = []
     for text, number, nil in _SIMPLE_PARAM.findall(call.group(2)):
@@ -174,6 +181,87 @@ def _parse_simple_call(body: bytes) -> tuple[str, tuple] | None:
                 return None
             params.append(string)
     return call.group(1).decode("ascii"), tuple(params)
+
+
+class _Unmarshaller(Unmarshaller):
+    """The stdlib's unmarshaller, strict where it is lenient: base64 must be
+    base64, and a dateTime must be in XML-RPC's format, with errors that say so."""
+
+    dispatch = dict(Unmarshaller.dispatch)
+
+    def end_base64(self, data: str) -> None:
+        try:
+            value = base64.b64decode(_XML_SPACE.sub("", data), validate=True)
+        except (binascii.Error, ValueError):  # ValueError: non-ASCII text
+            raise errors.InvalidRequest(f"<base64> holds something that is not base64: "
+                                        f"{errors.brief(data)}") from None
+        self.append(value)
+        self._value = 0
+
+    def end_dateTime(self, data: str) -> None:
+        try:
+            value = datetime.strptime(data, "%Y%m%dT%H:%M:%S")
+        except ValueError:
+            raise errors.InvalidRequest(
+                f"<dateTime.iso8601> {errors.brief(data)} is not in XML-RPC's format "
+                "YYYYMMDDTHH:MM:SS, as in 20240102T03:04:05 (no dashes, no time zone, "
+                "no fraction of a second)") from None
+        self.append(value)
+
+    dispatch["base64"] = end_base64
+    dispatch["dateTime.iso8601"] = end_dateTime
+
+
+_XML_SPACE = re.compile("[ \t\r\n]+")
+
+
+def _no_dtd(*_: Any) -> None:
+    # XML-RPC has no use for a DTD; refusing it at once refuses entity
+    # expansion (a few KB that expand to gigabytes) and external entities.
+    raise errors.MalformedRequest("a DOCTYPE or entity declaration is not allowed in XML-RPC")
+
+
+def parse_call(body: bytes) -> tuple[str, tuple]:
+    """(method name, params) of an XML-RPC methodCall body, by the full
+    parser (expat and the stdlib's unmarshaller, made strict)."""
+    unmarshaller = _Unmarshaller(use_builtin_types=True)
+    parser = expat.ParserCreate(None, None)
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartDoctypeDeclHandler = _no_dtd
+    parser.EntityDeclHandler = _no_dtd
+    parser.StartElementHandler = unmarshaller.start
+    parser.EndElementHandler = unmarshaller.end
+    parser.CharacterDataHandler = unmarshaller.data
+    unmarshaller.xml(None, None)
+    try:
+        parser.Parse(body, True)
+        params = unmarshaller.close()
+    except ExpatError as e:
+        raise _not_xml(body, e) from None
+    except errors.KVConfigError:
+        raise
+    except Exception as e:  # the unmarshaller's ValueError, TypeError, ResponseError ...
+        raise errors.InvalidRequest(f"request is not a valid XML-RPC call: {e}") from None
+    method = unmarshaller.getmethodname()
+    if method is None:
+        raise errors.InvalidRequest("request is not an XML-RPC methodCall")
+    return method, params
+
+
+def _not_xml(body: bytes, error: ExpatError) -> errors.KVConfigError:
+    """The error for a body expat refused: bad_encoding when its bytes are
+    not in the encoding it declares (UTF-8 if none), else malformed_request."""
+    declared = _DECLARED_ENCODING.search(body[:200])
+    encoding = declared.group(1).decode("ascii") if declared else "utf-8"
+    try:
+        body.decode(encoding)
+    except LookupError:
+        return errors.BadEncoding(f"the request declares encoding {encoding!r}, "
+                                  "which kvconfig does not know; send UTF-8")
+    except UnicodeDecodeError as e:
+        return errors.BadEncoding(f"the request is not valid {encoding} (byte "
+                                  f"{e.object[e.start]:#04x} at {e.start}); send UTF-8")
+    return errors.MalformedRequest(f"request is not well-formed XML: {error}")
 
 
 def kv_struct(kv: KeyValue) -> dict[str, Any]:
@@ -321,24 +409,7 @@ class KVConfigXMLRPC(_Dispatcher):
     @staticmethod
     def parse(body: bytes) -> tuple[str, tuple]:
         """Return (method name, params) of an XML-RPC methodCall body."""
-        simple = _parse_simple_call(body)
-        if simple is not None:
-            return simple
-        try:
-            params, method = loads(body, use_builtin_types=True)
-        except ExpatError as e:
-            declared = _DECLARED_ENCODING.search(body[:200])
-            if declared is None or declared.group(1).lower() in (b"utf-8", b"utf8"):
-                try:
-                    body.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise errors.BadEncoding(f"request is not valid UTF-8: {e}") from None
-            raise errors.MalformedRequest(f"request is not well-formed XML: {e}") from None
-        except Exception as e:  # the unmarshaller's ValueError, TypeError, ResponseError ...
-            raise errors.InvalidRequest(f"request is not a valid XML-RPC call: {e}") from None
-        if method is None:
-            raise errors.InvalidRequest("request is not an XML-RPC methodCall")
-        return method, params
+        return _parse_simple_call(body) or parse_call(body)
 
     def procedure(self, method_name: Any, args: tuple):
         """The method *method_name*, checked to take *args*; raises a
@@ -355,8 +426,9 @@ class KVConfigXMLRPC(_Dispatcher):
         least, most = arity
         if not least <= len(args) <= most:
             expected = str(least) if least == most else f"{least} to {most}"
+            noun = "argument" if expected == "1" else "arguments"
             raise errors.WrongArguments(
-                f"{function.__name__[7:]} takes {expected} arguments, not {len(args)}"
+                f"{function.__name__[7:]} takes {expected} {noun}, not {len(args)}"
             )
         return function
 

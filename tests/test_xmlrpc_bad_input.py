@@ -19,6 +19,8 @@ go through ``http.client``.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import http.client
 import math
 import re
@@ -261,6 +263,14 @@ def test_wrong_argument_count_is_wrong_arguments(proxy, key, method, args):
     args = tuple(key if arg is KEY else arg for arg in args)
     with unchanged(proxy, key):
         expect_fault(WRONG_ARGUMENTS, getattr(proxy, method), *args)
+
+
+def test_wrong_argument_count_is_said_in_good_english(proxy):
+    """One argument is "argument", several are "arguments"."""
+    with pytest.raises(Fault, match=r"load takes 1 argument, not 0.>$"):
+        proxy.load()
+    with pytest.raises(Fault, match=r"put takes 2 to 3 arguments, not 1.>$"):
+        proxy.put("k")
 
 
 # Arguments of the wrong type or out of range
@@ -661,6 +671,8 @@ BAD_SCALARS = {
     "double_x": b"<double>x</double>",
     "boolean_2": b"<boolean>2</boolean>",
     "base64_bad_length": b"<base64>a</base64>",
+    "base64_not_base64": b"<base64>!!!!</base64>",
+    "base64_not_ascii": "<base64>YWJj\u00e9</base64>".encode(),
     "datetime_year_only": b"<dateTime.iso8601>2020</dateTime.iso8601>",
     "datetime_dashes": b"<dateTime.iso8601>2020-01-01T00:00:00</dateTime.iso8601>",
     "datetime_timezone": b"<dateTime.iso8601>20200101T01:02:03Z</dateTime.iso8601>",
@@ -680,6 +692,26 @@ def test_bad_value_text_is_invalid_request(proxy, conn, key, scalar):
     with unchanged(proxy, key):
         conn.fault(call("put", string(key), value(scalar)), INVALID_REQUEST)
         conn.assert_serving()
+
+
+def test_bad_datetime_says_which_format_is_accepted(proxy, conn, key):
+    """A dateTime in another ISO 8601 form is refused with the format XML-RPC
+    takes, not the parser's own words."""
+    fault = conn.fault(call("put", string(key), value(
+        b"<dateTime.iso8601>2024-01-02T03:04:05Z</dateTime.iso8601>")), INVALID_REQUEST)
+    assert "YYYYMMDDTHH:MM:SS" in fault.faultString and "20240102T03:04:05" in fault.faultString
+    assert "does not match format" not in fault.faultString
+
+
+def test_base64_with_line_breaks_is_read(proxy, conn, key):
+    """base64 as the stdlib writes it (a line break every 76 characters) and
+    with spaces around it reads back as the bytes it encodes."""
+    data = bytes(range(256))
+    encoded = base64.encodebytes(data)
+    assert b"\n" in encoded.strip()
+    assert conn.result(call("save", string(key), value(b"<base64> " + encoded + b" </base64>"))) \
+        is None
+    assert proxy.load(key).data == data
 
 
 def test_datetime_values_round_trip(server, key):
@@ -715,8 +747,16 @@ MALFORMED = {
     "text_before_root": lambda key: call("stats", declaration=b"x"),
     "undefined_entity": lambda key: call("save", string(key), b"<value>&nope;</value>"),
     "nul_byte": lambda key: call("save", string(key), b"<value>a\0b</value>"),
-    # expat refuses to expand it (its amplification limit): not well-formed.
+    # XML-RPC has no use for a DTD: any DOCTYPE is refused before it is read.
     "entity_bomb": lambda key: bomb(),
+    "entity_repeated": lambda key: call(
+        "save", string(key), value(b"<string>" + b"&e;" * 95 + b"</string>"),
+        declaration=b'<?xml version="1.0"?><!DOCTYPE m [<!ENTITY e "' + b"x" * 4000 + b'">]>'),
+    "external_entity": lambda key: call(
+        "save", string(key), value(b"<string>&e;</string>"),
+        declaration=b'<?xml version="1.0"?><!DOCTYPE m [<!ENTITY e SYSTEM "file:///etc/passwd">]>'),
+    "doctype_alone": lambda key: call("save", string(key), string("x"),
+                                      declaration=b"<?xml version='1.0'?><!DOCTYPE methodCall>"),
 }
 
 
@@ -763,6 +803,35 @@ def test_non_utf8_body_declared_utf8_is_bad_encoding(proxy, conn, key, declarati
     body = call("put", string(key), value(b"<string>caf\xe9</string>"), declaration=declaration)
     with unchanged(proxy, key):
         conn.fault(body, BAD_ENCODING)
+        conn.assert_serving()
+
+
+def test_utf8_body_declared_ascii_is_bad_encoding(proxy, conn, key):
+    """UTF-8 bytes in a body that declares US-ASCII are Fault -32702
+    bad_encoding naming the declared encoding, not malformed_request."""
+    body = call("put", string(key), value("<string>\u00e9t\u00e9</string>".encode()),
+                declaration=b'<?xml version="1.0" encoding="us-ascii"?>')
+    with unchanged(proxy, key):
+        fault = conn.fault(body, BAD_ENCODING)
+        conn.assert_serving()
+    assert "us-ascii" in fault.faultString
+
+
+def test_compressed_body_is_refused_with_415(server, proxy, conn, key):
+    """A gzip body (the stdlib client compresses with encode_threshold set)
+    gets HTTP 415 naming Content-Encoding and offering identity, not a
+    bad_encoding fault about UTF-8; nothing is stored."""
+    transport = xmlrpc.client.Transport()
+    transport.encode_threshold = 0
+    with unchanged(proxy, key):
+        with ServerProxy(server.url, transport=transport, allow_none=True) as gzipping:
+            with pytest.raises(xmlrpc.client.ProtocolError) as info:
+                gzipping.save(key, "compressed")
+        assert info.value.errcode == 415
+        assert info.value.headers["Accept-Encoding"] == "identity"
+        status, data = conn.send(gzip.compress(call("save", string(key), string("x"))),
+                                 headers={"Content-Encoding": "gzip"})
+        assert status == 415 and b"Content-Encoding gzip" in data
         conn.assert_serving()
 
 
