@@ -21,10 +21,16 @@ part, once:
   and reads the replies;
 * cells: percentiles, one run's summary, the warm-up, prefill, the repeats of
   every cell, and their combination;
-* the report: verdicts, table formatting, the results and CPU tables,
-  machine info;
+* the report: verdicts, table formatting, the results and CPU tables (with a
+  baseline's column where there is one), machine info;
 * the command line: the options the scripts share and their checks, and the
   frame of a script's main.
+
+A baseline (``--baseline-twistd PATH``) is a second kvconfig, the twistd of
+another install (older code, say), run as one more server beside kvconfig and
+the rival, taking turns with them in the same repeats, so that a change is
+measured against the code before it side by side, in one run, on the same
+machine load.  The tables then give kvconfig's ratio to it.
 
 The scripts are run as ``python bench/<script>.py``, which puts this folder on
 ``sys.path``; they import this module as ``benchlib`` (and the two that time
@@ -58,7 +64,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 HOST = "127.0.0.1"
-KVCONFIG = "kvconfig"
+KVCONFIG, BASELINE = "kvconfig", "baseline"
 KEY_COUNT = 1000
 WARMUP_SECONDS = 0.3
 DRAIN_TIMEOUT_S = 10.0
@@ -99,15 +105,20 @@ def twistd_path() -> str:
     return found
 
 
-def kvconfig_command(directory: Path, *, store: str | None = None, xmlrpc_port: int = 0,
-                     line_port: int = 0, udp_port: int = 0,
+def twistd_of(name: str, args: argparse.Namespace) -> str:
+    """The twistd of kvconfig, or of the baseline (--baseline-twistd)."""
+    return args.baseline_twistd if name == BASELINE else twistd_path()
+
+
+def kvconfig_command(directory: Path, *, twistd: str | None = None, store: str | None = None,
+                     xmlrpc_port: int = 0, line_port: int = 0, udp_port: int = 0,
                      options: Iterable[str] = ()) -> list[str]:
-    """``twistd -n kvconfig`` with its log in directory and a sqlite store
-    there unless store is given; port 0
+    """``twistd -n kvconfig`` (twistd: that of this venv unless given) with its
+    log in directory and a sqlite store there unless store is given; port 0
     for an interface not measured (any free port, so that a bench never
     collides with a server on the default ports)."""
     return [
-        twistd_path(), "-n", "--pidfile=", f"--logfile={directory / 'twistd.log'}",
+        twistd or twistd_path(), "-n", "--pidfile=", f"--logfile={directory / 'twistd.log'}",
         "kvconfig", f"--store={store or 'sqlite:' + str(directory / 'kvconfig.db')}",
         f"--xmlrpc=tcp:{xmlrpc_port}:interface={HOST}",
         f"--line=tcp:{line_port}:interface={HOST}",
@@ -950,13 +961,14 @@ class Layout:
     rate: str  # what throughput counts: "calls/s", "ops/s"
     target: Target  # the target column: (kvconfig, other, row) -> text
     cpu_titles: tuple[str, str]  # the CPU table's headers for kvconfig and the other
+    baseline: bool = False  # whether a baseline kvconfig ran
     key: Callable[[str, Row], CellKey] = by_server  # a server's cell of a row
 
     def cell(self, cells: dict[CellKey, CellSummary], name: str, row: Row) -> CellSummary | None:
         return cells.get(self.key(name, row))
 
     def servers(self) -> list[str]:
-        return [KVCONFIG, self.other]
+        return [KVCONFIG, *([BASELINE] if self.baseline else []), self.other]
 
 
 def format_table(rows: list[list[str]]) -> str:
@@ -980,17 +992,22 @@ def ratio_text(cell: CellSummary | None, to: CellSummary | None) -> str:
 
 
 def result_table(layout: Layout, cells: dict[CellKey, CellSummary]) -> str:
-    """Throughput, kvconfig's ratio to the other server, latencies and the
-    target, row by row."""
-    other, rate = layout.other, layout.rate
-    table = [[*layout.columns, f"kvconfig {rate}", f"{other} {rate}", "ratio",
+    """Throughput, kvconfig's ratios to the baseline and to the other server,
+    latencies and the target, row by row."""
+    other, rate, with_baseline = layout.other, layout.rate, layout.baseline
+    table = [[*layout.columns, f"kvconfig {rate}",
+              *([f"baseline {rate}", "vs baseline"] if with_baseline else []),
+              f"{other} {rate}", "ratio",
               *(f"{name} p50/p99/max ms" for name in layout.servers()), "target"]]
     for row in layout.rows:
-        kvconfig, rival = (layout.cell(cells, name, row) for name in (KVCONFIG, other))
+        kvconfig, baseline, rival = (layout.cell(cells, name, row)
+                                     for name in (KVCONFIG, BASELINE, other))
+        shown = [kvconfig, baseline, rival] if with_baseline else [kvconfig, rival]
         table.append([
-            *layout.label(row), rate_text(kvconfig), rate_text(rival),
-            ratio_text(kvconfig, rival),
-            *(cell.latency_text() if cell else "-" for cell in (kvconfig, rival)),
+            *layout.label(row), rate_text(kvconfig),
+            *([rate_text(baseline), ratio_text(kvconfig, baseline)] if with_baseline else []),
+            rate_text(rival), ratio_text(kvconfig, rival),
+            *(cell.latency_text() if cell else "-" for cell in shown),
             layout.target(kvconfig, rival, row),
         ])
     return format_table(table)
@@ -998,7 +1015,10 @@ def result_table(layout: Layout, cells: dict[CellKey, CellSummary]) -> str:
 
 def cpu_table(layout: Layout, cells: dict[CellKey, CellSummary]) -> str:
     """The cores used by each server and by the load generator, row by row."""
-    table = [[*layout.columns, *layout.cpu_titles, "load generator (max)"]]
+    kvconfig_title, other_title = layout.cpu_titles
+    titles = [kvconfig_title, *(["baseline server+writer"] if layout.baseline else []),
+              other_title]
+    table = [[*layout.columns, *titles, "load generator (max)"]]
     for row in layout.rows:
         row_cells = [layout.cell(cells, name, row) for name in layout.servers()]
         generator = max((c.generator_cpu for c in row_cells if c), default=math.nan)
@@ -1006,6 +1026,22 @@ def cpu_table(layout: Layout, cells: dict[CellKey, CellSummary]) -> str:
                       *(f"{c.server_cpu:.2f}" if c else "-" for c in row_cells),
                       f"{generator:.2f}"])
     return format_table(table)
+
+
+def baseline_notes(layout: Layout, cells: dict[CellKey, CellSummary]) -> list[str]:
+    """kvconfig's throughput against the baseline's over all rows, in a line."""
+    ratios = []
+    for row in layout.rows:
+        kvconfig, base = (layout.cell(cells, name, row) for name in (KVCONFIG, BASELINE))
+        if kvconfig and base and kvconfig.per_s and base.per_s:
+            ratios.append((kvconfig.per_s / base.per_s, " ".join(layout.label(row))))
+    if not layout.baseline or not ratios:
+        return []
+    lowest, where = min(ratios)
+    highest, high_where = max(ratios)
+    mean = math.exp(statistics.fmean(math.log(ratio) for ratio, _ in ratios))
+    return [f"kvconfig / baseline {layout.rate}: geometric mean {mean:.2f} over {len(ratios)} "
+            f"row(s); lowest {lowest:.2f} ({where}), highest {highest:.2f} ({high_where})"]
 
 
 def print_report(layout: Layout, cells: dict[CellKey, CellSummary], notes: list[str]) -> None:
@@ -1016,7 +1052,7 @@ def print_report(layout: Layout, cells: dict[CellKey, CellSummary], notes: list[
     print("CPU use within the time bound, in cores (servers: median over repeats):")
     print(cpu_table(layout, cells))
     print()
-    print("\n".join(notes))
+    print("\n".join(baseline_notes(layout, cells) + notes))
 
 
 def throughput_bench(args: argparse.Namespace, names: list[str],
@@ -1075,6 +1111,14 @@ def machine_info() -> list[str]:
     ]
 
 
+def baseline_info(args: argparse.Namespace) -> list[str]:
+    """The header's line on the baseline, if one runs."""
+    if not getattr(args, "baseline_twistd", None):
+        return []
+    return [f"  baseline: {args.baseline_twistd} -n kvconfig, the same options as kvconfig "
+            "(its own store), taking turns with it"]
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{load:.2f}" for load in os.getloadavg())
@@ -1088,6 +1132,13 @@ def footer(began: float) -> None:
 
 
 # Command line
+
+
+BASELINE_HELP = (
+    "the twistd of another kvconfig install (the code before a change, say: "
+    "/work/base/.venv/bin/twistd): that kvconfig runs beside this one and {other}, with the "
+    "same options and its own store, taking turns with them in the same repeats; the tables "
+    "gain its figures and kvconfig's ratio to it (before and after, side by side)")
 
 
 def int_list(text: str) -> list[int]:
@@ -1138,7 +1189,8 @@ def add_bounds(parser: argparse.ArgumentParser, *, seconds: float, seconds_of: s
 def add_cell_arguments(parser: argparse.ArgumentParser, *, ops: list[str], fold_case: bool,
                        unit: str, max_default: int, other: str) -> None:
     """--ops (default all of ops), --max-<unit>s (default max_default),
-    --seconds, --repeat, --quick and --only (kvconfig, other or both)."""
+    --seconds, --repeat, --quick, --only (kvconfig, other or both) and
+    --baseline-twistd."""
     parser.add_argument("--ops", type=op_list(ops, fold_case), default=list(ops),
                         help=f"operations, comma-separated (default {','.join(ops)})")
     parser.add_argument(f"--max-{unit}s", type=int, default=max_default,
@@ -1147,11 +1199,20 @@ def add_cell_arguments(parser: argparse.ArgumentParser, *, ops: list[str], fold_
                repeats="each cell, the servers taking turns", quick="1 s per cell, 1 repeat")
     parser.add_argument("--only", choices=[KVCONFIG, other, "both"], default="both",
                         help="which server(s) to run (default both)")
+    add_baseline_argument(parser, f"the {other} server")
+
+
+def add_baseline_argument(parser: argparse.ArgumentParser, other: str) -> None:
+    parser.add_argument("--baseline-twistd", metavar="PATH",
+                        help=BASELINE_HELP.format(other=other))
 
 
 def server_names(args: argparse.Namespace, other: str) -> list[str]:
-    """The servers --only asks for, in the order they take turns."""
-    return [KVCONFIG, other] if args.only == "both" else [args.only]
+    """The servers --only and --baseline-twistd ask for, in the order they take turns."""
+    names = [KVCONFIG, other] if args.only == "both" else [args.only]
+    if args.baseline_twistd:
+        names.insert(1, BASELINE)
+    return names
 
 
 Check = tuple[Callable[[argparse.Namespace], bool], str]  # (is it wrong, the error)
@@ -1161,7 +1222,8 @@ def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None, *,
                   quick: dict[str, Any], counts: Iterable[str], positive: list[str],
                   checks: Iterable[Check] = ()) -> argparse.Namespace:
     """Parse; apply --quick (the values it sets); check the lists of counts,
-    then the script's own checks, then that the options positive are."""
+    then the script's own checks, then that the options positive are; make
+    --baseline-twistd, if there is one, an absolute path to a program."""
     args = parser.parse_args(argv)
     if args.quick:
         for name, value in quick.items():
@@ -1175,6 +1237,14 @@ def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None, *,
             parser.error(message)
     if any(getattr(args, option[2:].replace("-", "_")) <= 0 for option in positive):
         parser.error(f"{', '.join(positive[:-1])} and {positive[-1]} must be positive")
+    if getattr(args, "baseline_twistd", None):
+        if getattr(args, "only", "both") not in ("both", KVCONFIG):
+            parser.error("--baseline-twistd runs beside kvconfig: not with --only "
+                         f"{args.only}")
+        path = shutil.which(args.baseline_twistd)
+        if path is None:
+            parser.error(f"--baseline-twistd: no program at {args.baseline_twistd}")
+        args.baseline_twistd = os.path.abspath(path)
     return args
 
 

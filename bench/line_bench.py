@@ -41,6 +41,11 @@ given up.  A second table gives the CPU used by each server (kvconfig's
 includes its writer process) and by the load generator, to show whether the
 generator, a single Python thread, was the bottleneck.
 
+To measure a change against the code before it, ``--baseline-twistd PATH``
+(another install's twistd) adds that kvconfig as a third server with the same
+options and its own store, in the same repeats: its columns, and kvconfig's
+ops/s over its in "vs baseline", join the tables.
+
 How to run it
 =============
 
@@ -49,7 +54,7 @@ Debian (``apt-get install redis-server``; its system service need not run)::
 
     .venv/bin/python bench/line_bench.py            # full run, about 2 minutes
     .venv/bin/python bench/line_bench.py --quick    # smoke run
-    .venv/bin/python bench/line_bench.py --help
+    .venv/bin/python bench/line_bench.py --baseline-twistd /work/base/.venv/bin/twistd
 
 See benchlib for what the benches share; it is not part of the test run.
 """
@@ -79,7 +84,8 @@ def server_command(args: argparse.Namespace, name: str, directory: Path,
             "--save", "", "--daemonize", "no", "--protected-mode", "yes",
             "--logfile", str(directory / "redis.log"),
         ]
-    return benchlib.kvconfig_command(directory, line_port=port)
+    return benchlib.kvconfig_command(directory, twistd=benchlib.twistd_of(name, args),
+                                     line_port=port)
 
 
 def redis_version() -> str:
@@ -182,7 +188,8 @@ def layout(args: argparse.Namespace) -> Layout:
                   columns=["op", "clients", "depth"],
                   label=lambda row: [row[0].upper(), str(row[1]), str(row[2])],
                   other=OTHER, rate="ops/s", target=target_text,
-                  cpu_titles=("kvconfig server+writer", "redis server"))
+                  cpu_titles=("kvconfig server+writer", "redis server"),
+                  baseline=bool(args.baseline_twistd))
 
 
 def notes(cells: dict[CellKey, CellSummary]) -> list[str]:
@@ -203,6 +210,7 @@ def header(args: argparse.Namespace, names: list[str], directory: Path,
     if benchlib.KVCONFIG in names:
         lines.append("  kvconfig: twistd -n kvconfig --store sqlite:<tmp>, line protocol; SET "
                      "answered once committed (WAL, synchronous=FULL, group commit)")
+        lines.extend(benchlib.baseline_info(args))
     if OTHER in names:
         lines.append("  redis:    redis-server --appendonly yes --appendfsync always --save \"\"; "
                      "SET answered once the AOF is fsynced")

@@ -73,6 +73,13 @@ plain loop's, and the datagrams lost in all repeats.  Targets:
 * write-to-receipt (``OK`` to the last receipt) p50 under 1 ms with 10
   subscribers.
 
+Before and after: ``--baseline-twistd PATH`` runs a second server, the
+kvconfig of another install (the code before a change, say), with the same
+options; every socket subscribes on both servers, and a baseline run (its own
+writer, the same schedule) takes its turn between kvconfig's and the plain
+loop's.  The table gains the baseline's OK->last, spread and loss, and
+kvconfig's spread p50 over the baseline's ("spread kv/base").
+
 How to run it
 =============
 
@@ -82,7 +89,7 @@ run)::
 
     .venv/bin/python bench/udp_bench.py            # full run, about 2 minutes
     .venv/bin/python bench/udp_bench.py --quick    # smoke run
-    .venv/bin/python bench/udp_bench.py --help
+    .venv/bin/python bench/udp_bench.py --baseline-twistd /work/base/.venv/bin/twistd
 
 It runs on loopback only, stops by itself, and stops the servers and the
 receiver on errors and Ctrl-C.
@@ -112,7 +119,7 @@ from typing import Any
 import benchlatency
 import benchlib
 from benchlatency import Sent, Timing, median_of, medians_text
-from benchlib import HOST, KVCONFIG
+from benchlib import BASELINE, HOST, KVCONFIG
 
 PREFIX = "udpbench/"
 KEY = "udpbench/key"
@@ -354,7 +361,7 @@ def analyse(sent: Sent, received: dict[str, Any], port: int, subs: list[tuple[st
 
 
 def after_ack_or_last(side: str) -> Callable[[Timing], list[float]]:
-    """kvconfig's headline time, OK -> last receipt; the
+    """kvconfig's and the baseline's headline time, OK -> last receipt; the
     plain loop's, its start -> last receipt."""
     return (lambda r: r.last) if side == PLAIN else (lambda r: r.after_ack)
 
@@ -392,12 +399,16 @@ def target_text(count: int, kvconfig: list[Timing], plain: list[Timing]) -> str:
     return benchlib.verdict(failures) if checked or failures else "-"
 
 
-def result_table(counts: list[int], runs: dict[tuple[int, str], list[Timing]]) -> str:
+def result_table(counts: list[int], runs: dict[tuple[int, str], list[Timing]],
+                 baseline: bool) -> str:
     rows = [["subscribers", "kv OK->last", "kv SET->last", "kv spread", "plain spread",
-             "plain start->last", "ratio", "kv lost", "plain lost", "target"]]
+             "plain start->last", "ratio", "kv lost", "plain lost",
+             *(["base OK->last", "base spread", "spread kv/base", "base lost"] if baseline
+               else []), "target"]]
     for count in counts:
         kvconfig, plain = runs.get((count, KVCONFIG)), runs.get((count, PLAIN))
-        if not kvconfig or not plain:
+        base = runs.get((count, BASELINE))
+        if not kvconfig or not plain or (baseline and not base):
             continue
         rows.append([
             str(count),
@@ -408,6 +419,10 @@ def result_table(counts: list[int], runs: dict[tuple[int, str], list[Timing]]) -
             medians_text(plain, lambda r: r.last, 3),
             f"{spread_ratio(kvconfig, plain):.2f}",
             benchlatency.lost_text(kvconfig), benchlatency.lost_text(plain),
+            *([medians_text(base, lambda r: r.after_ack, 3),
+               medians_text(base, lambda r: r.spread, 3),
+               f"{spread_ratio(kvconfig, base):.2f}",
+               benchlatency.lost_text(base)] if baseline else []),
             target_text(count, kvconfig, plain),
         ])
     return benchlib.format_table(rows)
@@ -415,18 +430,20 @@ def result_table(counts: list[int], runs: dict[tuple[int, str], list[Timing]]) -
 
 def header(args: argparse.Namespace, directory: Path) -> list[str]:
     clock = "kernel arrival (SO_TIMESTAMPNS)" if args.clock == "kernel" else "receiver read"
+    sides = f"kvconfig{', baseline' if args.baseline_twistd else ''} and plain"
     return [
         *benchlib.machine_info(),
         (f"server: twistd -n kvconfig --store sqlite:<tmp> on "
          f"{benchlib.filesystem_of(directory)}, --udp/--line/--xmlrpc on free ports of "
          f"{HOST}; a SET is answered once committed (WAL, synchronous=FULL)"),
+        *benchlib.baseline_info(args),
         (f"subscribers: {','.join(map(str, args.subscribers))} UDP sockets in one receiver "
          f"process (epoll), each subscribed to {PREFIX!r} by the cookie handshake"),
         (f"load: per run up to {args.changes} changes of {KEY!r}, one every "
          f"{args.interval_ms:g} ms, for at most {args.seconds:g} s (line protocol SET); the "
          "plain loop sends"),
         ("  the same datagrams with socket.sendto from this process; "
-         f"{args.repeat} repeat(s) of each, kvconfig and plain taking turns, after a "
+         f"{args.repeat} repeat(s) of each, {sides} taking turns, after a "
          f"{WARMUP_CHANGES}-change warm-up"),
         (f"receipt times: {clock} times on CLOCK_MONOTONIC; times are p50/p99 in ms, "
          "medians over repeats of each run's;"),
@@ -561,6 +578,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     benchlib.add_bounds(parser, seconds=10.0, seconds_of="a run",
                         repeats="each side per subscriber count, taking turns",
                         quick="50 changes a run, 1 repeat")
+    benchlib.add_baseline_argument(parser, "the plain loop")
     parser.add_argument("--receiver", metavar="PORTS:COUNT", help=argparse.SUPPRESS)
     return benchlib.parse_checked(
         parser, argv, quick={"changes": 50, "repeat": 1}, counts=["--subscribers"],
@@ -573,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         ports, count = args.receiver.split(":")
         return receiver_main([int(port) for port in ports.split(",")], int(count))
     began = time.monotonic()
-    names = [KVCONFIG]
+    names = [KVCONFIG, *([BASELINE] if args.baseline_twistd else [])]
     with tempfile.TemporaryDirectory(prefix="kvbench-") as name:
         directory = Path(name)
         print("\n".join(header(args, directory)), flush=True)
@@ -583,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
                 udp_ports[side] = benchlib.free_port(socket.SOCK_DGRAM)
                 line_port = benchlib.free_port()
                 command = benchlib.kvconfig_command(
-                    directory / side, line_port=line_port, udp_port=udp_ports[side])
+                    directory / side, twistd=benchlib.twistd_of(side, args),
+                    line_port=line_port, udp_port=udp_ports[side])
                 servers.append(stack.enter_context(benchlib.running_server(
                     side, directory / side, command, line_port)))
                 writers[side] = benchlatency.LineWriter(line_port, KEY)
@@ -598,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:  # stopped now: their whole logs
             bench.notes.extend(server.log_problems())
     print()
-    print(result_table(args.subscribers, bench.runs))
+    print(result_table(args.subscribers, bench.runs, bool(args.baseline_twistd)))
     print()
     print("\n".join(bench.notes or ["no notes"]))
     benchlib.footer(began)

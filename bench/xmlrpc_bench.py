@@ -36,6 +36,11 @@ and 64 clients, and no kvconfig call slower than 1 s.  A second table gives
 the CPU used by each server and by the load generator, to show whether the
 generator left the servers enough of the machine.
 
+Before and after, side by side: with ``--baseline-twistd PATH`` the kvconfig
+of another install (the code before a change, say) runs as a third server,
+same options, taking its turn in every repeat; the tables gain its columns
+and "vs baseline", kvconfig's calls/s over the baseline's.
+
 How to run it
 =============
 
@@ -44,7 +49,7 @@ for what the benches share; it is not part of the test run)::
 
     .venv/bin/python bench/xmlrpc_bench.py            # full run, about 4 minutes
     .venv/bin/python bench/xmlrpc_bench.py --quick    # smoke run
-    .venv/bin/python bench/xmlrpc_bench.py --help
+    .venv/bin/python bench/xmlrpc_bench.py --baseline-twistd /work/base/.venv/bin/twistd
 """
 
 from __future__ import annotations
@@ -98,7 +103,8 @@ def server_command(args: argparse.Namespace, name: str, directory: Path,
                    port: int) -> list[str]:
     if name == OTHER:
         return [sys.executable, "-c", REFERENCE_SERVER, str(port)]
-    return benchlib.kvconfig_command(directory, xmlrpc_port=port)
+    return benchlib.kvconfig_command(directory, twistd=benchlib.twistd_of(name, args),
+                                     xmlrpc_port=port)
 
 
 def bench_items() -> list[tuple[str, object]]:
@@ -145,7 +151,8 @@ def layout(args: argparse.Namespace) -> Layout:
     return Layout(rows=[(op, clients) for op in args.ops for clients in args.clients],
                   columns=["op", "clients"], label=lambda row: [row[0], str(row[1])],
                   other=OTHER, rate="calls/s", target=target_text,
-                  cpu_titles=("kvconfig server+writer", "stdlib server"))
+                  cpu_titles=("kvconfig server+writer", "stdlib server"),
+                  baseline=bool(args.baseline_twistd))
 
 
 def notes(cells: dict[CellKey, CellSummary]) -> list[str]:
@@ -160,6 +167,7 @@ def header(args: argparse.Namespace, names: list[str], directory: Path) -> list[
         f"servers: {', '.join(names)}, on loopback {benchlib.HOST}",
         (f"  kvconfig: twistd -n kvconfig --store sqlite:<tmp> (durable save), "
          f"HTTP/1.1 keep-alive; store on {benchlib.filesystem_of(directory)}"),
+        *benchlib.baseline_info(args),
         ("  stdlib:   classic SimpleXMLRPCServer dict store, allow_none=True, "
          "logRequests=False (generous to it: no stderr line per call);"),
         ("            HTTP/1.0, so every call reconnects, and the reconnection counts "
