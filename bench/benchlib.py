@@ -501,12 +501,14 @@ class Cycle(Speaker):
         self.next = 0
 
     def requests(self, connection: Connection, count: int) -> bytes:
-        taken, index, total = [], self.next, len(self.all)
-        for _ in range(count):
-            taken.append(self.all[index])
-            index = index + 1 if index + 1 < total else 0
-        self.next = index
-        return b"".join(taken)
+        index, total = self.next, len(self.all)
+        end = index + count
+        if end <= total:
+            taken = self.all[index:end]
+        else:  # round the end of the list
+            taken = [self.all[i % total] for i in range(index, end)]
+        self.next = end % total
+        return taken[0] if count == 1 else b"".join(taken)
 
 
 class LoadGenerator:
