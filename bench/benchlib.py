@@ -1,37 +1,46 @@
 """
-What the benchmark scripts in this folder share.
+What every benchmark script in this folder shares.
 
-``xmlrpc_bench.py`` (kvconfig against the stdlib XML-RPC server) and
-``line_bench.py`` (kvconfig's line protocol against Redis) measure different
-protocols the same way: two servers side by side on loopback, cells (server x
-op x clients, and for the line protocol x depth) each warmed up, then run up to
-an op bound and a time bound and repeated with the servers taking turns, the
-repeats summarised as medians, and two tables (results, CPU use) printed under
-a header.  This module holds that generic part, once:
+The scripts measure different protocols the same way: servers started side
+by side on loopback, a load generator in the script's own process, cells
+(server x op x clients ...) each warmed up, run up to an op bound and a time
+bound and repeated with the servers taking turns, the repeats summarised as
+medians, and tables printed under a header.  This module holds that generic
+part, once:
 
-* servers: free ports, the twistd to run, the kvconfig command line, starting a
-  server and waiting until it listens, stopping it (SIGTERM, then SIGKILL),
-  all of them in a temporary directory;
-* CPU accounting of a process, or of a process and its descendants (Linux);
-* the frame of a load generator (:class:`LoadGeneratorBase`): one selector, a
-  measured window up to the op and time bounds, then a bounded drain, and a
-  non-blocking send; subclasses speak the protocol;
+* servers: free ports, the twistd to run, the kvconfig command line, starting
+  a server in its own directory and waiting until it listens, stopping it
+  (SIGTERM, then SIGKILL), the warnings and errors in its logs;
+* CPU accounting of a process and its descendants (Linux);
+* the wire, as far as more than one script speaks it: HTTP/1.1 requests and
+  responses (Content-Length or chunked, whole or streamed) and the replies of
+  kvconfig's line protocol;
+* the load generator (:class:`LoadGenerator`): connections on one selector,
+  each keeping ``depth`` requests in flight, a measured window up to the op
+  and time bounds, then a bounded drain; a :class:`Speaker` says what to send
+  and reads the replies;
 * cells: percentiles, one run's summary, the warm-up, prefill, the repeats of
   every cell, and their combination;
-* the report: table formatting, the results and CPU tables, the target
-  column's verdict, machine info;
-* the command line: the options both scripts take and their checks, and
-  SIGTERM turned into an exit that stops the servers.
+* the report: verdicts, table formatting, the results and CPU tables (with a
+  baseline's column where there is one), machine info;
+* the command line: the options the scripts share and their checks, and the
+  frame of a script's main.
+
+A baseline (``--baseline-twistd PATH``) is a second kvconfig, the twistd of
+another install (older code, say), run as one more server beside kvconfig and
+the rival, taking turns with them in the same repeats, so that a change is
+measured against the code before it side by side, in one run, on the same
+machine load.  The tables then give kvconfig's ratio to it.
 
 The scripts are run as ``python bench/<script>.py``, which puts this folder on
-``sys.path``; they import this module as ``benchlib``.  It is not part of the
-test run and is not installed.
+``sys.path``; they import this module as ``benchlib`` (and the two that time
+UDP notifications ``benchlatency`` too).  It is not part of the test run and is
+not installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -44,21 +53,30 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+import xmlrpc.client
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from errno import EINPROGRESS
+from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 HOST = "127.0.0.1"
+KVCONFIG, BASELINE = "kvconfig", "baseline"
 KEY_COUNT = 1000
 WARMUP_SECONDS = 0.3
 DRAIN_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
 PREFILL_CLIENTS = 8
 PREFILL_SECONDS = 60.0
+RECV_BYTES = 262144
+BUSY_GENERATOR = 0.9  # cores: above this the load generator may be the bottleneck
+LOG_MARKS = ("#warn]", "#error]", "#critical]", "Traceback", "Unhandled")
+GREETING = b"HELLO "  # how kvconfig's line protocol greets a new connection
 
 # A row of a script's tables, the cell's parameters but the server: (op, clients)
 # or (op, clients, depth).  A cell is keyed by (server name, *row).
@@ -87,35 +105,70 @@ def twistd_path() -> str:
     return found
 
 
-def kvconfig_command(directory: Path, *, xmlrpc_port: int = 0, line_port: int = 0,
-                     udp_port: int = 0) -> list[str]:
-    """``twistd -n kvconfig`` with a sqlite store in directory; port 0 for an
-    interface not measured (any free port, so that a bench never collides
-    with a server on the default ports)."""
-    udp = [f"--udp=udp:{udp_port}:interface={HOST}"]
+def twistd_of(name: str, args: argparse.Namespace) -> str:
+    """The twistd of kvconfig, or of the baseline (--baseline-twistd)."""
+    return args.baseline_twistd if name == BASELINE else twistd_path()
+
+
+def kvconfig_command(directory: Path, *, twistd: str | None = None, store: str | None = None,
+                     xmlrpc_port: int = 0, line_port: int = 0, udp_port: int = 0,
+                     options: Iterable[str] = ()) -> list[str]:
+    """``twistd -n kvconfig`` (twistd: that of this venv unless given) with its
+    log in directory and a sqlite store there unless store is given; port 0
+    for an interface not measured (any free port, so that a bench never
+    collides with a server on the default ports)."""
     return [
-        twistd_path(), "-n", "--pidfile=", f"--logfile={directory / 'twistd.log'}",
-        "kvconfig", f"--store=sqlite:{directory / 'kvconfig.db'}",
+        twistd or twistd_path(), "-n", "--pidfile=", f"--logfile={directory / 'twistd.log'}",
+        "kvconfig", f"--store={store or 'sqlite:' + str(directory / 'kvconfig.db')}",
         f"--xmlrpc=tcp:{xmlrpc_port}:interface={HOST}",
-        f"--line=tcp:{line_port}:interface={HOST}", *udp,
+        f"--line=tcp:{line_port}:interface={HOST}",
+        f"--udp=udp:{udp_port}:interface={HOST}", *options,
     ]
-
-
-def wait_until_listening(process: subprocess.Popen, port: int, name: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{read_log(log)}")
-        try:
-            socket.create_connection((HOST, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{name} did not listen on port {port}:\n{read_log(log)}")
 
 
 def read_log(log: Path) -> str:
     return log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
+
+
+@dataclass
+class Server:
+    """A server a bench drives: the port it is measured on, the process whose
+    CPU counts, and, if this module started it, its directory and process."""
+
+    name: str
+    port: int
+    pid: int
+    directory: Path | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def log_files(self) -> list[Path]:
+        return [self.directory / "stderr", self.directory / "twistd.log"] if self.directory else []
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {self.name} {log.name}:\n{read_log(log)}"
+                         for log in self.log_files())
+
+    def log_problems(self, most: int = 20) -> list[str]:
+        """The lines of its logs that speak of warnings or errors (at most most)."""
+        problems = [f"{self.name} {log.name}: {line[:220]}"
+                    for log in self.log_files() if log.exists()
+                    for line in log.read_text(errors="replace").splitlines()
+                    if any(mark in line for mark in LOG_MARKS)]
+        return problems[:most] or [f"{self.name} log: no warnings, errors or tracebacks"]
+
+
+def wait_until_listening(server: Server) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n"
+                               f"{server.logs()}")
+        try:
+            socket.create_connection((HOST, server.port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{server.name} did not listen on port {server.port}:\n{server.logs()}")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -129,44 +182,38 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-@dataclass
-class Server:
-    """A running server process."""
-
-    name: str
-    port: int
-    pid: int
-
-
 @contextmanager
-def running_server(name: str, directory: Path,
-                   command: Callable[[int], list[str]]) -> Iterator[Server]:
-    """Start a server, command(port) on a free port with its stderr in directory;
-    yield it once it accepts connections, stop it after."""
-    port = free_port()
-    log = directory / f"{name}.stderr"
-    with open(log, "wb") as stderr:
-        process = subprocess.Popen(command(port), cwd=directory, stdin=subprocess.DEVNULL,
+def running_server(name: str, directory: Path, command: list[str], port: int) -> Iterator[Server]:
+    """Start command in directory (made if need be) with its stderr there;
+    yield the server once it accepts connections on port, stop it after."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "stderr", "wb") as stderr:
+        process = subprocess.Popen(command, cwd=directory, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.DEVNULL, stderr=stderr)
+    server = Server(name, port, process.pid, directory, process)
     try:
-        wait_until_listening(process, port, name, log)
-        yield Server(name, port, process.pid)
+        wait_until_listening(server)
+        yield server
     finally:
         stop(process)
 
 
 @contextmanager
 def servers_running(names: list[str], header: Callable[[Path], list[str]],
-                    command: Callable[[str, Path], Callable[[int], list[str]]],
-                    ) -> Iterator[list[Server]]:
+                    command: Callable[[str, Path, int], list[str]]) -> Iterator[list[Server]]:
     """A temporary directory; the header, which may speak of it, printed; then
-    the servers named, command(name, directory)(port) each, started in it.
-    Yields them; stops them and removes the directory after."""
+    the servers named, command(name, their directory, a free port) each, each
+    in a directory of its own in it.  Yields them; stops them and removes the
+    directory after."""
     with ExitStack() as stack:
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvbench-")))
         print("\n".join(header(directory)), flush=True)
-        yield [stack.enter_context(running_server(name, directory, command(name, directory)))
-               for name in names]
+        servers = []
+        for name in names:
+            port = free_port()
+            servers.append(stack.enter_context(running_server(
+                name, directory / name, command(name, directory / name, port), port)))
+        yield servers
 
 
 # CPU accounting
@@ -228,8 +275,173 @@ def tree_cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
 
 
-def no_cpu_seconds() -> float:
-    return math.nan
+# The wire: HTTP/1.1 and kvconfig's line protocol
+
+
+def http_post(port: int, path: str, content_type: str, body: bytes) -> bytes:
+    """A keep-alive HTTP/1.1 POST of body to path on HOST:port."""
+    return (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nUser-Agent: kvconfig-bench\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode("ascii") + body
+
+
+@dataclass
+class HttpHead:
+    status: int
+    version: str
+    headers: dict[str, str]  # names in lower case
+    end: int  # where the body starts
+
+    @property
+    def chunked(self) -> bool:
+        return self.headers.get("transfer-encoding", "").lower() == "chunked"
+
+
+@dataclass
+class HttpReply:
+    status: int
+    body: bytes
+    keep_alive: bool
+    end: int  # where the buffer goes on after it
+
+
+def parse_head(buffer: bytearray, start: int = 0) -> HttpHead | None:
+    """The head of the HTTP response at start in buffer, or None if it is not
+    complete yet; ValueError if it is too large."""
+    head_end = buffer.find(b"\r\n\r\n", start)
+    if head_end < 0:
+        if len(buffer) - start > 65536:
+            raise ValueError("response head over 64 KiB")
+        return None
+    status_line, *header_lines = bytes(buffer[start:head_end]).decode("latin-1").split("\r\n")
+    version, status, *_ = status_line.split(" ", 2)
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return HttpHead(int(status), version, headers, head_end + 4)
+
+
+def dechunk(buffer: bytearray, position: int) -> tuple[bytes, int, bool]:
+    """The data of the complete chunks of a chunked body from position on:
+    (their data, where they end, whether the last chunk was among them)."""
+    data = bytearray()
+    while True:
+        line_end = buffer.find(b"\r\n", position)
+        if line_end < 0:
+            return bytes(data), position, False
+        size = int(bytes(buffer[position:line_end]).split(b";")[0], 16)
+        data_end = line_end + 2 + size
+        if len(buffer) < data_end + 2:
+            return bytes(data), position, False
+        if size == 0:
+            if buffer[data_end:data_end + 2] != b"\r\n":
+                raise ValueError("chunked response with trailers")
+            return bytes(data), data_end + 2, True
+        data += buffer[line_end + 2:data_end]
+        position = data_end + 2
+
+
+def parse_http(buffer: bytearray, start: int = 0) -> HttpReply | None:
+    """The HTTP response at start in buffer (Content-Length or chunked), or None
+    if it is not complete yet; ValueError if it is not one."""
+    head = parse_head(buffer, start)
+    if head is None:
+        return None
+    if head.chunked:
+        body, end, complete = dechunk(buffer, head.end)
+        if not complete:
+            return None
+    elif "content-length" in head.headers:
+        end = head.end + int(head.headers["content-length"])
+        if len(buffer) < end:
+            return None
+        body = bytes(buffer[head.end:end])
+    else:
+        raise ValueError(f"response {head.status} without Content-Length")
+    connection = head.headers.get("connection", "").lower()
+    keep_alive = connection == "keep-alive" or (head.version == "HTTP/1.1"
+                                                and connection != "close")
+    return HttpReply(head.status, body, keep_alive, end)
+
+
+# A reply parser takes the bytes received so far and returns (replies complete,
+# [(index of a bad reply, what is wrong)], bytes used, whether the connection
+# stays open).  It raises ValueError for bytes that are no reply.
+Parsed = tuple[int, list[tuple[int, str]], int, bool]
+Parser = Callable[[bytearray], Parsed]
+
+
+def http_parser(check: Callable[[HttpReply], str | None]) -> Parser:
+    """Reads HTTP responses; check says what is wrong with one, or None."""
+
+    def parse(buffer: bytearray) -> Parsed:
+        count, bad, used, keep_alive = 0, [], 0, True
+        while keep_alive and (reply := parse_http(buffer, used)) is not None:
+            error = check(reply)
+            if error is not None:
+                bad.append((count, error))
+            count, used, keep_alive = count + 1, reply.end, reply.keep_alive
+        return count, bad, used, keep_alive
+
+    return parse
+
+
+def xmlrpc_error(reply: HttpReply, expect_value: bool = False) -> str | None:
+    """What is wrong with an XML-RPC response, or None if it is a good answer
+    (with expect_value, one that is not nil)."""
+    if reply.status != 200:
+        return f"HTTP status {reply.status}"
+    if b"<fault>" in reply.body:
+        try:
+            xmlrpc.client.loads(reply.body)
+        except xmlrpc.client.Fault as fault:
+            return f"fault {fault.faultCode}: {fault.faultString[:80]}"
+        return "fault"
+    if expect_value and b"<nil/>" in reply.body:
+        return "answered nil"
+    return None
+
+
+def line_error(line: bytes) -> str:
+    """What a kvconfig line-protocol reply that is not the one expected says."""
+    text = line.decode("utf-8", "replace").strip()
+    if text.startswith("ERR "):
+        return " ".join(text.split()[:3])  # ERR <name> <code>
+    if text.startswith("NIL "):
+        return "GET answered NIL"
+    return f"unexpected reply {text[:60]!r}"
+
+
+def line_parser(expect: bytes) -> Parser:
+    """Reads kvconfig line-protocol replies, one line each, that should start
+    with expect (b"OK " for SET, b"VALUE " for GET)."""
+
+    def parse(buffer: bytearray) -> Parsed:
+        end = buffer.rfind(b"\n")
+        if end < 0:
+            return 0, [], 0, True
+        lines = bytes(buffer[:end]).split(b"\n")
+        bad = [(i, line_error(line)) for i, line in enumerate(lines)
+               if not line.startswith(expect)]
+        return len(lines), bad, end + 1, True
+
+    return parse
+
+
+def greeted(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read kvconfig's line-protocol greeting on a new blocking connection:
+    (the greeting line, what came after it)."""
+    received = bytearray()
+    while b"\n" not in received:
+        data = sock.recv(RECV_BYTES)
+        if not data:
+            raise RuntimeError("kvconfig closed the connection before its greeting")
+        received += data
+    line, _, rest = bytes(received).partition(b"\n")
+    if not line.startswith(GREETING):
+        raise RuntimeError(f"kvconfig greeted with {line[:80]!r}")
+    return line.rstrip(b"\r"), rest
 
 
 # Load generator
@@ -243,50 +455,109 @@ class PhaseResult:
     unfinished: list[float] = field(default_factory=list)  # given up, time so far
     errors: Counter = field(default_factory=Counter)
     window: float = 0.0  # up to the time bound, or to the last reply if that came sooner
-    good_in_window: int = 0  # good calls (replies) completed within the window
+    good_in_window: int = 0  # good replies completed within the window
     generator_cpu: float = 0.0  # CPU time of the load generator within the window
-    server_cpu: float = math.nan  # CPU time of the server within the window
+    server_cpu: float = math.nan  # CPU time of the servers measured within the window
 
 
-class LoadGeneratorBase:
-    """The frame of a load generator: connections on one selector, and runs that
-    issue requests until an op bound or a time bound (the window, over which
-    the CPU times are taken), then wait at most DRAIN_TIMEOUT_S for the ones
-    still in flight.
+@dataclass(eq=False)
+class Connection:
+    """One client connection of a load generator."""
 
-    A subclass speaks the protocol.  It keeps self.in_flight, issues no more
-    than self.issue_left requests and none once self.stop_issuing_at has
-    passed, records into self.result (counting good ones in good_in_window
-    while self.window_open), and provides start_issuing, on_event,
-    give_up_unfinished, disconnect, fail and server_cpu_clock.  A connection
-    has its socket, or None, in .sock."""
+    index: int
+    sock: socket.socket | None = None
+    events: int = 0  # what the selector watches for, 0 when not registered
+    connecting: bool = False
+    greeted: bool = True  # False until the greeting, if the server sends one, is read
+    issued: int = 0  # requests made on it so far, in all runs
+    sent: deque = field(default_factory=deque)  # issue times of the requests in flight
+    unsent: bytearray = field(default_factory=bytearray)
+    inbox: bytearray = field(default_factory=bytearray)
 
-    def __init__(self, server: Server, connections: list[Any]) -> None:
+
+class Speaker:
+    """How a load generator speaks to one server: the requests and how to read
+    the replies (parse, a Parser).  greeting: what the first line the server
+    sends on a new connection starts with, if it sends one."""
+
+    greeting: bytes | None = None
+
+    def requests(self, connection: Connection, count: int) -> bytes:
+        """The next count requests of a connection."""
+        raise NotImplementedError
+
+    def parse(self, buffer: bytearray) -> Parsed:
+        raise NotImplementedError
+
+
+class Cycle(Speaker):
+    """Pre-built requests, taken in turn by all connections."""
+
+    def __init__(self, requests: list[bytes], parse: Parser,
+                 greeting: bytes | None = None) -> None:
+        self.all = requests
+        self.parse = parse
+        self.greeting = greeting
+        self.next = 0
+
+    def requests(self, connection: Connection, count: int) -> bytes:
+        index, total = self.next, len(self.all)
+        end = index + count
+        if end <= total:
+            taken = self.all[index:end]
+        else:  # round the end of the list
+            taken = [self.all[i % total] for i in range(index, end)]
+        self.next = end % total
+        return taken[0] if count == 1 else b"".join(taken)
+
+
+class LoadGenerator:
+    """N connections to a server on one selector, each keeping depth requests
+    in flight: it sends depth requests, then one new request per reply.  A run
+    issues requests until an op bound or a time bound (the window, over which
+    the CPU times are taken), then waits at most DRAIN_TIMEOUT_S for those
+    still in flight.  A request's latency runs from its issue to its reply; a
+    connection the server closed (HTTP/1.0, say) is made anew by the next
+    request, and that counts in its latency, as a real client would see it.
+    The server's CPU is that of the processes cpu_pids (default the server's)
+    with their descendants, kept per process for cpu_cores."""
+
+    def __init__(self, server: Server, speaker: Speaker, clients: int, depth: int = 1,
+                 cpu_pids: list[int] | None = None) -> None:
         self.server = server
-        self.connections = connections
+        self.address = (HOST, server.port)
+        self.speaker = speaker
+        self.depth = depth
+        self.connections = [Connection(i) for i in range(clients)]
         self.selector = selectors.DefaultSelector()
         self.in_flight = 0
         self.issue_left = 0
         self.stop_issuing_at = 0.0
         self.result = PhaseResult()
-        self.server_cpu_seconds: Callable[[], float] = no_cpu_seconds
         self.window_open = False
         self.window_start = (0.0, 0.0, 0.0)  # wall clock, generator CPU, server CPU
+        self.cpu_pids = cpu_pids or [server.pid]
+        self.cpu_trees: list[list[int]] = []
+        self.cpu_marks: list[list[float]] = []
+
+    def most_in_flight(self) -> int:
+        return len(self.connections) * self.depth
 
     def run(self, max_count: int, seconds: float, measure_server: bool = False) -> PhaseResult:
         """Issue requests until max_count are issued or seconds have passed, then
         wait (at most DRAIN_TIMEOUT_S) for those in flight.  With measure_server,
-        measure the server's CPU time within the window too."""
-        self.before_run()
+        measure the servers' CPU time within the window too."""
         self.result = result = PhaseResult()
-        self.server_cpu_seconds = self.server_cpu_clock() if measure_server else no_cpu_seconds
+        self.cpu_trees = [process_tree(pid) for pid in self.cpu_pids] if measure_server else []
+        self.cpu_marks = []
         start = time.perf_counter()
         self.window_start = (start, time.process_time(), self.server_cpu_seconds())
         self.window_open = True
         self.issue_left = max_count
         self.stop_issuing_at = start + seconds
         give_up_at = self.stop_issuing_at + DRAIN_TIMEOUT_S
-        self.start_issuing()
+        for connection in self.connections:
+            self.issue(connection, self.depth, time.perf_counter())
         while self.in_flight:
             now = time.perf_counter()
             if self.window_open and now >= self.stop_issuing_at:
@@ -296,7 +567,6 @@ class LoadGeneratorBase:
             wake_at = self.stop_issuing_at if self.window_open else give_up_at
             for key, mask in self.selector.select(wake_at - now):
                 self.on_event(key.data, mask)
-            self.after_events()
         if self.window_open:
             self.close_window(time.perf_counter())
         self.give_up_unfinished()
@@ -309,59 +579,188 @@ class LoadGeneratorBase:
         self.result.generator_cpu = time.process_time() - generator_cpu
         self.result.server_cpu = self.server_cpu_seconds() - server_cpu
 
+    def server_cpu_seconds(self) -> float:
+        if not self.cpu_trees:
+            return math.nan
+        mark = [tree_cpu_seconds(tree) for tree in self.cpu_trees]
+        self.cpu_marks.append(mark)
+        return sum(mark)
+
+    def cpu_cores(self) -> list[float]:
+        """Cores used by each of cpu_pids within the last measured window."""
+        if len(self.cpu_marks) < 2 or not self.result.window:
+            return [math.nan] * len(self.cpu_pids)
+        first, last = self.cpu_marks[0], self.cpu_marks[-1]
+        return [(b - a) / self.result.window for a, b in zip(first, last, strict=True)]
+
     def close(self) -> None:
         for connection in self.connections:
             self.disconnect(connection)
         self.selector.close()
 
-    def most_in_flight(self) -> int:
-        """How many requests can be in flight at once."""
-        return len(self.connections)
+    # Requests and replies
 
-    def send_some(self, connection: Any, data: bytes | bytearray | memoryview) -> int | None:
-        """Send what the connection's non-blocking socket takes of data now: the
-        number of bytes sent, or None if the connection broke (then fail has
-        been called)."""
+    def issue(self, connection: Connection, count: int, now: float) -> None:
+        """Make up to count new requests, issued at now, and send them."""
+        if now >= self.stop_issuing_at:
+            return
+        count = min(count, self.issue_left)
+        if count <= 0 or (connection.sock is None and not self.connect(connection)):
+            return
+        connection.unsent += self.speaker.requests(connection, count)
+        connection.sent.extend(repeat(now, count))
+        connection.issued += count
+        self.issue_left -= count
+        self.in_flight += count
+        if not connection.connecting:
+            self.flush(connection)
+
+    def receive(self, connection: Connection) -> None:
         try:
-            return connection.sock.send(data)
+            data = connection.sock.recv(RECV_BYTES)
         except BlockingIOError:
-            return 0
+            return
         except OSError as e:
-            self.fail(connection, f"send: {e.strerror}")
-            return None
-
-    # What a subclass provides
-
-    def before_run(self) -> None:
-        """Before the window opens (connecting, say)."""
-
-    def start_issuing(self) -> None:
-        """Issue the first requests of a run."""
-        raise NotImplementedError
-
-    def on_event(self, connection: Any, mask: int) -> None:
-        """Handle what the selector reports for a connection."""
-        raise NotImplementedError
-
-    def after_events(self) -> None:
-        """After the events of one select."""
+            self.fail(connection, f"recv: {e.strerror}")
+            return
+        if not data:
+            if connection.sent:
+                self.fail(connection, "connection closed before the reply")
+            else:  # the server closed an idle connection; the next request reconnects
+                self.disconnect(connection)
+            return
+        inbox = connection.inbox
+        inbox += data
+        if not connection.greeted:
+            end = inbox.find(b"\n")
+            if end < 0:
+                return
+            if not inbox.startswith(self.speaker.greeting):
+                self.fail(connection, f"greeted with {bytes(inbox[:min(end, 80)])!r}")
+                return
+            del inbox[:end + 1]
+            connection.greeted = True
+            if not inbox:
+                return
+        if not connection.sent:
+            self.fail(connection, "unexpected bytes between requests")
+            return
+        try:
+            count, bad, used, keep_alive = self.speaker.parse(inbox)
+        except ValueError as e:
+            self.fail(connection, f"bad reply: {e}")
+            return
+        if not count:
+            return
+        if count > len(connection.sent):
+            self.fail(connection, "more replies than requests")
+            return
+        del inbox[:used]
+        now = time.perf_counter()
+        sent, result = connection.sent, self.result
+        if not bad:
+            result.latencies.extend([now - sent.popleft() for _ in range(count)])
+        else:
+            errors = dict(bad)
+            for i in range(count):
+                started = sent.popleft()
+                if i in errors:
+                    result.errors[errors[i]] += 1
+                else:
+                    result.latencies.append(now - started)
+        self.in_flight -= count
+        if self.window_open:
+            result.good_in_window += count - len(bad)
+        if not keep_alive or (inbox and not sent):
+            if sent:
+                self.fail(connection, "connection closed with requests in flight")
+            else:
+                self.disconnect(connection)
+        self.issue(connection, count, now)
 
     def give_up_unfinished(self) -> None:
-        """Count what is still in flight after the drain as given up."""
-        raise NotImplementedError
+        now = time.perf_counter()
+        for connection in self.connections:
+            if connection.sent:
+                self.result.unfinished.extend(now - t for t in connection.sent)
+                self.in_flight -= len(connection.sent)
+                connection.sent.clear()
+                self.disconnect(connection)  # its late replies must not be read as new ones
 
-    def disconnect(self, connection: Any) -> None:
-        raise NotImplementedError
+    def fail(self, connection: Connection, error: str) -> None:
+        """Count the requests in flight on a broken connection as errors and drop it."""
+        lost = len(connection.sent)
+        self.result.errors[error] += max(lost, 1)
+        self.in_flight -= lost
+        connection.sent.clear()
+        self.disconnect(connection)
 
-    def fail(self, connection: Any, error: str) -> None:
-        """Count error for what is in flight on a broken connection, and drop it."""
-        raise NotImplementedError
+    # Sockets
 
-    def server_cpu_clock(self) -> Callable[[], float]:
-        """What reads the server's CPU seconds so far, for one measured run:
-        the server's process and its children (kvconfig's sqlite writer)."""
-        pids = process_tree(self.server.pid)
-        return lambda: tree_cpu_seconds(pids)
+    def connect(self, connection: Connection) -> bool:
+        """Start connecting (non-blocking); whether that could start."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        error = sock.connect_ex(self.address)
+        if error not in (0, EINPROGRESS):
+            sock.close()
+            self.result.errors[f"connect: {os.strerror(error)}"] += 1
+            return False
+        connection.sock = sock
+        connection.connecting = True
+        connection.greeted = self.speaker.greeting is None
+        self.watch(connection, selectors.EVENT_WRITE)
+        return True
+
+    def disconnect(self, connection: Connection) -> None:
+        if connection.sock is None:
+            return
+        if connection.events:
+            self.selector.unregister(connection.sock)
+        connection.sock.close()
+        connection.sock = None
+        connection.events = 0
+        connection.connecting = False
+        connection.unsent.clear()
+        connection.inbox.clear()
+
+    def watch(self, connection: Connection, events: int) -> None:
+        if events == connection.events:
+            return
+        if connection.events == 0:
+            self.selector.register(connection.sock, events, connection)
+        else:
+            self.selector.modify(connection.sock, events, connection)
+        connection.events = events
+
+    def flush(self, connection: Connection) -> None:
+        """Send what the socket takes of what is unsent now."""
+        if connection.unsent:
+            try:
+                done = connection.sock.send(connection.unsent)
+            except BlockingIOError:
+                done = 0
+            except OSError as e:
+                self.fail(connection, f"send: {e.strerror}")
+                return
+            del connection.unsent[:done]
+        self.watch(connection, selectors.EVENT_READ
+                   | (selectors.EVENT_WRITE if connection.unsent else 0))
+
+    def on_event(self, connection: Connection, mask: int) -> None:
+        if connection.connecting:
+            error = connection.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self.fail(connection, f"connect: {os.strerror(error)}")
+                return
+            connection.connecting = False
+            self.flush(connection)
+            return
+        if mask & selectors.EVENT_READ:
+            self.receive(connection)
+        if mask & selectors.EVENT_WRITE and connection.sock and not connection.connecting:
+            self.flush(connection)
 
 
 # Cells
@@ -371,7 +770,7 @@ class LoadGeneratorBase:
 class CellRun:
     """One measured run of one cell; latencies in ms."""
 
-    per_s: float  # good calls (replies) completed within the time bound, per second
+    per_s: float  # good replies completed within the time bound, per second
     p50_ms: float
     p99_ms: float
     max_ms: float  # a lower bound if requests were given up
@@ -388,6 +787,12 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
         return math.nan
     rank = max(1, math.ceil(fraction * len(sorted_values)))
     return sorted_values[rank - 1]
+
+
+def median(values: Iterable[float]) -> float:
+    """The median of the values that are not nan; nan if there are none."""
+    figures = [value for value in values if not math.isnan(value)]
+    return statistics.median(figures) if figures else math.nan
 
 
 def summarize(result: PhaseResult, warmup: PhaseResult, unit: str,
@@ -413,7 +818,7 @@ def summarize(result: PhaseResult, warmup: PhaseResult, unit: str,
     )
 
 
-def run_cell(generator: LoadGeneratorBase, max_count: int, seconds: float, unit: str,
+def run_cell(generator: LoadGenerator, max_count: int, seconds: float, unit: str,
              latency_limit: float = math.inf) -> CellRun:
     """Warm up, then measure, on the same connections; close the generator."""
     try:
@@ -424,32 +829,35 @@ def run_cell(generator: LoadGeneratorBase, max_count: int, seconds: float, unit:
     return summarize(result, warmup, unit, latency_limit)
 
 
-def prefill(generator: LoadGeneratorBase, count: int, doing: str, done: str) -> None:
-    """Run count writes, one per key, so that reads find every key whatever ops
-    are run; close the generator.  doing and done word the error ("saving",
-    "saved")."""
+def prefill(generator: LoadGenerator, doing: str, done: str) -> None:
+    """Run KEY_COUNT writes, one per key, so that reads find every key whatever
+    ops are run; close the generator.  doing and done word the error
+    ("saving", "saved")."""
     try:
-        result = generator.run(count, seconds=PREFILL_SECONDS)
+        result = generator.run(KEY_COUNT, seconds=PREFILL_SECONDS)
     finally:
         generator.close()
-    if result.errors or len(result.latencies) != count:
-        raise RuntimeError(f"{generator.server.name}: {doing} the {count} keys failed: "
+    if result.errors or len(result.latencies) != KEY_COUNT:
+        raise RuntimeError(f"{generator.server.name}: {doing} the {KEY_COUNT} keys failed: "
                            f"{len(result.latencies)} {done}, errors {dict(result.errors)}")
 
 
-def run_all(rows: list[Row], servers: list[Server], repeat: int,
-            run_cell: Callable[[Server, Row], CellRun],
-            where: Callable[[Row], str],
-            stats: Callable[[CellRun], str]) -> dict[CellKey, list[CellRun]]:
+def run_all(rows: list[Row], servers: list[Server], repeat_count: int,
+            run_one: Callable[[Server, Row], CellRun], where: Callable[[Row], str],
+            rate: str) -> dict[CellKey, list[CellRun]]:
     """Every cell, repeated, the servers taking turns; a progress line a run
-    (where the row is, then the run's stats)."""
+    (where the row is, then the run's figures)."""
     runs: dict[CellKey, list[CellRun]] = {}
     for row in rows:
-        for i in range(repeat):
+        for i in range(repeat_count):
             for server in servers:
-                run = run_cell(server, row)
+                run = run_one(server, row)
                 runs.setdefault((server.name, *row), []).append(run)
-                progress(f"  {where(row)} {server.name:<8} run {i + 1}/{repeat}: {stats(run)}")
+                progress(f"  {where(row)} {server.name:<8} run {i + 1}/{repeat_count}: "
+                         f"{run.per_s:7.0f} {rate}, p50/p99 {run.p50_ms:6.2f}/"
+                         f"{run.p99_ms:6.2f} ms, max {run.max_ms:7.1f} ms, "
+                         f"{run.unfinished} given up, {sum(run.errors.values())} errors, "
+                         f"cpu server {run.server_cpu:.2f} generator {run.generator_cpu:.2f}")
     return runs
 
 
@@ -490,23 +898,35 @@ def summaries(runs: dict[CellKey, list[CellRun]]) -> dict[CellKey, CellSummary]:
     return {key: CellSummary.of(cell_runs) for key, cell_runs in runs.items()}
 
 
+def cell_notes(cells: dict[CellKey, CellSummary], where: Callable[[CellKey], str], unit: str,
+               none: str, slow: str | None = None) -> list[str]:
+    """Per cell: requests slower than slow (the latency limit's words, if
+    there is one) or given up, errors, and a busy load generator; none if
+    there is nothing to say."""
+    lines = []
+    given_up = f"given up after >= {DRAIN_TIMEOUT_S:g} s"
+    for key, cell in cells.items():
+        place = where(key)
+        if slow is not None and cell.slow:
+            of_them = f", {cell.unfinished} of them {given_up}" if cell.unfinished else ""
+            lines.append(f"{place}: {cell.slow} {unit}(s) slower than {slow}{of_them}; "
+                         f"max >= {cell.max_ms / 1000:.2f} s")
+        elif cell.unfinished:
+            lines.append(f"{place}: {cell.unfinished} {unit}(s) {given_up}")
+        for error, count in cell.errors.most_common(5):
+            lines.append(f"{place}: {count} error(s): {error}")
+        if cell.generator_cpu > BUSY_GENERATOR:
+            lines.append(f"{place}: the load generator used {cell.generator_cpu:.2f} cores; "
+                         "this cell may measure the generator more than the server")
+    return lines or [none]
+
+
 # Report
 
 
-Target = Callable[[CellSummary | None, CellSummary | None, Row], str]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a script's two tables read."""
-
-    rows: list[Row]
-    columns: list[str]  # the headers of the columns that name a row
-    label: Callable[[Row], list[str]]  # a row's cells under those
-    other: str  # the server kvconfig is compared with
-    rate: str  # what throughput counts: "calls/s", "ops/s"
-    target: Target  # the target column: (kvconfig, other, row) -> text
-    cpu_titles: tuple[str, str]  # the CPU table's headers for kvconfig and the other
+def verdict(failures: list[str]) -> str:
+    """A target column's text: "yes", or "NO (what failed)"."""
+    return f"NO ({', '.join(failures)})" if failures else "yes"
 
 
 def target_text(kvconfig: CellSummary | None, rival: CellSummary | None, other: str,
@@ -520,9 +940,37 @@ def target_text(kvconfig: CellSummary | None, rival: CellSummary | None, other: 
     failures = (["errors"] if kvconfig.errors else []) + failures
     if ratio is not None and rival and kvconfig.per_s < ratio * rival.per_s:
         failures.append(f"ratio<{ratio:g}")
-    if failures:
-        return f"NO ({', '.join(failures)})"
-    return f"? (no {other} run)" if ratio is not None and rival is None else "yes"
+    if not failures and ratio is not None and rival is None:
+        return f"? (no {other} run)"
+    return verdict(failures)
+
+
+Target = Callable[[CellSummary | None, CellSummary | None, Row], str]
+
+
+def by_server(name: str, row: Row) -> CellKey:
+    return (name, *row)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a script's results and CPU tables read."""
+
+    rows: list[Row]
+    columns: list[str]  # the headers of the columns that name a row
+    label: Callable[[Row], list[str]]  # a row's cells under those
+    other: str  # the server kvconfig is compared with
+    rate: str  # what throughput counts: "calls/s", "ops/s"
+    target: Target  # the target column: (kvconfig, other, row) -> text
+    cpu_titles: tuple[str, str]  # the CPU table's headers for kvconfig and the other
+    baseline: bool = False  # whether a baseline kvconfig ran
+    key: Callable[[str, Row], CellKey] = by_server  # a server's cell of a row
+
+    def cell(self, cells: dict[CellKey, CellSummary], name: str, row: Row) -> CellSummary | None:
+        return cells.get(self.key(name, row))
+
+    def servers(self) -> list[str]:
+        return [KVCONFIG, *([BASELINE] if self.baseline else []), self.other]
 
 
 def format_table(rows: list[list[str]]) -> str:
@@ -537,24 +985,31 @@ def format_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def rate_text(cell: CellSummary | None) -> str:
+    return f"{cell.per_s:.0f}" if cell else "-"
+
+
+def ratio_text(cell: CellSummary | None, to: CellSummary | None) -> str:
+    return f"{cell.per_s / to.per_s:.2f}" if cell and to and to.per_s else "-"
+
+
 def result_table(layout: Layout, cells: dict[CellKey, CellSummary]) -> str:
-    """Throughput, the ratio kvconfig/other, latencies and the target, row by row."""
-    other, rate = layout.other, layout.rate
-    table = [[*layout.columns, f"kvconfig {rate}", f"{other} {rate}", "ratio",
-              "kvconfig p50/p99/max ms", f"{other} p50/p99/max ms", "target"]]
+    """Throughput, kvconfig's ratios to the baseline and to the other server,
+    latencies and the target, row by row."""
+    other, rate, with_baseline = layout.other, layout.rate, layout.baseline
+    table = [[*layout.columns, f"kvconfig {rate}",
+              *([f"baseline {rate}", "vs baseline"] if with_baseline else []),
+              f"{other} {rate}", "ratio",
+              *(f"{name} p50/p99/max ms" for name in layout.servers()), "target"]]
     for row in layout.rows:
-        kvconfig = cells.get(("kvconfig", *row))
-        rival = cells.get((other, *row))
-        ratio = "-"
-        if kvconfig and rival and rival.per_s:
-            ratio = f"{kvconfig.per_s / rival.per_s:.2f}"
+        kvconfig, baseline, rival = (layout.cell(cells, name, row)
+                                     for name in (KVCONFIG, BASELINE, other))
+        shown = [kvconfig, baseline, rival] if with_baseline else [kvconfig, rival]
         table.append([
-            *layout.label(row),
-            f"{kvconfig.per_s:.0f}" if kvconfig else "-",
-            f"{rival.per_s:.0f}" if rival else "-",
-            ratio,
-            kvconfig.latency_text() if kvconfig else "-",
-            rival.latency_text() if rival else "-",
+            *layout.label(row), rate_text(kvconfig),
+            *([rate_text(baseline), ratio_text(kvconfig, baseline)] if with_baseline else []),
+            rate_text(rival), ratio_text(kvconfig, rival),
+            *(cell.latency_text() if cell else "-" for cell in shown),
             layout.target(kvconfig, rival, row),
         ])
     return format_table(table)
@@ -562,18 +1017,33 @@ def result_table(layout: Layout, cells: dict[CellKey, CellSummary]) -> str:
 
 def cpu_table(layout: Layout, cells: dict[CellKey, CellSummary]) -> str:
     """The cores used by each server and by the load generator, row by row."""
-    table = [[*layout.columns, *layout.cpu_titles, "load generator (max)"]]
+    kvconfig_title, other_title = layout.cpu_titles
+    titles = [kvconfig_title, *(["baseline server+writer"] if layout.baseline else []),
+              other_title]
+    table = [[*layout.columns, *titles, "load generator (max)"]]
     for row in layout.rows:
-        kvconfig = cells.get(("kvconfig", *row))
-        rival = cells.get((layout.other, *row))
-        generator = max(c.generator_cpu for c in (kvconfig, rival) if c)
-        table.append([
-            *layout.label(row),
-            f"{kvconfig.server_cpu:.2f}" if kvconfig else "-",
-            f"{rival.server_cpu:.2f}" if rival else "-",
-            f"{generator:.2f}",
-        ])
+        row_cells = [layout.cell(cells, name, row) for name in layout.servers()]
+        generator = max((c.generator_cpu for c in row_cells if c), default=math.nan)
+        table.append([*layout.label(row),
+                      *(f"{c.server_cpu:.2f}" if c else "-" for c in row_cells),
+                      f"{generator:.2f}"])
     return format_table(table)
+
+
+def baseline_notes(layout: Layout, cells: dict[CellKey, CellSummary]) -> list[str]:
+    """kvconfig's throughput against the baseline's over all rows, in a line."""
+    ratios = []
+    for row in layout.rows:
+        kvconfig, base = (layout.cell(cells, name, row) for name in (KVCONFIG, BASELINE))
+        if kvconfig and base and kvconfig.per_s and base.per_s:
+            ratios.append((kvconfig.per_s / base.per_s, " ".join(layout.label(row))))
+    if not layout.baseline or not ratios:
+        return []
+    lowest, where = min(ratios)
+    highest, high_where = max(ratios)
+    mean = math.exp(statistics.fmean(math.log(ratio) for ratio, _ in ratios))
+    return [f"kvconfig / baseline {layout.rate}: geometric mean {mean:.2f} over {len(ratios)} "
+            f"row(s); lowest {lowest:.2f} ({where}), highest {highest:.2f} ({high_where})"]
 
 
 def print_report(layout: Layout, cells: dict[CellKey, CellSummary], notes: list[str]) -> None:
@@ -584,7 +1054,27 @@ def print_report(layout: Layout, cells: dict[CellKey, CellSummary], notes: list[
     print("CPU use within the time bound, in cores (servers: median over repeats):")
     print(cpu_table(layout, cells))
     print()
-    print("\n".join(notes))
+    print("\n".join(baseline_notes(layout, cells) + notes))
+
+
+def throughput_bench(args: argparse.Namespace, names: list[str],
+                     header: Callable[[Path], list[str]],
+                     command: Callable[[str, Path, int], list[str]],
+                     prefill_one: Callable[[Server], None],
+                     measure: Callable[[Server, Row], CellRun], layout: Layout,
+                     where: Callable[[Row], str],
+                     notes: Callable[[dict[CellKey, CellSummary]], list[str]]) -> int:
+    """A script that measures cells: its servers running (servers_running),
+    each prefilled, every cell measured (run_all), then the report."""
+    began = time.monotonic()
+    with servers_running(names, header, command) as servers:
+        for server in servers:
+            prefill_one(server)
+        runs = run_all(layout.rows, servers, args.repeat, measure, where, layout.rate)
+    cells = summaries(runs)
+    print_report(layout, cells, notes(cells))
+    footer(began)
+    return 0
 
 
 def filesystem_of(path: Path) -> str:
@@ -607,6 +1097,7 @@ def filesystem_of(path: Path) -> str:
 
 
 def machine_info() -> list[str]:
+    """The machine, the Python, and the load average now."""
     cpu = platform.processor() or "?"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -618,7 +1109,16 @@ def machine_info() -> list[str]:
     return [
         f"machine: nproc {usable} (cpu_count {os.cpu_count()}), {cpu}, {platform.platform()}",
         f"python: {platform.python_version()} ({sys.executable})",
+        f"load average at start: {load_average()} (other work on the machine adds noise)",
     ]
+
+
+def baseline_info(args: argparse.Namespace) -> list[str]:
+    """The header's line on the baseline, if one runs."""
+    if not getattr(args, "baseline_twistd", None):
+        return []
+    return [f"  baseline: {args.baseline_twistd} -n kvconfig, the same options as kvconfig "
+            "(its own store), taking turns with it"]
 
 
 def load_average() -> str:
@@ -628,7 +1128,19 @@ def load_average() -> str:
         return "?"
 
 
+def footer(began: float) -> None:
+    print(f"load average at end: {load_average()}")
+    print(f"total time: {time.monotonic() - began:.0f} s")
+
+
 # Command line
+
+
+BASELINE_HELP = (
+    "the twistd of another kvconfig install (the code before a change, say: "
+    "/work/base/.venv/bin/twistd): that kvconfig runs beside this one and {other}, with the "
+    "same options and its own store, taking turns with them in the same repeats; the tables "
+    "gain its figures and kvconfig's ratio to it (before and after, side by side)")
 
 
 def int_list(text: str) -> list[int]:
@@ -653,51 +1165,88 @@ def op_list(known: Iterable[str], fold_case: bool) -> Callable[[str], list[str]]
     return parse
 
 
-def argument_parser(description: str, clients: list[int]) -> argparse.ArgumentParser:
-    """A parser with --clients (default clients); the script adds its own options
-    after it, then add_cell_arguments."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--clients", type=int_list, default=clients,
-                        help=("concurrent clients per cell, comma-separated "
-                              f"(default {','.join(map(str, clients))})"))
-    return parser
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser described by the first line of a script's docstring."""
+    return argparse.ArgumentParser(description=doc.strip().split("\n")[0])
+
+
+def add_counts(parser: argparse.ArgumentParser, option: str, default: list[int],
+               what: str) -> None:
+    """A comma-separated list of counts (--clients, --subscribers ...)."""
+    parser.add_argument(option, type=int_list, default=default,
+                        help=f"{what}, comma-separated (default {','.join(map(str, default))})")
+
+
+def add_bounds(parser: argparse.ArgumentParser, *, seconds: float, seconds_of: str,
+               repeats: str, quick: str) -> None:
+    """--seconds (the time bound of seconds_of), --repeat (repeats says of
+    what) and --quick (quick says what it does)."""
+    parser.add_argument("--seconds", type=float, default=seconds,
+                        help=f"time bound of {seconds_of} (default {seconds:g})")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help=f"runs of {repeats} (default 3)")
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick}")
 
 
 def add_cell_arguments(parser: argparse.ArgumentParser, *, ops: list[str], fold_case: bool,
                        unit: str, max_default: int, other: str) -> None:
-    """--ops (default all of ops), --seconds, --max-<unit>s (default max_default),
-    --repeat, --only (kvconfig, other or both) and --quick."""
+    """--ops (default all of ops), --max-<unit>s (default max_default),
+    --seconds, --repeat, --quick, --only (kvconfig, other or both) and
+    --baseline-twistd."""
     parser.add_argument("--ops", type=op_list(ops, fold_case), default=list(ops),
                         help=f"operations, comma-separated (default {','.join(ops)})")
-    parser.add_argument("--seconds", type=float, default=3.0,
-                        help="time bound of a cell (default 3)")
     parser.add_argument(f"--max-{unit}s", type=int, default=max_default,
                         help=f"{unit} bound of a cell (default {max_default})")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each cell, the servers taking turns (default 3)")
-    parser.add_argument("--only", choices=["kvconfig", other, "both"], default="both",
+    add_bounds(parser, seconds=3.0, seconds_of="a cell",
+               repeats="each cell, the servers taking turns", quick="1 s per cell, 1 repeat")
+    parser.add_argument("--only", choices=[KVCONFIG, other, "both"], default="both",
                         help="which server(s) to run (default both)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 s per cell, 1 repeat")
+    add_baseline_argument(parser, f"the {other} server")
+
+
+def add_baseline_argument(parser: argparse.ArgumentParser, other: str) -> None:
+    parser.add_argument("--baseline-twistd", metavar="PATH",
+                        help=BASELINE_HELP.format(other=other))
+
+
+def server_names(args: argparse.Namespace, other: str) -> list[str]:
+    """The servers --only and --baseline-twistd ask for, in the order they take turns."""
+    names = [KVCONFIG, other] if args.only == "both" else [args.only]
+    if args.baseline_twistd:
+        names.insert(1, BASELINE)
+    return names
 
 
 Check = tuple[Callable[[argparse.Namespace], bool], str]  # (is it wrong, the error)
 
 
-def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None, unit: str,
+def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None, *,
+                  quick: dict[str, Any], counts: Iterable[str], positive: list[str],
                   checks: Iterable[Check] = ()) -> argparse.Namespace:
-    """Parse; apply --quick; check --clients, then the script's own checks, then
-    --seconds, --max-<unit>s and --repeat."""
+    """Parse; apply --quick (the values it sets); check the lists of counts,
+    then the script's own checks, then that the options positive are; make
+    --baseline-twistd, if there is one, an absolute path to a program."""
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.repeat = 1.0, 1
-    if not args.clients or min(args.clients) < 1:
-        parser.error("--clients must be positive numbers")
+        for name, value in quick.items():
+            setattr(args, name, value)
+    for option in counts:
+        values = getattr(args, option[2:].replace("-", "_"))
+        if not values or min(values) < 1:
+            parser.error(f"{option} must be positive numbers")
     for wrong, message in checks:
         if wrong(args):
             parser.error(message)
-    if args.seconds <= 0 or getattr(args, f"max_{unit}s") < 1 or args.repeat < 1:
-        parser.error(f"--seconds, --max-{unit}s and --repeat must be positive")
+    if any(getattr(args, option[2:].replace("-", "_")) <= 0 for option in positive):
+        parser.error(f"{', '.join(positive[:-1])} and {positive[-1]} must be positive")
+    if getattr(args, "baseline_twistd", None):
+        if getattr(args, "only", "both") not in ("both", KVCONFIG):
+            parser.error("--baseline-twistd runs beside kvconfig: not with --only "
+                         f"{args.only}")
+        path = shutil.which(args.baseline_twistd)
+        if path is None:
+            parser.error(f"--baseline-twistd: no program at {args.baseline_twistd}")
+        args.baseline_twistd = os.path.abspath(path)
     return args
 
 
@@ -710,79 +1259,12 @@ def exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-@dataclass
-class HttpReply:
-    status: int
-    body: bytes
-    keep_alive: bool
-    size: int  # bytes of the buffer it took
-
-
-def parse_http(buffer: bytearray) -> HttpReply | None:
-    """The HTTP response at the start of buffer (Content-Length or chunked), or
-    None if it is not complete yet; ValueError if it is not one."""
-    head_end = buffer.find(b"\r\n\r\n")
-    if head_end < 0:
-        if len(buffer) > 65536:
-            raise ValueError("response head over 64 KiB")
-        return None
-    status_line, *header_lines = bytes(buffer[:head_end]).decode("latin-1").split("\r\n")
-    version, status, *_ = status_line.split(" ", 2)
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    position = head_end + 4
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = bytearray()
-        while True:
-            line_end = buffer.find(b"\r\n", position)
-            if line_end < 0:
-                return None
-            size = int(bytes(buffer[position:line_end]).split(b";")[0], 16)
-            data_end = line_end + 2 + size
-            if len(buffer) < data_end + 2:
-                return None
-            if size == 0:
-                if buffer[data_end:data_end + 2] != b"\r\n":
-                    raise ValueError("chunked response with trailers")
-                position = data_end + 2
-                break
-            body += buffer[line_end + 2:data_end]
-            position = data_end + 2
-        body_bytes = bytes(body)
-    elif "content-length" in headers:
-        end = position + int(headers["content-length"])
-        if len(buffer) < end:
-            return None
-        body_bytes, position = bytes(buffer[position:end]), end
-    else:
-        raise ValueError(f"response without Content-Length: {status_line}")
-    connection = headers.get("connection", "").lower()
-    keep_alive = connection == "keep-alive" or (version == "HTTP/1.1" and connection != "close")
-    return HttpReply(int(status), body_bytes, keep_alive, position)
-
-
-def realtime_offset_ns() -> int:
-    """CLOCK_REALTIME minus CLOCK_MONOTONIC, in ns: the kernel stamps
-    datagrams in the first; the best of a few readings."""
-    best = None
-    for _ in range(5):
-        before = time.monotonic_ns()
-        real = time.time_ns()
-        after = time.monotonic_ns()
-        if best is None or after - before < best[0]:
-            best = (after - before, real - (before + after) // 2)
-    return best[1]
-
-
-def subscription_request(kind: str, prefix: str, cookie: str | None, pad_to: int) -> bytes:
-    """A notifier request datagram (kind: subscribe or unsubscribe), with the
-    cookie if there is one, padded to pad_to bytes: the server answers an
-    unproven address only with a cookie no larger than the request."""
-    message: dict[str, Any] = {"v": 1, "t": kind, "prefix": prefix}
-    if cookie is not None:
-        message["cookie"] = cookie
-    message["pad"] = ""
-    body = json.dumps(message, separators=(",", ":")).encode()
-    return body[:-2] + b"x" * max(0, pad_to - len(body)) + b'"}'
+def run_main(main: Callable[[], int]) -> NoReturn:
+    """A script's main, with SIGTERM and Ctrl-C ending it through the finally
+    clauses that stop its servers."""
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
