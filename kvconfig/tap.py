@@ -8,17 +8,22 @@ reactor, the store, the limits), so that each can be tested alone.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService, UDPServer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 
 from kvconfig import __version__
 from kvconfig.backends import backend_from_string, parse_store
 from kvconfig.backends.etcd import check_prefix as check_etcd_prefix
+from kvconfig.errors import KVConfigError
 from kvconfig.limits import Limits, limit_options
 from kvconfig.line import LineFactory
 from kvconfig.notifier import Notifier, NotifierProtocol
@@ -28,6 +33,20 @@ from kvconfig.subscriptions import Subscriptions
 from kvconfig.xmlrpc import make_factory
 
 _LIMIT_OPTIONS = limit_options()
+
+
+def number(flag: str, kind: type) -> Callable[[str], Any]:
+    """The coerce function of the option --*flag*: its value as *kind*, or a
+    ValueError that names the option (twistd prints it)."""
+    def coerce(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"--{flag} must be {what}, not {text!r}") from None
+
+    coerce.coerceDoc = ""  # usage.Options appends it to the option's help
+    return coerce
 
 
 class Options(usage.Options):
@@ -47,11 +66,13 @@ class Options(usage.Options):
         ["etcd-prefix", None, "kvconfig/",
          "With an etcd store: the prefix of kvconfig's keys in etcd."],
         ["etcd-timeout", None, 5.0,
-         "With an etcd store: seconds to wait for an answer from etcd.", float],
+         "With an etcd store: seconds to wait for an answer from etcd.",
+         number("etcd-timeout", float)],
         ["secret-file", None, None,
          "File holding the shared secret that signs UDP datagrams (not world-readable)."],
     ] + [
-        [flag, None, default, help_, int] for flag, _, default, help_ in _LIMIT_OPTIONS
+        [flag, None, default, help_, number(flag, int)]
+        for flag, _, default, help_ in _LIMIT_OPTIONS
     ]
 
     def opt_version(self) -> None:
@@ -118,11 +139,43 @@ def parse_udp(description: str) -> tuple[int, str]:
     return int(port_text), interface
 
 
+class ServerService(service.MultiService):
+    """Every service of the server.  One that cannot start (a port in use, a
+    store that cannot be opened) stops twistd with one log line saying which
+    option and why, and exit status 1: not a traceback."""
+
+    log = Logger()
+
+    def privilegedStartService(self) -> None:
+        service.Service.privilegedStartService(self)
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except CannotListenError as e:
+                error = e.socketError
+                why = getattr(error, "strerror", None) or error
+                self._cannot_start(f"--{child.name}: cannot listen on "
+                                   f"{e.interface or '*'}:{e.port}: {why}")
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except KVConfigError as e:
+            self._cannot_start(f"--store {self.getServiceNamed('store').spec}: {e}")
+
+    def _cannot_start(self, why: str) -> None:
+        self.log.critical("kvconfig cannot start: {why}", why=why)
+        # SystemExit, not an exception twistd would print a traceback for.
+        raise SystemExit(1)
+
+
 class StoreService(service.Service):
     """Opens the store before the interfaces serve, closes it after they stop."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, spec: str) -> None:
         self.store = store
+        #: The --store string, for errors.
+        self.spec = spec
 
     def startService(self) -> None:
         # Not privilegedStartService: under --uid/--gid the store file and
@@ -164,8 +217,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
                                   etcd_timeout=options["etcd-timeout"])
     store = Store(backend, limits)
 
-    top = service.MultiService()
-    store_service = StoreService(store)
+    top = ServerService()
+    store_service = StoreService(store, options["store"])
     store_service.setName("store")
     store_service.setServiceParent(top)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -18,6 +19,7 @@ from twisted.plugin import getPlugins
 from twisted.plugins import kvconfig_plugin
 from twisted.python import usage
 
+from kvconfig.backends.sqlitefile import SCHEMA
 from kvconfig.tap import Options
 
 from serverprocess import free_port, twistd_path
@@ -276,29 +278,78 @@ def test_datagram_limit_beyond_udp_is_a_usage_error():
         (65507, 7, 9)
 
 
-def test_port_in_use_stops_twistd(tmp_path, server):
-    """A second server on a port already in use exits with an error instead
-    of running without its interface."""
+def cannot_start(tmp_path, *args: str) -> str:
+    """Run twistd kvconfig with *args* (free ports and a memory store unless
+    given); it must exit non-zero with one line saying why and no traceback.
+    Returns that line."""
+    defaults = {"--store": "memory:", "--xmlrpc": "tcp:0:interface=127.0.0.1",
+                "--line": "tcp:0:interface=127.0.0.1", "--udp": "udp:0:interface=127.0.0.1"}
+    for arg in args:
+        defaults.pop(arg.split("=", 1)[0], None)
     result = subprocess.run(
-        [twistd_path(), "-n", "--pidfile=", "kvconfig", "--store=memory:",
-         f"--xmlrpc=tcp:{server.port}:interface=127.0.0.1",
-         "--line=tcp:0:interface=127.0.0.1", "--udp=udp:0:interface=127.0.0.1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=30,
-    )
-    assert result.returncode != 0
-    assert "Address already in use" in result.stdout + result.stderr
+        [twistd_path(), "-n", "--pidfile=", "kvconfig",
+         *(f"{name}={value}" for name, value in defaults.items()), *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    (line,) = [line for line in output.splitlines() if "kvconfig cannot start" in line]
+    assert not [line for line in output.splitlines() if "#error]" in line
+                or "#critical]" in line and "kvconfig cannot start" not in line], output
+    return line
+
+
+def test_port_in_use_stops_twistd(tmp_path, server):
+    """A second server on a port already in use exits with one line naming
+    the option, the address and why, instead of running without its
+    interface."""
+    line = cannot_start(tmp_path, f"--xmlrpc=tcp:{server.port}:interface=127.0.0.1")
+    assert f"--xmlrpc: cannot listen on 127.0.0.1:{server.port}: Address already in use" \
+        in line
+    line = cannot_start(tmp_path, f"--line=tcp:{server.line_port}:interface=127.0.0.1")
+    assert f"--line: cannot listen on 127.0.0.1:{server.line_port}: Address already in use" \
+        in line
 
 
 def test_udp_port_in_use_stops_twistd(tmp_path, server):
     """A second server on a UDP port already in use exits with the error
     instead of running without notifications."""
-    result = subprocess.run(
-        [twistd_path(), "-n", "--pidfile=", "kvconfig", "--store=memory:",
-         "--xmlrpc=tcp:0:interface=127.0.0.1", "--line=tcp:0:interface=127.0.0.1",
-         f"--udp=udp:{server.udp_port}:interface=127.0.0.1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=30,
-    )
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert f"Couldn't listen on 127.0.0.1:{server.udp_port}" in output
-    assert "Address already in use" in output
+    line = cannot_start(tmp_path, f"--udp=udp:{server.udp_port}:interface=127.0.0.1")
+    assert f"--udp: cannot listen on 127.0.0.1:{server.udp_port}: Address already in use" \
+        in line
+
+
+def test_missing_store_directory_is_one_line(tmp_path):
+    line = cannot_start(tmp_path, "--store=sqlite:/nonexistent/dir/kv.db")
+    assert "--store sqlite:/nonexistent/dir/kv.db: cannot open sqlite store" in line
+    assert "the directory /nonexistent/dir does not exist" in line
+
+
+def test_file_that_is_not_a_store_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("my notes, not a database\n" * 100)
+    line = cannot_start(tmp_path, "--store=sqlite:notes.txt")
+    assert "notes.txt" in line and "is not a kvconfig (sqlite) store, or it is corrupt" in line
+
+
+def test_corrupt_row_names_the_file_and_the_key(tmp_path):
+    """A store whose row does not hold what kvconfig wrote stops start-up
+    with one line naming the file, the table and the key."""
+    store = tmp_path / "kv.db"
+    with sqlite3.connect(store) as db:
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO kv VALUES ('app/broken', x'7b6e6f74206a736f6e', 1, 1, 1, NULL)")
+    line = cannot_start(tmp_path, f"--store=sqlite:{store}")
+    assert str(store) in line and "'app/broken'" in line and "table kv" in line
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-key-bytes", "abc", "--max-key-bytes must be a whole number, not 'abc'"),
+    ("--idle-timeout", "1.5", "--idle-timeout must be a whole number, not '1.5'"),
+    ("--etcd-timeout", "soon", "--etcd-timeout must be a number, not 'soon'"),
+])
+def test_bad_option_value_names_the_option(tmp_path, flag, value, message):
+    result = subprocess.run([twistd_path(), "-n", "--pidfile=", "kvconfig", flag, value],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert message in result.stdout + result.stderr
+    assert "invalid literal" not in result.stdout + result.stderr

@@ -45,7 +45,13 @@ from zope.interface import implementer
 
 import kvconfig
 from kvconfig.backends.base import IBackend, LocalBackend
-from kvconfig.backends.sqlitefile import make_batch, open_db, read_state, write_batches
+from kvconfig.backends.sqlitefile import (
+    CorruptStore,
+    make_batch,
+    open_db,
+    read_state,
+    write_batches,
+)
 from kvconfig.errors import Unavailable
 from kvconfig.limits import Limits
 from kvconfig.model import Event
@@ -98,8 +104,9 @@ class SQLiteBackend(LocalBackend):
                 self._spawn_writer()
             else:
                 self._db = db
-        except sqlite3.Error as e:
-            raise Unavailable(f"cannot open sqlite store {self.path!r}: {e}") from e
+        except (sqlite3.Error, CorruptStore) as e:
+            raise Unavailable(f"cannot open sqlite store {self.path}: "
+                              f"{_why_not_open(self.path, e)}") from None
         return super().start()
 
     def stop(self) -> Deferred:
@@ -185,7 +192,7 @@ class SQLiteBackend(LocalBackend):
             else:
                 with closing(open_db(self.path)) as db:
                     self._load(db)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, CorruptStore) as e:
             self.log.error("sqlite store unreadable after a failed commit: {error}", error=e)
         self._forget_undecided()
         durable = self.keyspace.revision
@@ -254,6 +261,18 @@ class SQLiteBackend(LocalBackend):
     @property
     def writer_pid(self) -> int | None:
         return self._writer.transport.pid if self._writer is not None else None
+
+
+def _why_not_open(path: str, error: Exception) -> str:
+    """What a person can act on, for an error opening the store at *path*."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"the directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"the directory {directory} is not writable by this user"
+    if isinstance(error, sqlite3.DatabaseError) and "not a database" in str(error):
+        return "the file is not a kvconfig (sqlite) store, or it is corrupt"
+    return str(error)
 
 
 class _WriterProtocol(ProcessProtocol):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 
 from kvconfig import values
+from kvconfig.errors import KVConfigError
 from kvconfig.model import PUT, Event, KeyValue
 
 SCHEMA = """
@@ -57,11 +58,19 @@ def open_db(path: str) -> sqlite3.Connection:
     return db
 
 
+class CorruptStore(Exception):
+    """A row of the store file cannot be read back: the message names the
+    table and the key."""
+
+
 def read_state(db: sqlite3.Connection) -> tuple[list[KeyValue], list[Event], int, int]:
-    """(keys, history, revision, compact_revision) as last committed."""
+    """(keys, history, revision, compact_revision) as last committed.
+
+    Raises CorruptStore when a row does not hold what kvconfig wrote.
+    """
     meta = dict(db.execute("SELECT name, value FROM meta"))
     kvs = [
-        KeyValue(key, values.decode(raw), raw, version, create, mod, expires)
+        KeyValue(key, _value(raw, "kv", key), raw, version, create, mod, expires)
         for key, raw, version, create, mod, expires in db.execute(
             "SELECT key, raw, version, create_revision, mod_revision, expires_at FROM kv"
         )
@@ -81,8 +90,17 @@ def read_state(db: sqlite3.Connection) -> tuple[list[KeyValue], list[Event], int
 def _event_from_row(revision, type_, key, raw, version, create, expires, expired) -> Event:
     kv = None
     if type_ == PUT:
-        kv = KeyValue(key, values.decode(raw), raw, version, create, revision, expires)
+        kv = KeyValue(key, _value(raw, f"events (revision {revision})", key), raw, version,
+                      create, revision, expires)
     return Event(type_, key, revision, kv, bool(expired))
+
+
+def _value(raw: object, where: str, key: object) -> object:
+    try:
+        return values.decode(raw)
+    except (ValueError, TypeError, AttributeError, RecursionError, KVConfigError) as e:
+        raise CorruptStore(f"the value of key {key!r} in table {where} cannot be read: "
+                           f"{e}") from None
 
 
 def make_batch(events: list[Event], compact_revision: int) -> Batch:
