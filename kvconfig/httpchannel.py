@@ -15,8 +15,15 @@ What it speaks:
 
 - ``POST <path> HTTP/1.1`` (or 1.0) with ``Content-Length`` or
   ``Transfer-Encoding: chunked``; keep-alive by default on 1.1, on 1.0 only
-  with ``Connection: keep-alive``; ``Connection: close`` honoured;
-  ``Expect: 100-continue`` answered; pipelined requests answered in order.
+  with ``Connection: keep-alive``; ``Connection: close`` honoured (the
+  header is a list of tokens); ``Expect: 100-continue`` answered; pipelined
+  requests answered in order.
+- Framing is strict, as RFC 9110/9112 write it, so that no proxy in front
+  can read a request differently (request smuggling, cf. CVE-2022-24801):
+  a chunk size is hex digits only; header names are tokens; a value's
+  whitespace is SP and HTAB only and it holds no control character;
+  ``Content-Length`` is digits; ``Transfer-Encoding`` is ``chunked`` once;
+  an HTTP/1.1 request has exactly one ``Host``.  Anything else is 400.
 - Paths other than the handler's (``/RPC2``, ``/``) get 404, methods other
   than POST 405, malformed requests 400, a compressed body (a
   ``Content-Encoding`` other than identity) 415 once it is read, and the
@@ -33,6 +40,7 @@ What it speaks:
 
 from __future__ import annotations
 
+import re
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
@@ -70,6 +78,23 @@ class HTTPError(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
+
+
+# RFC 9110 5.6.2: a token (header names, methods).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control characters other than HTAB, which no header value (RFC 9110 5.5)
+# or request target may hold.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 7.1: chunk-size = 1*HEXDIG, then extensions after a ";".  int(x,
+# 16) would also take "0x1f", "+1f", "1_f" and spaces (CVE-2022-24801).
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?")
+
+
+def _chunk_size(line: bytes) -> int:
+    match = _CHUNK_SIZE_LINE.fullmatch(line)
+    if match is None:
+        raise HTTPError(400, "bad chunk size")
+    return int(match.group(1), 16)
 
 
 # Parser states
@@ -183,12 +208,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
                 if not line:
                     self._end_body()
                 return True
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise HTTPError(400, "bad chunk size") from None
-            if size < 0:
-                raise HTTPError(400, "bad chunk size")
+            size = _chunk_size(line)
             if size == 0:
                 self._state = _TRAILER
             else:
@@ -239,7 +259,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
     def _start_request(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
         parts = lines[0].split(b" ")
-        if len(parts) != 3:
+        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or _CONTROL.search(parts[1]):
             raise HTTPError(400, "malformed request line")
         method, path, version = parts
         if version == b"HTTP/1.1":
@@ -251,32 +271,44 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         length = None
         chunked = expect_continue = False
         encoding = b"identity"
+        hosts = 0
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not name or name[-1:] in b" \t" or line[:1] in b" \t":
+            if not colon or not _TOKEN.fullmatch(name):
                 raise HTTPError(400, "malformed header line")
             name = name.lower()
-            value = value.strip()
+            # Only SP and HTAB are whitespace around a value (RFC 9110 5.5),
+            # and no control character may be in it: bytes.strip() would
+            # take \v and \f too, a request-smuggling leniency.
+            value = value.strip(b" \t")
+            if _CONTROL.search(value):
+                raise HTTPError(400, "control character in a header value")
             if name == b"content-length":
-                if not value.isdigit() or (length is not None and int(value) != length):
+                if (not value.isdigit() or len(value) > 18
+                        or (length is not None and int(value) != length)):
                     raise HTTPError(400, "bad Content-Length")
                 length = int(value)
             elif name == b"transfer-encoding":
-                if value.lower() != b"chunked":
+                if value.lower() != b"chunked" or chunked:
                     raise HTTPError(400, "unsupported Transfer-Encoding")
                 chunked = True
             elif name == b"connection":
-                tokens = value.lower()
+                tokens = {token.strip(b" \t") for token in value.lower().split(b",")}
                 if b"close" in tokens:
                     keep_alive = False
                 elif b"keep-alive" in tokens:
                     keep_alive = True
+            elif name == b"host":
+                hosts += 1
             elif name == b"expect" and value.lower() == b"100-continue":
                 expect_continue = True
             elif name == b"content-encoding":
                 encoding = value.lower()
         if chunked and length is not None:
             raise HTTPError(400, "both Content-Length and chunked")
+        if hosts > 1 or (hosts == 0 and version == b"HTTP/1.1"):
+            # RFC 9112 3.2: an HTTP/1.1 request carries exactly one Host.
+            raise HTTPError(400, "an HTTP/1.1 request needs one Host header")
         self._keep_alive = keep_alive
         if method != b"POST":
             raise HTTPError(405, "only POST is allowed")

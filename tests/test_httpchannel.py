@@ -156,6 +156,88 @@ def test_http_errors_get_a_status_and_a_closed_connection(request_bytes, status)
     assert conn.closed and conn.store.revision == 0
 
 
+SMUGGLED = call("save", "smuggled", 1)
+SIZE = b"%x" % len(SMUGGLED)
+
+
+def chunked_with_size(size_line: bytes) -> bytes:
+    body = SMUGGLED
+    return (b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + size_line + b"\r\n" + body + b"\r\n0\r\n\r\n")
+
+
+# The request-smuggling leniencies Twisted fixed for CVE-2022-24801: chunk
+# sizes int(x, 16) takes but RFC 9112's 1*HEXDIG does not, and header
+# values whose "whitespace" is \v or \f.
+SMUGGLING = {
+    "0x_prefix": chunked_with_size(b"0x" + SIZE),
+    "plus_sign": chunked_with_size(b"+" + SIZE),
+    "underscore": chunked_with_size(b"0_" + SIZE),
+    "leading_space": chunked_with_size(b" " + SIZE),
+    "trailing_space": chunked_with_size(SIZE + b" "),
+    "minus_zero": chunked_with_size(b"-0"),
+    "too_many_digits": chunked_with_size(b"0" * 17 + b"1"),
+    "control_in_extension": chunked_with_size(SIZE + b";a=\x01"),
+    "vtab_in_content_length": post(SMUGGLED).replace(
+        b"Content-Length: ", b"Content-Length: \x0b"),
+    "formfeed_after_chunked": chunked_with_size(SIZE)
+    .replace(b"chunked\r\n", b"chunked\x0c\r\n"),
+    "transfer_encoding_twice": chunked_with_size(SIZE)
+    .replace(b"Transfer-Encoding: chunked\r\n",
+             b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"),
+    "space_before_colon": post(SMUGGLED).replace(b"Host:", b"Host :"),
+    "no_host": post(SMUGGLED).replace(b"Host: x\r\n", b""),
+    "two_hosts": post(SMUGGLED).replace(b"Host: x\r\n",
+                                                           b"Host: x\r\nHost: y\r\n"),
+    "nul_in_value": post(SMUGGLED).replace(b"Host: x", b"Host: x\x00y"),
+    "bad_method_token": post(SMUGGLED).replace(b"POST", b"PO(ST", 1),
+}
+
+
+@pytest.mark.parametrize("request_bytes", SMUGGLING.values(), ids=SMUGGLING)
+def test_request_smuggling_leniencies_are_400(request_bytes):
+    """Every framing the RFCs do not allow gets 400 and a closed connection;
+    nothing reaches the store."""
+    conn = Connection()
+    conn.feed(request_bytes + post(call("save", "after", 1)))
+    got = conn.take()
+    assert [status for status, _, _ in got] == [400], got
+    assert conn.closed and conn.store.revision == 0
+
+
+def test_strict_framing_still_takes_what_the_rfcs_allow():
+    """Upper-case hex, chunk extensions with spaces before the ";", tabs
+    around header values, HTTP/1.0 without Host: all served."""
+    body = call("save", "ok", 1)
+    conn = Connection()
+    conn.feed(chunked_with_size(SIZE.upper() + b" \t;name=value"))
+    conn.feed(post(call("save", "tabbed", 2)).replace(b"Host: x", b"Host:\tx\t"))
+    conn.feed(b"POST /RPC2 HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+    got = conn.take()
+    assert [status for status, _, _ in got] == [200, 200, 200]
+    assert conn.store.load("smuggled") == 1 and conn.store.load("tabbed") == 2
+
+
+@pytest.mark.parametrize("header, closes", [
+    (b"Connection: close", True),
+    (b"Connection: keep-alive, close", True),
+    (b"Connection: Upgrade,CLOSE", True),
+    (b"Connection: closed", False),
+    (b"Connection: x-close-please", False),
+    (b"Connection: keep-alive", False),
+])
+def test_connection_is_a_token_list(header, closes):
+    """Connection is a comma-separated list of tokens: "close" among them
+    closes; a token merely containing "close" does not."""
+    conn = Connection()
+    conn.feed(post(call("save", "k", 1), extra=header + b"\r\n"))
+    (status, headers, _), = conn.take()
+    assert status == 200
+    assert (headers.get(b"connection") == b"close") is closes
+    assert conn.closed is closes
+
+
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_body_over_the_limit_is_discarded_and_answered_with_fault_10(framing):
     """A body over max_body_bytes is never kept: it is read past and answered

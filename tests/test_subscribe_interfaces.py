@@ -332,7 +332,7 @@ class XMLRPCConn:
 
     def call(self, method: str, *params):
         body = call(method, *params)
-        self.channel.dataReceived(b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+        self.channel.dataReceived(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
                                   % (len(body), body))
         head, _, body = self.transport.value().partition(b"\r\n\r\n")
         self.transport.clear()
