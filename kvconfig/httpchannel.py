@@ -50,14 +50,16 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.web.http import datetimeToString
 
+from kvconfig.errors import LimitExceeded
 from kvconfig.limits import Limits
-from kvconfig.session import Session, Sessions
+from kvconfig.session import Deadline, Session, Sessions
 
 MAX_HEAD_BYTES = 16 * 1024
 
 _STATUS = {
     400: b"400 Bad Request",
     404: b"404 Not Found",
+    408: b"408 Request Timeout",
     405: b"405 Method Not Allowed",
     415: b"415 Unsupported Media Type",
     431: b"431 Request Header Fields Too Large",
@@ -109,6 +111,8 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
     def __init__(self, factory: XMLRPCChannelFactory, session: Session) -> None:
         self.factory = factory
         self.session = session
+        self._head_deadline = Deadline(factory.clock, factory.limits.request_timeout,
+                                       self._head_too_slow)
         self.callLater = factory.clock.callLater  # TimeoutMixin's clock
         self._buffer = bytearray()
         self._state = _HEAD
@@ -134,6 +138,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
     def connectionLost(self, reason=None) -> None:
         self.connected = False
         self.session.close()
+        self._head_deadline.stop()
         self.setTimeout(None)
         self._buffer.clear()
 
@@ -168,6 +173,17 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         except HTTPError as e:
             self._fail(e.status, str(e))
         self._update_reading()
+        # A request head trickling in a byte at a time (slowloris) has
+        # --request-timeout to be complete; the idle timer restarts with
+        # every byte.
+        if self._state == _HEAD and self._buffer and not self._busy:
+            self._head_deadline.start()
+        else:
+            self._head_deadline.stop()
+
+    def _head_too_slow(self) -> None:
+        self._fail(408, f"no complete request head within {self.factory.limits.request_timeout}"
+                        " s; closing")
 
     def _update_reading(self) -> None:
         """Read from the client unless it is not reading our responses, or it
@@ -392,6 +408,21 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
 
+class _Refusal(Protocol):
+    """A connection past a connection limit: told why (503), then closed."""
+
+    def __init__(self, factory: XMLRPCChannelFactory, reason: str) -> None:
+        self.factory, self.reason = factory, reason
+
+    def connectionMade(self) -> None:
+        body = self.reason.encode("utf-8") + b"\n"
+        self.transport.write(
+            b"HTTP/1.1 503 Service Unavailable\r\n%sRetry-After: 1\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (self.factory.date_header(), len(body), body))
+        self.transport.loseConnection()
+
+
 class XMLRPCChannelFactory(Factory):
     """Builds channels, each with a session of its own (None past the
     connection limit: *sessions* refuses it)."""
@@ -406,9 +437,12 @@ class XMLRPCChannelFactory(Factory):
         self._date_second = -1
         self._date = b""
 
-    def buildProtocol(self, addr) -> XMLRPCChannel | None:
-        session = self.sessions.open()
-        return None if session is None else XMLRPCChannel(self, session)
+    def buildProtocol(self, addr) -> Protocol:
+        try:
+            session = self.sessions.open(getattr(addr, "host", None))
+        except LimitExceeded as e:
+            return _Refusal(self, str(e))
+        return XMLRPCChannel(self, session)
 
     def date_header(self) -> bytes:
         """The Date header line, formatted once a second."""

@@ -27,6 +27,14 @@ class Limits:
     max_body_bytes: int = limit(8 << 20, "Largest XML-RPC request body, in bytes.")
     max_connections: int = limit(1000, "Most simultaneous connections per interface.")
     idle_timeout: int = limit(300, "Seconds before an idle connection is closed.")
+    # Slowloris: a client that trickles a byte at a time keeps its slot no
+    # longer than this.  (Line-mode telnet sends whole lines.)
+    request_timeout: int = limit(
+        10, "Seconds a client has to send a complete request head or line-protocol line.")
+    max_connections_per_address: int = limit(
+        128, "Most simultaneous connections per interface from one IP address.")
+    listen_backlog: int = limit(
+        1024, "Connections the kernel queues for each TCP port before they are accepted.")
     max_multicall: int = limit(1000, "Most calls in one system.multicall.")
     # Without its LF; it must hold the largest value (see __post_init__).
     max_line_bytes: int = limit((1 << 20) + 4096, "Longest line-protocol line, in bytes.")

@@ -114,7 +114,7 @@ from twisted.protocols.policies import TimeoutMixin
 from kvconfig import __version__, errors, values
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
-from kvconfig.session import Session, Sessions
+from kvconfig.session import Deadline, Session, Sessions
 from kvconfig.store import Store
 from kvconfig.subscriptions import Subscriptions
 from kvconfig.telnet import ERASE_CHAR, ERASE_LINE, TelnetFilter
@@ -235,6 +235,8 @@ class LineProtocol(Protocol, TimeoutMixin):
         self.limits = factory.limits
         self.callLater = factory.clock.callLater
         self._buffer = bytearray()
+        self._line_deadline = Deadline(factory.clock, factory.limits.request_timeout,
+                                       self._line_too_slow)
         self._telnet = TelnetFilter()
         self._discarding = False
         self._held = False                     # reading stopped: session backlogged
@@ -258,6 +260,7 @@ class LineProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason=None) -> None:
         self.setTimeout(None)
+        self._line_deadline.stop()
         self.session.close()
         self._backlog.clear()
 
@@ -329,7 +332,19 @@ class LineProtocol(Protocol, TimeoutMixin):
             # until they are answered (_answered resumes).
             self._held = True
             self.transport.pauseProducing()
+        # A line trickling in a byte at a time (slowloris) has
+        # --request-timeout to be complete; the idle timer restarts with
+        # every byte.
+        if self._discarding or (self._buffer and b"\n" not in self._buffer):
+            self._line_deadline.start()
+        else:
+            self._line_deadline.stop()
         self._close_if_done()
+
+    def _line_too_slow(self) -> None:
+        self._write_lines([error_line(errors.LimitExceeded(
+            f"no complete line within {self.limits.request_timeout} s; closing"))])
+        self.transport.loseConnection()
 
     def _flush_out(self) -> None:
         out, self._out, self._out_bytes = self._out, [], 0
@@ -658,6 +673,20 @@ class LineFactory(Factory):
             "commands", "errors", "watches", "watchers_dropped", "lines_too_long"))
         self.counters = self.sessions.counters
 
-    def buildProtocol(self, addr) -> LineProtocol | None:
-        session = self.sessions.open()
-        return None if session is None else LineProtocol(self, session)
+    def buildProtocol(self, addr) -> Protocol:
+        try:
+            session = self.sessions.open(getattr(addr, "host", None))
+        except errors.LimitExceeded as e:
+            return _Refusal(error_line(e))
+        return LineProtocol(self, session)
+
+
+class _Refusal(Protocol):
+    """A connection past a connection limit: told why, then closed."""
+
+    def __init__(self, line: bytes) -> None:
+        self.line = line
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.line + b"\r\n")
+        self.transport.loseConnection()

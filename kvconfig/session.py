@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -349,9 +350,37 @@ class Session:
         return self.subscriptions, (self.client.host, port)
 
 
+class Deadline:
+    """A time limit on one unit of a client's input (a request head, a
+    line): started when its first byte comes, stopped once it is complete,
+    and *expired* is called if it is not complete in time."""
+
+    def __init__(self, clock: IReactorTime, seconds: float,
+                 expired: Callable[[], None]) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.expired = expired
+        self._call: IDelayedCall | None = None
+
+    def start(self) -> None:
+        """Start counting, unless already counting."""
+        if self._call is None:
+            self._call = self.clock.callLater(self.seconds, self._expire)
+
+    def stop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def _expire(self) -> None:
+        self._call = None
+        self.expired()
+
+
 class Sessions:
     """The sessions of one interface: one per connection, within the
-    interface's connection limit, and the interface's counters."""
+    interface's connection limits (in total, and per IP address), and the
+    interface's counters."""
 
     def __init__(self, store: Store, interface: str, limits: Limits | None = None,
                  subscriptions: Subscriptions | None = None,
@@ -361,23 +390,47 @@ class Sessions:
         self.limits = limits or store.limits
         self.subscriptions = subscriptions
         self.connections = 0
+        self._per_host: dict[str, int] = {}
+        self._hosts: dict[Session, str] = {}
         #: The interface's own counters (the protocol counts in them), and
-        #: the connections refused past the limit.
+        #: the connections refused past the limits.
         self.counters = dict.fromkeys((*counters, "refused"), 0)
         store.add_stats(interface, self.stats)
 
-    def open(self) -> Session | None:
-        """A session for a new connection, or None (counted) past the limit;
-        its protocol tells it the peer once connected."""
-        if self.connections >= self.limits.max_connections:
+    def open(self, host: str | None = None) -> Session:
+        """A session for a new connection from *host* (None: a peer without
+        an IP address); its protocol tells it the peer once connected.
+
+        Raises LimitExceeded (counted), saying which limit, when the
+        interface or *host* has as many connections as it may.
+        """
+        limits = self.limits
+        if self.connections >= limits.max_connections:
             self.counters["refused"] += 1
-            return None
+            raise errors.LimitExceeded(
+                f"this interface has its {limits.max_connections} connections; try later")
+        if host is not None and self._per_host.get(host, 0) >= limits.max_connections_per_address:
+            self.counters["refused"] += 1
+            raise errors.LimitExceeded(
+                f"{host} has {limits.max_connections_per_address} connections to this "
+                "interface, the most one address may have")
         self.connections += 1
-        return Session(self.store, Client(self.interface), self.limits,
-                       self.subscriptions, self._closed)
+        session = Session(self.store, Client(self.interface, host), limits,
+                          self.subscriptions, self._closed)
+        if host is not None:
+            self._per_host[host] = self._per_host.get(host, 0) + 1
+            self._hosts[session] = host
+        return session
 
     def _closed(self, session: Session) -> None:
         self.connections -= 1
+        host = self._hosts.pop(session, None)
+        if host is not None:
+            left = self._per_host[host] - 1
+            if left:
+                self._per_host[host] = left
+            else:
+                del self._per_host[host]
 
     def stats(self) -> dict[str, int]:
         return dict(self.counters, connections=self.connections)

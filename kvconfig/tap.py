@@ -114,6 +114,15 @@ def _check_endpoint(description: str, option: str) -> None:
         raise usage.UsageError(f"{option}: bad endpoint {description!r}: {e}") from None
 
 
+def with_backlog(description: str, backlog: int) -> str:
+    """*description* with ``backlog=`` (Twisted's default is 50, so 64
+    clients connecting at once see SYN retries of a second) unless it says."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "ssl", "unix") and not re.search(r"(^|:)backlog=", description):
+        return f"{description}:backlog={backlog}"
+    return description
+
+
 def parse_udp(description: str) -> tuple[int, str]:
     """(port, interface) of ``udp:PORT[:interface=ADDR]``; no interface
     means every interface, as with Twisted's ``tcp:`` endpoints."""
@@ -238,8 +247,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
         ("line", LineFactory(store, limits, reactor, subscriptions)),
     ]
     for name, factory in interfaces:
-        listener = StreamServerEndpointService(serverFromString(reactor, options[name]),
-                                               factory)
+        endpoint = serverFromString(reactor, with_backlog(options[name], limits.listen_backlog))
+        listener = StreamServerEndpointService(endpoint, factory)
         # A port already in use should stop twistd, not be logged and ignored.
         listener._raiseSynchronously = True
         listener.setName(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import xmlrpc.client
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from kvconfig.xmlrpc import make_factory
@@ -298,17 +299,71 @@ def test_idle_connection_is_closed_after_the_timeout():
     assert conn.closed
 
 
+def refused(factory, addr=None) -> bytes:
+    """What a connection that buildProtocol refuses hears before it closes."""
+    transport = StringTransport()
+    protocol = factory.buildProtocol(addr)
+    protocol.makeConnection(transport)
+    assert transport.disconnecting, "a refused connection is closed"
+    return transport.value()
+
+
 def test_connection_limit():
-    """Past max_connections, new connections are refused and counted."""
+    """Past max_connections, new connections are refused (told why, with
+    503 and Retry-After, then closed) and counted."""
     conn = Connection(max_connections=2)
     second = conn.factory.buildProtocol(None)
     second.makeConnection(StringTransport())
-    assert conn.factory.buildProtocol(None) is None
+    answer = refused(conn.factory)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1\r\n" in answer
+    assert b"2 connections" in answer
     assert conn.factory.counters["refused"] == 1
     stats = conn.store.stats()
     assert stats["xmlrpc_refused"] == 1 and stats["xmlrpc_connections"] == 2
     second.connectionLost(None)
-    assert conn.factory.buildProtocol(None) is not None
+    assert isinstance(conn.factory.buildProtocol(None), type(second))
+
+
+def test_connections_per_address_are_capped():
+    """One address gets at most max_connections_per_address; others still
+    get in; a closed connection frees its address's place."""
+    conn = Connection(max_connections_per_address=2)
+    mine = [conn.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", port))
+            for port in (1, 2)]
+    for channel in mine:
+        channel.makeConnection(StringTransport())
+    answer = refused(conn.factory, IPv4Address("TCP", "10.0.0.1", 3))
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"10.0.0.1 has 2 connections" in answer
+    other = conn.factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 1))
+    assert isinstance(other, type(mine[0]))
+    mine[0].connectionLost(None)
+    assert isinstance(conn.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 4)),
+                      type(mine[0]))
+
+
+@pytest.mark.parametrize("partial", [b"P", b"POST /RPC2 HTTP/1.1\r\nHost: x\r\n"])
+def test_a_request_head_trickled_in_has_request_timeout(partial):
+    """A head that is not complete within request_timeout gets 408 and the
+    connection closes, though each byte restarts the idle timer."""
+    conn = Connection(request_timeout=10, idle_timeout=300)
+    for byte in partial:
+        conn.feed(bytes([byte]))
+        conn.clock.advance(9 / len(partial))
+    assert not conn.closed
+    conn.clock.advance(1.5)
+    (status, headers, body), = conn.take()
+    assert status == 408 and b"within 10 s" in body and conn.closed
+
+
+def test_the_head_deadline_does_not_run_between_requests_or_while_answering():
+    """A kept-alive connection idle between requests, and a complete request
+    being answered, are not cut by the head deadline."""
+    conn = Connection(request_timeout=10)
+    conn.feed(post(call("save", "k", 1)))
+    conn.clock.advance(60)
+    conn.feed(post(call("load", "k")))
+    assert [result(body) for _, _, body in conn.take()] == [None, 1]
+    assert not conn.closed
 
 
 def test_a_client_that_does_not_read_is_not_read_either():

@@ -9,6 +9,7 @@ from datetime import datetime
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from kvconfig import __version__, errors
@@ -580,14 +581,55 @@ def test_max_watches_per_connection():
 
 
 def test_max_connections_refuses_past_the_limit():
-    """buildProtocol returns None once max_connections are connected (and
-    counts it); a closed connection frees its place."""
+    """Once max_connections are connected, a new connection is told why (one
+    ERR limit_exceeded line) and closed, and counted; a closed connection
+    frees its place."""
     conn = Line(max_connections=3)
     others = [conn.connect() for _ in range(2)]
-    assert conn.factory.buildProtocol(None) is None
+    transport, _ = conn.connect()
+    assert error(transport.value().decode().rstrip()) == ("limit_exceeded", 9)
+    assert b"3 connections" in transport.value() and transport.disconnecting
     assert conn.factory.counters["refused"] == 1
     others[0][1].connectionLost(None)
-    assert conn.factory.buildProtocol(None) is not None
+    transport, _ = conn.connect()
+    assert transport.value().startswith(b"HELLO ")
+
+
+def test_connections_per_address_are_capped():
+    conn = Line(max_connections_per_address=1)
+    first = conn.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1))
+    first.makeConnection(StringTransport())
+    refusal = conn.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 2))
+    transport = StringTransport()
+    refusal.makeConnection(transport)
+    assert transport.value().startswith(b"ERR limit_exceeded 9 10.0.0.1 has 1 connections")
+    assert transport.disconnecting
+    other = conn.factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 1))
+    assert type(other) is type(first)
+
+
+@pytest.mark.parametrize("discarding", [False, True])
+def test_a_line_trickled_in_has_request_timeout(discarding):
+    """A line not complete within request_timeout gets ERR limit_exceeded and
+    the connection closes, though each byte restarts the idle timer; an
+    over-long line being skipped counts too."""
+    conn = Line(request_timeout=10, max_key_bytes=8, max_value_bytes=8, max_line_bytes=100)
+    if discarding:
+        conn.feed(b"x" * 200)
+        conn.take()
+    for _ in range(9):
+        conn.feed(b"P")
+        conn.clock.advance(1)
+    assert not conn.closed
+    conn.clock.advance(1.5)
+    assert error(conn.take()[-1]) == ("limit_exceeded", 9) and conn.closed
+
+
+def test_a_quiet_connection_between_lines_is_not_cut_by_the_line_deadline():
+    conn = Line(request_timeout=10)
+    assert conn.send("PING") == ["PONG"]
+    conn.clock.advance(60)
+    assert conn.send("PING again") == ["PONG again"]
 
 
 def test_idle_connection_is_closed_after_idle_timeout():

@@ -216,18 +216,24 @@ def test_subscribe_is_for_the_clients_own_host():
 
 
 def test_sessions_keep_the_connection_limit_and_register_stats():
-    """Sessions.open refuses past max_connections (counted); a closed
+    """Sessions.open refuses past max_connections and, for one address,
+    past max_connections_per_address (counted, saying which); a closed
     session frees its place; the counters are in the store's stats."""
-    store = clocked_store(max_connections=2)
+    store = clocked_store(max_connections=3, max_connections_per_address=2)
     sessions = Sessions(store, "test", counters=("commands",))
-    first, second = sessions.open(), sessions.open()
-    assert sessions.open() is None
-    assert store.stats()["test_refused"] == 1 and store.stats()["test_connections"] == 2
+    first, second = sessions.open("10.0.0.1"), sessions.open("10.0.0.1")
+    with pytest.raises(errors.LimitExceeded, match="10.0.0.1 has 2 connections"):
+        sessions.open("10.0.0.1")
+    third = sessions.open(None)
+    with pytest.raises(errors.LimitExceeded, match="its 3 connections"):
+        sessions.open("10.0.0.2")
+    assert store.stats()["test_refused"] == 2 and store.stats()["test_connections"] == 3
     first.close()
     first.close()  # twice is once
-    assert sessions.connections == 1
-    assert sessions.open() is not None
+    assert sessions.connections == 2
+    assert sessions.open("10.0.0.1").client.host == "10.0.0.1"
     second.close()
+    third.close()
     assert store.stats()["test_commands"] == 0
 
 

@@ -20,7 +20,7 @@ from twisted.plugins import kvconfig_plugin
 from twisted.python import usage
 
 from kvconfig.backends.sqlitefile import SCHEMA
-from kvconfig.tap import Options
+from kvconfig.tap import Options, with_backlog
 
 from serverprocess import free_port, twistd_path
 from test_values import xmlrpc_values
@@ -353,3 +353,20 @@ def test_bad_option_value_names_the_option(tmp_path, flag, value, message):
     assert result.returncode == 1
     assert message in result.stdout + result.stderr
     assert "invalid literal" not in result.stdout + result.stderr
+
+
+def test_tcp_ports_listen_with_a_backlog_of_1024(server):
+    """Both TCP ports queue 1024 connections (Twisted's default of 50 made 64
+    clients connecting at once wait a second for SYN retries); ss shows a
+    listening socket's backlog as its Send-Q."""
+    for port in (server.port, server.line_port):
+        listing = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                                 text=True, timeout=10, check=True).stdout.split()
+        assert listing[0] == "LISTEN" and listing[2] == "1024", listing
+
+
+def test_an_endpoint_that_says_its_backlog_keeps_it():
+    assert with_backlog("tcp:0:interface=127.0.0.1", 1024) == \
+        "tcp:0:interface=127.0.0.1:backlog=1024"
+    assert with_backlog("tcp:0:backlog=5", 1024) == "tcp:0:backlog=5"
+    assert with_backlog("unix:/run/kv.sock", 7) == "unix:/run/kv.sock:backlog=7"
