@@ -30,8 +30,7 @@ from kvconfig.agent import (
     run_command,
 )
 from kvconfig.errors import KVConfigError
-from kvconfig.secret import read_secret
-from kvconfig.udpwire import Sealer
+from kvconfig.udpwire import Sealer, read_secret
 
 
 class Options(usage.Options):

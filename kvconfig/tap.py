@@ -22,8 +22,8 @@ from kvconfig.backends.etcd import check_prefix as check_etcd_prefix
 from kvconfig.limits import Limits
 from kvconfig.line import LineFactory
 from kvconfig.notifier import Notifier, NotifierProtocol
-from kvconfig.secret import read_secret
 from kvconfig.store import Store
+from kvconfig.udpwire import read_secret
 from kvconfig.xmlrpc import make_factory
 
 _LIMIT_OPTIONS = [
