@@ -19,30 +19,24 @@ covers every number seen (or announced by a heartbeat) before it was sent;
 datagrams that arrive while it is under way wait, and are applied after it
 if they are newer than its answer.
 
-What changed is handed to a listener: FileOutput writes the prefix as one
-JSON file (atomically, debounced) and runs a reload command, restoring the
-last known-good file when the command fails; EventPrinter prints changes.
+What changed is handed to a listener (kvconfig.agentoutput); the copy itself
+is kvconfig.agentstate's LocalCopy, and the pulls go through
+kvconfig.agentpull.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Protocol
-from xmlrpc.client import Binary, Fault
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kvconfig import errors, values
+from kvconfig import errors
+from kvconfig.agentstate import Change, LocalCopy
 from kvconfig.udpwire import BadDatagram, Sealer, pad
 
 #: Seconds between the agent's checks of its subscription (renewal, silence).
@@ -51,58 +45,6 @@ TICK = 0.5
 SWITCH_AFTER = 2
 #: Datagrams held while a gap waits to fill or a pull is under way.
 MAX_HELD = 4096
-
-
-@dataclass
-class Change:
-    """One change the agent applied to its mirror."""
-
-    op: str               # "put" or "delete"
-    key: str
-    revision: int
-    value: Any = None     # tagged JSON, for a put
-
-
-@dataclass
-class Mirror:
-    """The agent's copy of the prefix: values as tagged JSON, complete up to
-    ``revision``."""
-
-    items: dict[str, Any] = field(default_factory=dict)
-    revision: int = 0
-
-    def put(self, key: str, value: Any, revision: int) -> Change | None:
-        self.revision = max(self.revision, revision)
-        if key in self.items and _same(self.items[key], value):
-            return None
-        self.items[key] = value
-        return Change("put", key, revision, value)
-
-    def delete(self, key: str, revision: int) -> Change | None:
-        self.revision = max(self.revision, revision)
-        if self.items.pop(key, _ABSENT) is _ABSENT:
-            return None
-        return Change("delete", key, revision)
-
-    def replace(self, items: dict[str, Any], revision: int) -> list[Change]:
-        """Become the snapshot *items* at *revision*; returns the differences."""
-        changes = [Change("delete", key, revision) for key in self.items if key not in items]
-        changes += [Change("put", key, revision, value) for key, value in items.items()
-                    if key not in self.items or not _same(self.items[key], value)]
-        self.items, self.revision = dict(items), revision
-        return changes
-
-
-_ABSENT = object()
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal as JSON: Python's == takes 1, 1.0 and True for one value."""
-    return a == b and _canonical(a) == _canonical(b)
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 class Source(Protocol):
@@ -116,61 +58,13 @@ class Source(Protocol):
 
 
 class Listener(Protocol):
-    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
-        """*changes* were applied; *mirror* is complete at mirror.revision."""
+    def copy_changed(self, local_copy: LocalCopy, changes: list[Change]) -> None:
+        """*changes* were applied; *local_copy* is complete at its revision."""
 
-
-class XMLRPCSource:
-    """Pulls over XML-RPC with twisted.web's non-blocking Proxy."""
-
-    def __init__(self, url: str, clock: IReactorTime, timeout: float = 30) -> None:
-        from twisted.web.xmlrpc import Proxy
-
-        self.proxy = Proxy(url.encode(), allowNone=True, useDateTime=True,
-                           connectTimeout=timeout, reactor=clock)
-        self.clock, self.timeout = clock, timeout
-
-    def _call(self, method: str, *args: Any) -> Deferred:
-        return self.proxy.callRemote(method, *args).addTimeout(self.timeout, self.clock)
-
-    def changes(self, prefix: str, since: int) -> Deferred:
-        def parse(result: dict) -> tuple[int, list[Change]]:
-            return result["revision"], [
-                Change(event["type"], event["key"], event["revision"],
-                       _tagged(event.get("value")))
-                for event in result["events"]]
-        return self._call("changes", prefix, since).addCallbacks(parse, _compacted)
-
-    def snapshot(self, prefix: str) -> Deferred:
-        def parse(result: dict) -> tuple[int, dict[str, Any]]:
-            return result["revision"], {item["key"]: _tagged(item["value"])
-                                        for item in result["items"]}
-        return self._call("list", prefix).addCallback(parse)
-
-
-def _compacted(failure: Failure) -> Failure:
-    if failure.check(Fault) and failure.value.faultCode == errors.Compacted.code:
-        raise errors.Compacted(0, 0)
-    return failure
-
-
-def _tagged(value: Any) -> Any:
-    """An XML-RPC value as the tagged JSON the datagrams carry."""
-    return values.to_tagged(_builtin(value), max_depth=1 << 16)
-
-
-def _builtin(value: Any) -> Any:
-    if isinstance(value, Binary):
-        return value.data
-    if type(value) is list:
-        return [_builtin(item) for item in value]
-    if type(value) is dict:
-        return {name: _builtin(item) for name, item in value.items()}
-    return value
 
 
 class Agent:
-    """Subscribes to one prefix and keeps a Mirror of it in step.
+    """Subscribes to one prefix and keeps a LocalCopy of it in step.
 
     ``transport`` is a UDP port (AgentProtocol sets it); ``server`` the
     notifier's (ip, port).  Time comes only from *clock*.
@@ -192,8 +86,8 @@ class Agent:
         self.clock, self.sealer = clock, sealer
         self.reorder_wait, self.max_backoff = reorder_wait, max_backoff
         self.transport = None
-        self.mirror = Mirror()
-        self.synced = False            # the mirror holds a snapshot
+        self.local_copy = LocalCopy()
+        self.synced = False            # the copy holds a snapshot
         self.counters = dict.fromkeys(
             ("datagrams", "applied", "duplicates", "gaps", "pulls", "snapshots",
              "pull_failures", "subscribes", "resubscriptions", "foreign", "node_switches"), 0)
@@ -253,7 +147,7 @@ class Agent:
         now = self.clock.seconds()
         if self.sub is not None and now - self.last_heard > 3 * self.heartbeat + 1:
             # Heartbeats stopped: the server is down, restarted, or the path
-            # is lost.  Keep the mirror and subscribe again, backing off.
+            # is lost.  Keep the copy and subscribe again, backing off.
             self.log.warn("no word from the server for {seconds:.1f} s; subscribing again",
                           seconds=now - self.last_heard)
             self.sub = None
@@ -437,24 +331,24 @@ class Agent:
         if op is None or message.get("pull"):
             self.pull()
             return
-        if revision < self.mirror.revision:
+        if revision < self.local_copy.revision:
             return          # a pull already brought something newer
         key = message["key"]
         if type(key) is not str or not key.startswith(self.prefix):
             raise ValueError(f"key {key!r} is not under {self.prefix!r}")
         if op == "put":
-            change = self.mirror.put(key, message["value"], revision)
+            change = self.local_copy.put(key, message["value"], revision)
         elif op == "delete":
-            change = self.mirror.delete(key, revision)
+            change = self.local_copy.delete(key, revision)
         else:
             raise ValueError(f"unknown op {op!r}")
         self.counters["applied"] += 1
-        self.listener.mirror_changed(self.mirror, [change] if change else [])
+        self.listener.copy_changed(self.local_copy, [change] if change else [])
 
     # Pulling
 
     def pull(self, announced: int = 0) -> None:
-        """Bring the mirror up to date over TCP: covers every sequence
+        """Bring the copy up to date over TCP: covers every sequence
         number seen or announced before the request goes out."""
         self._highest_seen = max(self._highest_seen, announced)
         if self._gap_timer is not None and self._gap_timer.active():
@@ -469,7 +363,7 @@ class Agent:
         covered = self._highest_seen
         # From the revision before: the rest of a revision whose first
         # events came by datagram may be what was lost.
-        since = max(self.mirror.revision - 1, 0)
+        since = max(self.local_copy.revision - 1, 0)
         if not self.synced:
             self.counters["snapshots"] += 1
             d = self.source.snapshot(self.prefix).addCallback(self._snapshot_arrived)
@@ -482,9 +376,9 @@ class Agent:
     def _snapshot_arrived(self, result: tuple[int, dict[str, Any]]) -> None:
         revision, items = result
         items = {key: value for key, value in items.items() if key.startswith(self.prefix)}
-        changes = self.mirror.replace(items, revision)
+        changes = self.local_copy.replace(items, revision)
         self.synced = True
-        self.listener.mirror_changed(self.mirror, changes)
+        self.listener.copy_changed(self.local_copy, changes)
 
     def _changes_arrived(self, result: tuple[int, list[Change]], since: int) -> None:
         revision, events = result
@@ -496,16 +390,16 @@ class Agent:
             self.synced = False
             raise _Resnapshot()
         applied = []
-        mirror = self.mirror
+        local_copy = self.local_copy
         for change in events:
             if not change.key.startswith(self.prefix):
                 continue
             if change.op == "put":
-                applied.append(mirror.put(change.key, change.value, change.revision))
+                applied.append(local_copy.put(change.key, change.value, change.revision))
             else:
-                applied.append(mirror.delete(change.key, change.revision))
-        mirror.revision = max(mirror.revision, revision)
-        self.listener.mirror_changed(mirror, [c for c in applied if c])
+                applied.append(local_copy.delete(change.key, change.revision))
+        local_copy.revision = max(local_copy.revision, revision)
+        self.listener.copy_changed(local_copy, [c for c in applied if c])
 
     def _pulled(self, _: Any, covered: int, epoch: int) -> None:
         self._pulling = False
@@ -585,223 +479,4 @@ class AgentProtocol(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, address: tuple[str, int]) -> None:
         self.agent.received(datagram, address)
-
-
-# Listeners
-
-
-def render(items: dict[str, Any]) -> bytes:
-    """The output file's content: the prefix as one JSON object, keys sorted."""
-    return (json.dumps(items, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-def write_atomically(path: str, content: bytes) -> None:
-    """Replace *path* with *content*: a temporary file in the same directory,
-    fsync, rename, fsync of the directory.  Readers see the old file or the
-    new one, never a mix; the file keeps its permissions (0644 if new)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        mode = 0o644
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".kvconfig-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    directory_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
-
-
-class _CommandProtocol(ProcessProtocol):
-    log = Logger()
-
-    def __init__(self, done: Deferred, command: str) -> None:
-        self.done, self.command = done, command
-
-    def outReceived(self, data: bytes) -> None:
-        self.log.info("{command}: {output}", command=self.command,
-                      output=data.decode("utf-8", "replace").rstrip())
-
-    errReceived = outReceived
-
-    def processExited(self, reason: Failure) -> None:
-        # Exited, not ended: a daemon the command started may hold its
-        # output pipes open long after.  A Failure handed to callback()
-        # would go down the errback chain, hence the list.
-        self.done.callback([reason])
-
-
-def run_command(reactor: Any, command: str, timeout: float) -> Deferred:
-    """Run *command* with /bin/sh; fires with None on success, or a text
-    saying how it failed (exit status, signal, timeout)."""
-    ended: Deferred = Deferred()
-    process = reactor.spawnProcess(_CommandProtocol(ended, command), "/bin/sh",
-                                   ["/bin/sh", "-c", command], env=dict(os.environ))
-    timed_out = []
-
-    def kill(sig: str) -> None:
-        timed_out.append(True)
-        try:
-            process.signalProcess(sig)
-        except Exception:
-            pass
-
-    term = reactor.callLater(timeout, kill, "TERM")
-    hard = reactor.callLater(timeout + 5, kill, "KILL")
-
-    def result(ended_with: list[Failure]) -> str | None:
-        reason = ended_with[0]
-        for call in (term, hard):
-            if call.active():
-                call.cancel()
-        if timed_out:
-            return f"timed out after {timeout} s"
-        if reason.check(ProcessDone):
-            return None
-        return reason.getErrorMessage()
-
-    return ended.addCallback(result)
-
-
-class FileOutput:
-    """Writes the mirror to a file, debounced, and runs a reload command.
-
-    A burst of changes makes one write and one reload: the write waits until
-    no change has come for *debounce* seconds, but never more than
-    *max_delay* after the first.  Nothing is written when the content is
-    unchanged.  If the reload command fails the last known-good file (the
-    one the last successful reload read, or the file found at start) is put
-    back and the failure logged.
-    """
-
-    log = Logger()
-
-    def __init__(self, path: str, clock: IReactorTime, command: str | None = None,
-                 debounce: float = 0.2, max_delay: float = 2.0,
-                 run: Callable[[str], Deferred] | None = None) -> None:
-        self.path, self.clock, self.command = path, clock, command
-        self.debounce, self.max_delay = debounce, max_delay
-        self.run = run
-        self.counters = dict.fromkeys(("writes", "reloads", "reload_failures",
-                                       "restores"), 0)
-        try:
-            with open(path, "rb") as f:
-                self.known_good: bytes | None = f.read()
-        except FileNotFoundError:
-            self.known_good = None
-        self.written = self.known_good
-        self._items: dict[str, Any] | None = None
-        self._first_change_at: float | None = None
-        self._timer = None
-        self._reloading = False
-        self._failed: bytes | None = None
-        self.synced = False
-
-    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
-        if not changes and self.synced:
-            return
-        self.synced = True
-        self._items = dict(mirror.items)
-        now = self.clock.seconds()
-        if self._first_change_at is None:
-            self._first_change_at = now
-        delay = min(self.debounce, self._first_change_at + self.max_delay - now)
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(max(delay, 0))
-        else:
-            self._timer = self.clock.callLater(max(delay, 0), self.flush)
-
-    def flush(self) -> None:
-        if self._reloading:
-            return      # flushed again when the reload ends
-        self._first_change_at = None
-        if self._items is None:
-            return
-        content = render(self._items)
-        if content == self.written or content == self._failed:
-            return
-        write_atomically(self.path, content)
-        self.written = content
-        self.counters["writes"] += 1
-        self.log.info("wrote {path} ({size} bytes)", path=self.path, size=len(content))
-        if not self.command or self.run is None:
-            self.known_good = content
-            return
-        self._reloading = True
-        self.counters["reloads"] += 1
-        try:
-            running = self.run(self.command)
-        except Exception as e:      # fork failed: EAGAIN, ENOMEM ...
-            self._reloaded(f"cannot run it: {e}", content)
-            return
-        running.addErrback(lambda failure: failure.getErrorMessage())
-        running.addCallback(self._reloaded, content)
-
-    def _reloaded(self, failure: str | None, content: bytes) -> None:
-        self._reloading = False
-        if failure is None:
-            self.known_good = content
-            self._failed = None
-        else:
-            self._failed = content
-            self.counters["reload_failures"] += 1
-            if self.known_good is None:
-                self.log.error("reload command {command!r} failed ({failure}); there is no "
-                               "known-good {path} to restore, keeping the new one",
-                               command=self.command, failure=failure, path=self.path)
-            else:
-                write_atomically(self.path, self.known_good)
-                self.written = self.known_good
-                self.counters["restores"] += 1
-                self.log.error("reload command {command!r} failed ({failure}); restored "
-                               "the last known-good {path}", command=self.command,
-                               failure=failure, path=self.path)
-        self.flush()    # changes that came during the reload
-
-
-class ChangeLogger:
-    """Logs each change: the agent's listener without --output."""
-
-    log = Logger()
-
-    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
-        for change in changes:
-            self.log.info("{op} {key} at revision {revision}: {value!r}", op=change.op,
-                          key=change.key, revision=change.revision, value=change.value)
-
-
-class EventPrinter:
-    """Prints each change as a JSON line, for watching from a terminal."""
-
-    def __init__(self, out=None, count: int | None = None,
-                 done: Callable[[], None] | None = None) -> None:
-        self.out = out or sys.stdout
-        self.remaining = count
-        self.done = done
-
-    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
-        for change in changes:
-            line = {"op": change.op, "key": change.key, "revision": change.revision}
-            if change.op == "put":
-                line["value"] = change.value
-            self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
-            self.out.flush()
-            if self.remaining is not None:
-                self.remaining -= 1
-                if self.remaining == 0 and self.done is not None:
-                    self.done()
-                    return
 

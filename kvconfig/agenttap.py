@@ -1,6 +1,6 @@
 """
 ``twistd kvconfig-agent`` and the ``kvconfig-agent`` command: options and
-wiring, nothing else (the agent itself is kvconfig.agent).
+wiring, nothing else (the agent itself is kvconfig.agent and its modules).
 
 ``twistd -n kvconfig-agent --server HOST --prefix app/ --output
 /etc/app/config.json --exec "systemctl reload app"`` keeps the file in step
@@ -19,16 +19,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from kvconfig import __version__, values
-from kvconfig.agent import (
-    Agent,
-    AgentProtocol,
-    ChangeLogger,
-    EventPrinter,
-    FileOutput,
-    Listener,
-    XMLRPCSource,
-    run_command,
-)
+from kvconfig.agent import Agent, AgentProtocol, Listener
+from kvconfig.agentoutput import ChangeLogger, EventPrinter, FileOutput, run_command
+from kvconfig.agentpull import XMLRPCSource
 from kvconfig.errors import KVConfigError
 from kvconfig.udpwire import Sealer, read_secret
 

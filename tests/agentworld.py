@@ -111,7 +111,7 @@ class StoreSource:
         return self._later(answer)
 
 
-def expected_mirror(store, prefix: str) -> dict:
+def expected_copy(store, prefix: str) -> dict:
     """The server's keys under *prefix*, as the agent keeps them."""
     return {kv.key: json.loads(kv.raw) for kv in store.range(prefix)[1]}
 
@@ -122,7 +122,7 @@ class Recorder:
     def __init__(self) -> None:
         self.batches: list[list[Change]] = []
 
-    def mirror_changed(self, mirror, changes) -> None:
+    def copy_changed(self, local_copy, changes) -> None:
         self.batches.append(list(changes))
 
 

@@ -12,9 +12,10 @@ import random
 
 import pytest
 
-from kvconfig.agent import MAX_HELD, Mirror
+from kvconfig.agent import MAX_HELD
+from kvconfig.agentstate import LocalCopy
 
-from agentworld import World, expected_mirror
+from agentworld import World, expected_copy
 from stores import clocked_store
 
 
@@ -45,14 +46,14 @@ def test_agent_takes_a_snapshot_then_follows_datagrams():
     store.backend.clock.advance(0)
     world = World(store)
     world.run(0.1)
-    assert world.agent.mirror.items == {"app/a": 1}
+    assert world.agent.local_copy.items == {"app/a": 1}
     assert world.agent.sub is not None
     pulls = world.source.calls
     store.put("app/c", [1, 2])
     store.delete("app/a")
     world.run(0.1)
-    assert world.agent.mirror.items == {"app/c": [1, 2]}
-    assert world.agent.mirror.revision == store.revision
+    assert world.agent.local_copy.items == {"app/c": [1, 2]}
+    assert world.agent.local_copy.revision == store.revision
     # Both came by datagram: no pull was needed.
     assert world.source.calls == pulls
     assert world.agent.counters["applied"] == 2
@@ -65,14 +66,14 @@ def test_a_value_too_large_for_a_datagram_is_pulled():
     pulls = world.source.calls
     store.put("app/big", "x" * 5000)
     world.run(0.1)
-    assert world.agent.mirror.items == {"app/big": "x" * 5000}
+    assert world.agent.local_copy.items == {"app/big": "x" * 5000}
     assert world.source.calls == pulls + 1
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_mirror_converges_through_20_percent_loss_duplication_and_reordering(seed):
+def test_copy_converges_through_20_percent_loss_duplication_and_reordering(seed):
     """1,000 random writes while 20% of datagrams each way are dropped, 20%
-    duplicated and 20% reordered: the mirror ends equal to the server's
+    duplicated and 20% reordered: the copy ends equal to the server's
     prefix, at the server's revision."""
     store = clocked_store()
     world = World(store, seed=seed, drop=0.2, duplicate=0.2, reorder=0.2)
@@ -80,19 +81,19 @@ def test_mirror_converges_through_20_percent_loss_duplication_and_reordering(see
     random_writes(world, 1000, seed)
     world.run(3 * world.agent.heartbeat)
     assert world.network.dropped > 100 and world.network.reordered > 100
-    assert world.agent.mirror.items == expected_mirror(store, "app/")
-    assert world.agent.mirror.revision == store.revision
+    assert world.agent.local_copy.items == expected_copy(store, "app/")
+    assert world.agent.local_copy.revision == store.revision
     counters = world.agent.counters
     assert counters["gaps"] > 0 and counters["duplicates"] > 0
 
 
-def test_mirror_converges_with_a_signed_lossy_link():
+def test_copy_converges_with_a_signed_lossy_link():
     store = clocked_store()
     world = World(store, secret=b"s3cret", seed=7, drop=0.2, duplicate=0.2, reorder=0.2)
     world.until_subscribed()
     random_writes(world, 300, 7)
     world.run(6)
-    assert world.agent.mirror.items == expected_mirror(store, "app/")
+    assert world.agent.local_copy.items == expected_copy(store, "app/")
     # Duplicates were refused as replays before the sequence check saw them.
     assert world.agent.sealer.dropped["replayed"] > 0
     assert world.notifier.sealer.dropped["replayed"] >= 0
@@ -106,7 +107,7 @@ def test_compacted_history_falls_back_to_a_snapshot():
     random_writes(world, 200, 4)
     world.network.up = True
     world.run(3 * world.agent.heartbeat + 2)
-    assert world.agent.mirror.items == expected_mirror(store, "app/")
+    assert world.agent.local_copy.items == expected_copy(store, "app/")
     assert world.agent.counters["snapshots"] >= 2
 
 
@@ -118,9 +119,9 @@ def test_tail_loss_is_found_by_the_heartbeat():
     store.put("app/last", "lost")
     world.run(0.1)
     world.network.drop = 0.0
-    assert "app/last" not in world.agent.mirror.items
+    assert "app/last" not in world.agent.local_copy.items
     world.run(world.agent.heartbeat + 0.1)   # ... until the next heartbeat
-    assert world.agent.mirror.items == {"app/last": "lost"}
+    assert world.agent.local_copy.items == {"app/last": "lost"}
     assert world.agent.counters["gaps"] == 1
 
 
@@ -137,10 +138,10 @@ def test_server_restart_resubscribes_and_resynchronises():
     store.delete("app/before")
     world.run(3 * world.agent.heartbeat + 2)
     assert world.agent.sub not in (None, old)
-    assert world.agent.mirror.items == {"app/during": 2}
+    assert world.agent.local_copy.items == {"app/during": 2}
     store.put("app/after", 3)
     world.run(0.1)
-    assert world.agent.mirror.items == {"app/during": 2, "app/after": 3}
+    assert world.agent.local_copy.items == {"app/during": 2, "app/after": 3}
 
 
 def test_a_subscription_whose_answers_are_lost_is_adopted_from_a_heartbeat():
@@ -157,7 +158,7 @@ def test_a_subscription_whose_answers_are_lost_is_adopted_from_a_heartbeat():
     assert world.agent.sub is not None
     store.put("app/k", "v")
     world.run(0.1)
-    assert world.agent.mirror.items == {"app/k": "v"}
+    assert world.agent.local_copy.items == {"app/k": "v"}
 
 
 def test_server_down_backs_off_then_picks_up_where_it_left_off():
@@ -176,7 +177,7 @@ def test_server_down_backs_off_then_picks_up_where_it_left_off():
     world.network.up = world.source.up = True
     world.run(agent.max_backoff + 5)
     assert agent.sub is not None
-    assert agent.mirror.items == {"app/x": "while down"}
+    assert agent.local_copy.items == {"app/x": "while down"}
 
 
 def test_pull_failures_retry_with_backoff():
@@ -190,7 +191,7 @@ def test_pull_failures_retry_with_backoff():
     world.source.up = True
     store.put("app/k", "v")
     world.run(31)
-    assert world.agent.mirror.items == {"app/k": "v"}
+    assert world.agent.local_copy.items == {"app/k": "v"}
 
 
 def test_lease_is_renewed_before_it_expires():
@@ -211,7 +212,7 @@ def test_a_store_that_went_back_in_time_is_resnapshotted():
     for n in range(5):
         store.put(f"app/{n}", n)
     world.run(0.1)
-    assert len(world.agent.mirror.items) == 5
+    assert len(world.agent.local_copy.items) == 5
     # The server comes back on an empty store: its revisions restart.
     fresh = clocked_store(clock=world.clock)
     fresh.put("app/new", "only")
@@ -219,7 +220,7 @@ def test_a_store_that_went_back_in_time_is_resnapshotted():
     world.store = world.source.store = fresh
     world.restart_server()
     world.run(3 * world.agent.heartbeat + 2)
-    assert world.agent.mirror.items == {"app/new": "only"}
+    assert world.agent.local_copy.items == {"app/new": "only"}
 
 
 def test_garbage_and_foreign_datagrams_change_nothing():
@@ -242,7 +243,7 @@ def test_garbage_and_foreign_datagrams_change_nothing():
     agent.received(json.dumps(forged).encode(), ("10.9.9.9", 15002))
     assert agent.counters["foreign"] == 1
     world.run(1)
-    assert agent.mirror.items == {"app/a": 1}
+    assert agent.local_copy.items == {"app/a": 1}
     assert agent.sealer.dropped["malformed"] > 400
 
 
@@ -258,7 +259,7 @@ def test_without_the_secret_forged_events_are_refused():
     assert agent.sealer.dropped["unsigned"] == 1
     assert agent.sealer.dropped["bad_signature"] == 1
     world.run(1)
-    assert agent.mirror.items == {}
+    assert agent.local_copy.items == {}
 
 
 def test_held_datagrams_are_bounded():
@@ -280,22 +281,22 @@ def test_held_datagrams_are_bounded():
     assert len(agent._held) <= MAX_HELD
     world.source.up = True
     world.run(35)
-    assert agent.mirror.items == expected_mirror(store, "app/")
+    assert agent.local_copy.items == expected_copy(store, "app/")
 
 
-def test_mirror_replace_reports_differences():
-    mirror = Mirror({"a": 1, "b": 2}, 5)
-    changes = mirror.replace({"b": 2, "c": 3, "a": 0}, 9)
+def test_local_copy_replace_reports_differences():
+    local_copy = LocalCopy({"a": 1, "b": 2}, 5)
+    changes = local_copy.replace({"b": 2, "c": 3, "a": 0}, 9)
     assert {(c.op, c.key) for c in changes} == {("put", "c"), ("put", "a")}
-    changes = mirror.replace({}, 10)
+    changes = local_copy.replace({}, 10)
     assert {(c.op, c.key) for c in changes} == {("delete", "a"), ("delete", "b"),
                                                 ("delete", "c")}
-    assert mirror.revision == 10
+    assert local_copy.revision == 10
 
 
 
 def test_one_true_and_one_point_zero_are_different_values():
-    """JSON tells 1, 1.0 and true apart, and so must the mirror (Python's
+    """JSON tells 1, 1.0 and true apart, and so must the local copy (Python's
     == does not)."""
     store = clocked_store()
     world = World(store)
@@ -303,5 +304,5 @@ def test_one_true_and_one_point_zero_are_different_values():
     for value in (1, True, 1.0, {"a": 1}, {"a": True}):
         store.put("app/x", value)
         world.run(0.1)
-        assert json.dumps(world.agent.mirror.items) == json.dumps({"app/x": value})
+        assert json.dumps(world.agent.local_copy.items) == json.dumps({"app/x": value})
 

@@ -10,7 +10,8 @@ import stat
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from kvconfig.agent import Change, EventPrinter, FileOutput, Mirror, render
+from kvconfig.agentoutput import EventPrinter, FileOutput, render
+from kvconfig.agentstate import Change, LocalCopy
 
 
 class Reloads:
@@ -41,9 +42,9 @@ def output(tmp_path, command="reload", **options):
     return clock, out, reloads, path
 
 
-def change(mirror: Mirror, out: FileOutput, key: str, value) -> None:
-    mirror.revision += 1
-    out.mirror_changed(mirror, [mirror.put(key, value, mirror.revision)])
+def change(local_copy: LocalCopy, out: FileOutput, key: str, value) -> None:
+    local_copy.revision += 1
+    out.copy_changed(local_copy, [local_copy.put(key, value, local_copy.revision)])
 
 
 def read(path) -> dict:
@@ -53,9 +54,9 @@ def read(path) -> dict:
 
 def test_a_burst_is_one_write_and_one_reload(tmp_path):
     clock, out, reloads, path = output(tmp_path, debounce=0.2, max_delay=2.0)
-    mirror = Mirror()
+    local_copy = LocalCopy()
     for n in range(10):
-        change(mirror, out, "app/n", n)
+        change(local_copy, out, "app/n", n)
         clock.advance(0.05)
     assert not os.path.exists(path)
     clock.advance(0.2)
@@ -67,9 +68,9 @@ def test_a_burst_is_one_write_and_one_reload(tmp_path):
 
 def test_a_long_burst_is_written_after_max_delay(tmp_path):
     clock, out, reloads, path = output(tmp_path, debounce=0.2, max_delay=1.0)
-    mirror = Mirror()
+    local_copy = LocalCopy()
     for n in range(20):
-        change(mirror, out, "app/n", n)
+        change(local_copy, out, "app/n", n)
         clock.advance(0.1)
     # Changes never stopped for 0.2 s, yet the file was written within 1 s.
     assert out.counters["writes"] >= 1
@@ -78,13 +79,13 @@ def test_a_long_burst_is_written_after_max_delay(tmp_path):
 
 def test_unchanged_content_is_not_written(tmp_path):
     clock, out, reloads, path = output(tmp_path)
-    mirror = Mirror()
-    change(mirror, out, "app/a", 1)
+    local_copy = LocalCopy()
+    change(local_copy, out, "app/a", 1)
     clock.advance(1)
     reloads.finish()
     mtime = os.stat(path).st_mtime_ns
-    change(mirror, out, "app/a", 2)
-    change(mirror, out, "app/a", 1)     # back to what is on disk
+    change(local_copy, out, "app/a", 2)
+    change(local_copy, out, "app/a", 1)     # back to what is on disk
     clock.advance(1)
     assert out.counters["writes"] == 1
     assert os.stat(path).st_mtime_ns == mtime
@@ -93,11 +94,11 @@ def test_unchanged_content_is_not_written(tmp_path):
 
 def test_failed_reload_restores_the_last_known_good_file(tmp_path):
     clock, out, reloads, path = output(tmp_path)
-    mirror = Mirror()
-    change(mirror, out, "app/a", "good")
+    local_copy = LocalCopy()
+    change(local_copy, out, "app/a", "good")
     clock.advance(1)
     reloads.finish()
-    change(mirror, out, "app/a", "bad")
+    change(local_copy, out, "app/a", "bad")
     clock.advance(1)
     assert read(path) == {"app/a": "bad"}      # the command reads the new file
     reloads.finish("exit status 1")
@@ -107,7 +108,7 @@ def test_failed_reload_restores_the_last_known_good_file(tmp_path):
     clock.advance(10)
     assert not reloads.pending
     # ... but the next change is written and reloaded.
-    change(mirror, out, "app/a", "fixed")
+    change(local_copy, out, "app/a", "fixed")
     clock.advance(1)
     assert read(path) == {"app/a": "fixed"}
     reloads.finish()
@@ -118,8 +119,8 @@ def test_the_file_found_at_start_is_known_good(tmp_path):
     path = tmp_path / "config.json"
     path.write_bytes(b'{"app/a": "old"}\n')
     clock, out, reloads, _ = output(tmp_path)
-    mirror = Mirror()
-    change(mirror, out, "app/a", "new")
+    local_copy = LocalCopy()
+    change(local_copy, out, "app/a", "new")
     clock.advance(1)
     reloads.finish("killed by signal 9")
     assert path.read_bytes() == b'{"app/a": "old"}\n'
@@ -127,10 +128,10 @@ def test_the_file_found_at_start_is_known_good(tmp_path):
 
 def test_changes_during_a_reload_wait_for_it(tmp_path):
     clock, out, reloads, path = output(tmp_path)
-    mirror = Mirror()
-    change(mirror, out, "app/a", 1)
+    local_copy = LocalCopy()
+    change(local_copy, out, "app/a", 1)
     clock.advance(1)
-    change(mirror, out, "app/a", 2)
+    change(local_copy, out, "app/a", 2)
     clock.advance(1)
     # One reload at a time: the second write waits for the first reload.
     assert len(reloads.pending) == 1 and read(path) == {"app/a": 1}
@@ -145,8 +146,8 @@ def test_writes_are_atomic_and_keep_the_file_mode(tmp_path):
     os.chmod(path, 0o640)
     clock, out, reloads, _ = output(tmp_path, command=None)
     inode = os.stat(path).st_ino
-    mirror = Mirror()
-    change(mirror, out, "app/a", {"$bytes": "AA=="})
+    local_copy = LocalCopy()
+    change(local_copy, out, "app/a", {"$bytes": "AA=="})
     clock.advance(1)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     assert os.stat(path).st_ino != inode            # renamed over, not rewritten
@@ -156,7 +157,7 @@ def test_writes_are_atomic_and_keep_the_file_mode(tmp_path):
 
 def test_the_first_snapshot_is_written_even_when_empty(tmp_path):
     clock, out, reloads, path = output(tmp_path, command=None)
-    out.mirror_changed(Mirror({}, 7), [])
+    out.copy_changed(LocalCopy({}, 7), [])
     clock.advance(1)
     assert read(path) == {}
 
@@ -167,7 +168,7 @@ def test_event_printer_prints_json_lines_and_stops_after_count(tmp_path):
     lines = io.StringIO()
     done = []
     printer = EventPrinter(lines, count=2, done=lambda: done.append(True))
-    printer.mirror_changed(Mirror(), [Change("put", "app/a", 3, {"x": 1}),
+    printer.copy_changed(LocalCopy(), [Change("put", "app/a", 3, {"x": 1}),
                                       Change("delete", "app/b", 4)])
     assert [json.loads(line) for line in lines.getvalue().splitlines()] == [
         {"op": "put", "key": "app/a", "revision": 3, "value": {"x": 1}},
