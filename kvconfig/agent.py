@@ -36,15 +36,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvconfig import errors
-from kvconfig.agentstate import Change, LocalCopy
+from kvconfig.agentstate import Change, LocalCopy, SequenceTracker
 from kvconfig.udpwire import BadDatagram, Sealer, pad
 
 #: Seconds between the agent's checks of its subscription (renewal, silence).
 TICK = 0.5
 #: Subscribe requests left unanswered before the agent moves to the next node.
 SWITCH_AFTER = 2
-#: Datagrams held while a gap waits to fill or a pull is under way.
-MAX_HELD = 4096
 
 
 class Source(Protocol):
@@ -98,20 +96,13 @@ class Agent:
         self.last_heard = 0.0
         self._renew_at = 0.0
         self._subscribe_backoff = 1.0
-        # Sequence bookkeeping: every number <= last_seq is applied or covered.
-        self.last_seq = 0
-        self._highest_seen = 0
-        self._held: dict[int, dict[str, Any]] = {}
+        self.sequence = SequenceTracker()
         self._gap_timer = None
         # Pulls
-        self._pulling = False
         self._pull_again = False
         self._pull_backoff = 0.1
         self._retry_call = None
         self._next_poll = 0.0
-        # Bumped with each new subscription: a pull's "covered" sequence
-        # number means nothing to a later subscription.
-        self._epoch = 0
         self._tick_call = None
         self._running = False
 
@@ -240,11 +231,9 @@ class Agent:
                 self.log.info("new subscription {sub}; resynchronising", sub=sub)
             self.counters["resubscriptions"] += 1
             self.sub = sub
-            self._epoch += 1
-            self.last_seq = self._highest_seen = seq
-            self._held.clear()
+            self.sequence.restart(seq)
             self.pull(seq)
-        elif seq > self.last_seq:
+        else:
             self._announced(seq)
 
     def _on_heartbeat(self, message: dict[str, Any]) -> None:
@@ -258,14 +247,9 @@ class Agent:
             return
         self.last_heard = self.clock.seconds()
         seq = _seq(message["seq"])
-        if seq <= self.last_seq or seq in self._held:
+        if not self.sequence.offer(seq, message):
             self.counters["duplicates"] += 1
             return
-        self._highest_seen = max(self._highest_seen, seq)
-        if len(self._held) < MAX_HELD:
-            self._held[seq] = message
-        # else: dropped; the next pull covers it (it was seen), or a later
-        # one does after the gap it leaves.
         self._drain()
 
     def _adopt(self, message: dict[str, Any]) -> bool:
@@ -279,9 +263,7 @@ class Agent:
                       kind=message["t"])
         self.counters["resubscriptions"] += 1
         self.sub = message["sub"]
-        self._epoch += 1
-        self.last_seq = self._highest_seen = seq
-        self._held.clear()
+        self.sequence.restart(seq)
         self._renew_at = self.clock.seconds()       # renew now, learning the lease
         self.pull(seq)
         # The datagram that revealed it is covered by that pull.
@@ -296,32 +278,26 @@ class Agent:
 
     def _announced(self, seq: int) -> None:
         """The server has sent up to *seq*: pull now if some are missing."""
-        if seq <= self.last_seq:
-            return
-        self._highest_seen = max(self._highest_seen, seq)
-        if all(n in self._held for n in range(self.last_seq + 1, seq + 1)):
-            return
-        self.counters["gaps"] += 1
-        self.pull(seq)
+        if self.sequence.announced(seq):
+            self.counters["gaps"] += 1
+            self.pull(seq)
 
     def _drain(self) -> None:
         """Apply held datagrams that follow on without a gap."""
         if not self.synced:
             return          # nothing is applied before the first snapshot
-        held = self._held
-        while not self._pulling and self.last_seq + 1 in held:
-            self.last_seq += 1
-            self._apply(held.pop(self.last_seq))
-        if self._pulling:
+        while (message := self.sequence.next_in_order()) is not None:
+            self._apply(message)
+        if self.sequence.pulling:
             return
-        if held:
+        if self.sequence.held:
             if self._gap_timer is None or not self._gap_timer.active():
                 self._gap_timer = self.clock.callLater(self.reorder_wait, self._gap)
         elif self._gap_timer is not None and self._gap_timer.active():
             self._gap_timer.cancel()
 
     def _gap(self) -> None:
-        if self._held:
+        if self.sequence.held:
             self.counters["gaps"] += 1
             self.pull()
 
@@ -350,17 +326,16 @@ class Agent:
     def pull(self, announced: int = 0) -> None:
         """Bring the copy up to date over TCP: covers every sequence
         number seen or announced before the request goes out."""
-        self._highest_seen = max(self._highest_seen, announced)
+        self.sequence.saw(announced)
         if self._gap_timer is not None and self._gap_timer.active():
             self._gap_timer.cancel()
         if self._retry_call is not None and self._retry_call.active():
             return          # the retry, when its backoff is over, covers this
-        if self._pulling:
+        if self.sequence.pulling:
             self._pull_again = True
             return
-        self._pulling = True
+        self.sequence.pull_started()
         self._pull_again = False
-        covered = self._highest_seen
         # From the revision before: the rest of a revision whose first
         # events came by datagram may be what was lost.
         since = max(self.local_copy.revision - 1, 0)
@@ -371,7 +346,7 @@ class Agent:
             self.counters["pulls"] += 1
             d = self.source.changes(self.prefix, since).addCallback(self._changes_arrived,
                                                                      since)
-        d.addCallbacks(self._pulled, self._pull_failed, callbackArgs=(covered, self._epoch))
+        d.addCallbacks(self._pulled, self._pull_failed)
 
     def _snapshot_arrived(self, result: tuple[int, dict[str, Any]]) -> None:
         revision, items = result
@@ -401,20 +376,16 @@ class Agent:
         local_copy.revision = max(local_copy.revision, revision)
         self.listener.copy_changed(local_copy, [c for c in applied if c])
 
-    def _pulled(self, _: Any, covered: int, epoch: int) -> None:
-        self._pulling = False
+    def _pulled(self, _: Any) -> None:
+        self.sequence.pull_done()
         self._pull_backoff = 0.1
-        if epoch == self._epoch:
-            self.last_seq = max(self.last_seq, covered)
-        for seq in [n for n in self._held if n <= self.last_seq]:
-            del self._held[seq]
         if self._pull_again:
             self.pull()
         else:
             self._drain()
 
     def _pull_failed(self, failure: Failure) -> None:
-        self._pulling = False
+        self.sequence.pull_failed()
         if failure.check(errors.Compacted):
             self.log.info("history compacted; taking a snapshot of {prefix!r}",
                           prefix=self.prefix)

@@ -12,8 +12,7 @@ import random
 
 import pytest
 
-from kvconfig.agent import MAX_HELD
-from kvconfig.agentstate import LocalCopy
+from kvconfig.agentstate import MAX_HELD, LocalCopy
 
 from agentworld import World, expected_copy
 from stores import clocked_store
@@ -234,11 +233,11 @@ def test_garbage_and_foreign_datagrams_change_nothing():
     for size in range(0, 3000, 7):
         agent.received(rng.randbytes(size), ("127.0.0.1", 15002))
     for message in [{"v": 1, "t": "event", "sub": agent.sub, "seq": "x"},
-                    {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.last_seq + 1},
+                    {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.sequence.last_seq + 1},
                     {"v": 1, "t": "heartbeat"}, {"v": 1, "t": "nonsense"}, [1, 2],
                     {"v": 2, "t": "event"}]:
         agent.received(json.dumps(message).encode(), ("127.0.0.1", 15002))
-    forged = {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.last_seq + 1,
+    forged = {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.sequence.last_seq + 1,
               "rev": 99, "op": "put", "key": "app/evil", "value": 1}
     agent.received(json.dumps(forged).encode(), ("10.9.9.9", 15002))
     assert agent.counters["foreign"] == 1
@@ -252,7 +251,7 @@ def test_without_the_secret_forged_events_are_refused():
     world = World(store, secret=b"k1")
     world.run(0.5)
     agent = world.agent
-    forged = {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.last_seq + 1,
+    forged = {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.sequence.last_seq + 1,
               "rev": 99, "op": "put", "key": "app/evil", "value": 1}
     agent.received(json.dumps(forged).encode(), ("127.0.0.1", 15002))
     agent.received(json.dumps(forged).encode() + b"\n" + b"0" * 64, ("127.0.0.1", 15002))
@@ -278,7 +277,7 @@ def test_held_datagrams_are_bounded():
         store.put("app/k", n)
         world.clock.advance(0)
     world.run(0.2)
-    assert len(agent._held) <= MAX_HELD
+    assert len(agent.sequence.held) <= MAX_HELD
     world.source.up = True
     world.run(35)
     assert agent.local_copy.items == expected_copy(store, "app/")
