@@ -19,9 +19,12 @@ covers every number seen (or announced by a heartbeat) before it was sent;
 datagrams that arrive while it is under way wait, and are applied after it
 if they are newer than its answer.
 
-What changed is handed to a listener (kvconfig.agentoutput); the copy itself
-is kvconfig.agentstate's LocalCopy, and the pulls go through
-kvconfig.agentpull.
+This module is the shell: it reads and writes datagrams, starts pulls and
+sets timers.  What to do is decided without I/O in kvconfig.agentstate: the
+subscription cycle (SubscriptionCycle, a state machine), the sequence
+numbers (SequenceTracker) and the copy itself (LocalCopy).  What changed is
+handed to a listener (kvconfig.agentoutput); pulls go through a Source
+(kvconfig.agentpull).
 """
 
 from __future__ import annotations
@@ -36,13 +39,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvconfig import errors
-from kvconfig.agentstate import Change, LocalCopy, SequenceTracker
+from kvconfig.agentstate import (
+    Action,
+    Backoff,
+    Change,
+    LocalCopy,
+    SequenceTracker,
+    State,
+    SubscriptionCycle,
+)
 from kvconfig.udpwire import BadDatagram, Sealer, pad
 
 #: Seconds between the agent's checks of its subscription (renewal, silence).
 TICK = 0.5
-#: Subscribe requests left unanswered before the agent moves to the next node.
-SWITCH_AFTER = 2
 
 
 class Source(Protocol):
@@ -60,7 +69,6 @@ class Listener(Protocol):
         """*changes* were applied; *local_copy* is complete at its revision."""
 
 
-
 class Agent:
     """Subscribes to one prefix and keeps a LocalCopy of it in step.
 
@@ -74,113 +82,110 @@ class Agent:
                  listener: Listener, clock: IReactorTime, sealer: Sealer,
                  reorder_wait: float = 0.05, max_backoff: float = 30,
                  alternates: Sequence[tuple[tuple[str, int], Source]] = ()) -> None:
-        self.prefix, self.server, self.source, self.listener = prefix, server, source, listener
+        self.prefix, self.listener, self.clock, self.sealer = prefix, listener, clock, sealer
+        self.reorder_wait, self.max_backoff = reorder_wait, max_backoff
         # The nodes of one cluster to follow, in order of preference: the
         # agent moves to the next when its node stops answering.  Revisions
         # are the cluster's, so its copy stays valid across nodes.
         self.nodes = [(server, source), *alternates]
         self._node = 0
-        self._unanswered = 0
-        self.clock, self.sealer = clock, sealer
-        self.reorder_wait, self.max_backoff = reorder_wait, max_backoff
         self.transport = None
         self.local_copy = LocalCopy()
-        self.synced = False            # the copy holds a snapshot
+        self.cycle = SubscriptionCycle(len(self.nodes), max_backoff)
+        self.sequence = SequenceTracker()
         self.counters = dict.fromkeys(
             ("datagrams", "applied", "duplicates", "gaps", "pulls", "snapshots",
              "pull_failures", "subscribes", "resubscriptions", "foreign", "node_switches"), 0)
-        # The subscription
-        self.cookie: str | None = None
-        self.sub: str | None = None
-        self.lease, self.heartbeat = 30.0, 2.0
-        self.last_heard = 0.0
-        self._renew_at = 0.0
-        self._subscribe_backoff = 1.0
-        self.sequence = SequenceTracker()
-        self._gap_timer = None
-        # Pulls
+        self._pull_backoff = Backoff(0.1, max_backoff)
         self._pull_again = False
-        self._pull_backoff = 0.1
-        self._retry_call = None
-        self._next_poll = 0.0
-        self._tick_call = None
-        self._running = False
+        self._tick_call = self._gap_timer = self._retry_call = None
+
+    @property
+    def server(self) -> tuple[str, int]:
+        """The node followed: its notifier's (ip, port)."""
+        return self.nodes[self._node][0]
+
+    @property
+    def source(self) -> Source:
+        """The node followed: where to pull from."""
+        return self.nodes[self._node][1]
 
     # Life
 
     def start(self) -> None:
-        self._running = True
-        self.pull()
-        self._subscribe()
-        self._renew_at = self.clock.seconds() + self._subscribe_backoff
-        self._next_poll = self._renew_at
+        self._do(self.cycle.start(self.clock.seconds()))
         self._tick_call = self.clock.callLater(TICK, self._tick)
 
     def stop(self) -> None:
-        self._running = False
         for call in (self._tick_call, self._gap_timer, self._retry_call):
             if call is not None and call.active():
                 call.cancel()
-        if self.sub is not None and self.cookie is not None:
-            self._send({"t": "unsubscribe", "prefix": self.prefix, "cookie": self.cookie},
-                       padded=True)
+        self._do(self.cycle.stop(self.clock.seconds()))
 
-    # Subscribing
+    def _tick(self) -> None:
+        self._do(self.cycle.tick(self.clock.seconds(), can_poll=self.local_copy.synced))
+        if self.cycle.state is not State.UNSUBSCRIBED:
+            self._tick_call = self.clock.callLater(TICK, self._tick)
+
+    def _do(self, actions: list[Action], seq: int = 0, kind: str = "") -> None:
+        """What the subscription cycle decided; *seq* and *kind* are those
+        of the datagram that made it decide."""
+        for action in actions:
+            if action is Action.SUBSCRIBE:
+                self._subscribe()
+            elif action is Action.UNSUBSCRIBE:
+                if self.cycle.cookie is not None:
+                    self._send({"t": "unsubscribe", "prefix": self.prefix,
+                                "cookie": self.cycle.cookie}, padded=True)
+            elif action is Action.PULL:
+                self.pull()
+            elif action is Action.RESYNC:
+                if self.counters["resubscriptions"]:
+                    self.log.info("new subscription {sub}; resynchronising", sub=self.cycle.sub)
+                self._resync(seq)
+            elif action is Action.ADOPT:
+                # Its "subscribed" answers were lost: the socket serves one
+                # prefix, and waiting for the next answer could take the
+                # whole backoff.
+                self.log.info("subscription {sub} adopted from a {kind}", sub=self.cycle.sub,
+                              kind=kind)
+                self._resync(seq)
+            elif action is Action.CATCH_UP:
+                self._announced(seq)
+            elif action is Action.FOLLOW_NEXT_NODE:
+                self._follow_next_node()
+            elif action is Action.REPORT_SILENCE:
+                # The server is down, restarted, or the path is lost: keep
+                # the copy and subscribe again, backing off.
+                self.log.warn("no word from the server for {seconds:.1f} s; subscribing again",
+                              seconds=self.clock.seconds() - self.cycle.last_heard)
 
     def _subscribe(self) -> None:
         message = {"t": "subscribe", "prefix": self.prefix}
-        if self.cookie is not None:
-            message["cookie"] = self.cookie
+        if self.cycle.cookie is not None:
+            message["cookie"] = self.cycle.cookie
         self.counters["subscribes"] += 1
         self._send(message, padded=True)
 
-    def _tick(self) -> None:
-        now = self.clock.seconds()
-        if self.sub is not None and now - self.last_heard > 3 * self.heartbeat + 1:
-            # Heartbeats stopped: the server is down, restarted, or the path
-            # is lost.  Keep the copy and subscribe again, backing off.
-            self.log.warn("no word from the server for {seconds:.1f} s; subscribing again",
-                          seconds=now - self.last_heard)
-            self.sub = None
-            self._renew_at = now
-            self._subscribe_backoff = 1.0
-        if self.sub is None and self.synced and now >= self._next_poll:
-            # No notifications are coming (UDP blocked, the server busy):
-            # keep the copy fresh by pulling, as often as subscribing.
-            self._next_poll = now + self._subscribe_backoff
-            self.pull()
-        if now >= self._renew_at:
-            if self.sub is not None:
-                self._unanswered = 0
-            else:
-                self._unanswered += 1
-                if self._unanswered > SWITCH_AFTER and len(self.nodes) > 1:
-                    self._switch_node()
-            self._subscribe()
-            if self.sub is None:
-                self._renew_at = now + self._subscribe_backoff
-                self._subscribe_backoff = min(self._subscribe_backoff * 2, self.max_backoff)
-            else:
-                self._renew_at = now + self.lease / 3
-        if self._running:
-            self._tick_call = self.clock.callLater(TICK, self._tick)
+    def _resync(self, seq: int) -> None:
+        """A new subscription: its numbers start afresh after *seq*, and
+        what happened before it must be pulled."""
+        self.counters["resubscriptions"] += 1
+        self.sequence.restart(seq)
+        self.pull(seq)
 
-    def _switch_node(self) -> None:
-        """Follow the next node: subscribe there (with a new cookie) and
-        pull from it what this copy lacks."""
-        self._node = (self._node + 1) % len(self.nodes)
+    def _follow_next_node(self) -> None:
+        """Pull from the next node what this copy lacks (the cycle
+        subscribes there)."""
         old = self.server
-        self.server, self.source = self.nodes[self._node]
+        self._node = (self._node + 1) % len(self.nodes)
         self.log.warn("node {old} does not answer; following {new}", old=old, new=self.server)
         self.counters["node_switches"] += 1
-        self.cookie = None
-        self._unanswered = 0
-        self._subscribe_backoff = 1.0
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
-        self._pull_backoff = 0.1
-        if self.synced:
+        self._pull_backoff.reset()
+        if self.local_copy.synced:
             self.pull()
 
     # Datagrams
@@ -209,65 +214,35 @@ class Agent:
         cookie = message["cookie"]
         if type(cookie) is not str:
             raise TypeError("cookie")
-        self.cookie = cookie
-        self._subscribe()
+        self._do(self.cycle.cookie_arrived(cookie, self.clock.seconds()))
 
     def _on_subscribed(self, message: dict[str, Any]) -> None:
         if message["prefix"] != self.prefix:
             return
-        now = self.clock.seconds()
         lease, heartbeat = _seconds(message["lease"]), _seconds(message["heartbeat"])
         sub, seq = _sub_id(message["sub"]), _seq(message["seq"])
-        self.last_heard = now
-        self.lease, self.heartbeat = lease, heartbeat
-        self._renew_at = now + self.lease / 3
-        self._subscribe_backoff = 1.0
-        self._unanswered = 0
-        if sub != self.sub:
-            # A new subscription (first, or after a restart or an expired
-            # lease): its numbers start afresh, and what happened before it
-            # must be pulled.
-            if self.sub is not None or self.counters["resubscriptions"]:
-                self.log.info("new subscription {sub}; resynchronising", sub=sub)
-            self.counters["resubscriptions"] += 1
-            self.sub = sub
-            self.sequence.restart(seq)
-            self.pull(seq)
-        else:
-            self._announced(seq)
+        self._do(self.cycle.subscribed(sub, lease, heartbeat, self.clock.seconds()), seq)
 
     def _on_heartbeat(self, message: dict[str, Any]) -> None:
-        if message["sub"] != self.sub and not self._adopt(message):
-            return
-        self.last_heard = self.clock.seconds()
-        self._announced(_seq(message["seq"]))
+        sub, seq = message["sub"], _seq(message["seq"])
+        ours, actions = self.cycle.heard(sub, self.clock.seconds())
+        if ours:
+            self._do(actions, seq, "heartbeat")
+            self._announced(seq)
 
     def _on_event(self, message: dict[str, Any]) -> None:
-        if message["sub"] != self.sub and not self._adopt(message):
+        sub, seq = message["sub"], _seq(message["seq"])
+        ours, actions = self.cycle.heard(sub, self.clock.seconds())
+        if not ours:
             return
-        self.last_heard = self.clock.seconds()
-        seq = _seq(message["seq"])
+        if actions:
+            # Taken up just now: the pull that starts covers this event.
+            self._do(actions, seq, "event")
+            return
         if not self.sequence.offer(seq, message):
             self.counters["duplicates"] += 1
             return
         self._drain()
-
-    def _adopt(self, message: dict[str, Any]) -> bool:
-        """Take up a subscription the server holds for this socket although
-        its "subscribed" answers were lost: the socket serves one prefix,
-        and waiting for the next answer could take the whole backoff."""
-        if self.sub is not None or self.cookie is None or type(message["sub"]) is not str:
-            return False
-        seq = _seq(message["seq"])
-        self.log.info("subscription {sub} adopted from a {kind}", sub=message["sub"],
-                      kind=message["t"])
-        self.counters["resubscriptions"] += 1
-        self.sub = message["sub"]
-        self.sequence.restart(seq)
-        self._renew_at = self.clock.seconds()       # renew now, learning the lease
-        self.pull(seq)
-        # The datagram that revealed it is covered by that pull.
-        return message["t"] == "heartbeat"
 
     def _on_error(self, message: dict[str, Any]) -> None:
         self.log.error("the server refused the subscription to {prefix!r}: {error} {message}",
@@ -284,7 +259,7 @@ class Agent:
 
     def _drain(self) -> None:
         """Apply held datagrams that follow on without a gap."""
-        if not self.synced:
+        if not self.local_copy.synced:
             return          # nothing is applied before the first snapshot
         while (message := self.sequence.next_in_order()) is not None:
             self._apply(message)
@@ -339,7 +314,7 @@ class Agent:
         # From the revision before: the rest of a revision whose first
         # events came by datagram may be what was lost.
         since = max(self.local_copy.revision - 1, 0)
-        if not self.synced:
+        if not self.local_copy.synced:
             self.counters["snapshots"] += 1
             d = self.source.snapshot(self.prefix).addCallback(self._snapshot_arrived)
         else:
@@ -352,20 +327,19 @@ class Agent:
         revision, items = result
         items = {key: value for key, value in items.items() if key.startswith(self.prefix)}
         changes = self.local_copy.replace(items, revision)
-        self.synced = True
         self.listener.copy_changed(self.local_copy, changes)
 
     def _changes_arrived(self, result: tuple[int, list[Change]], since: int) -> None:
         revision, events = result
+        local_copy = self.local_copy
         if revision < since:
             # The server's history went backwards (its store was replaced):
             # only a snapshot can be trusted.
             self.log.warn("server revision {revision} is behind ours ({since}); "
                           "taking a snapshot", revision=revision, since=since)
-            self.synced = False
+            local_copy.synced = False
             raise _Resnapshot()
         applied = []
-        local_copy = self.local_copy
         for change in events:
             if not change.key.startswith(self.prefix):
                 continue
@@ -378,7 +352,7 @@ class Agent:
 
     def _pulled(self, _: Any) -> None:
         self.sequence.pull_done()
-        self._pull_backoff = 0.1
+        self._pull_backoff.reset()
         if self._pull_again:
             self.pull()
         else:
@@ -389,19 +363,17 @@ class Agent:
         if failure.check(errors.Compacted):
             self.log.info("history compacted; taking a snapshot of {prefix!r}",
                           prefix=self.prefix)
-            self.synced = False
+            self.local_copy.synced = False
             self.pull()
             return
         if failure.check(_Resnapshot):
             self.pull()
             return
         self.counters["pull_failures"] += 1
+        delay = self._pull_backoff.next()
         self.log.warn("cannot pull from the server ({error}); retrying in {delay:.1f} s",
-                      error=failure.getErrorMessage() or failure.type.__name__,
-                      delay=self._pull_backoff)
-        delay = self._pull_backoff
-        self._pull_backoff = min(self._pull_backoff * 2, self.max_backoff)
-        if self._running:
+                      error=failure.getErrorMessage() or failure.type.__name__, delay=delay)
+        if self.cycle.state is not State.UNSUBSCRIBED:
             self._retry_call = self.clock.callLater(delay, self.pull)
 
     def _send(self, message: dict[str, Any], padded: bool = False) -> None:

@@ -1,23 +1,39 @@
 """
 What the kvconfig agent knows and decides, without I/O: its local copy of
-the keys under its prefix, and which of its subscription's sequence numbers
-that copy holds.
+the keys under its prefix, which of its subscription's sequence numbers that
+copy holds, and where it is in its subscription cycle.
 
 The agent (kvconfig.agent) is the shell around these: it feeds them what
-arrives and does what they decide (apply a datagram, pull, wait for a gap
-to fill).  Its listeners (kvconfig.agentoutput) are handed the LocalCopy and
-each batch of Changes.  Values are kept as the tagged JSON of
-kvconfig.values, as the datagrams carry them.
+arrives and the time, and does what they decide (send a subscribe, apply a
+datagram, pull, move to the next node).  Its listeners
+(kvconfig.agentoutput) are handed the LocalCopy and each batch of Changes.
+Values are kept as the tagged JSON of kvconfig.values, as the datagrams
+carry them.
+
+The subscription cycle (SubscriptionCycle, its table is TRANSITIONS)::
+
+    unsubscribed --start--> awaiting cookie --cookie--> subscribing
+        --subscribed--> subscribed --silence--> silent --cookie--> subscribing
+    awaiting cookie | subscribing | silent --unanswered, another node--> next node
+
+A subscribe that goes unanswered is sent again, backing off; while not
+subscribed the agent pulls as often (polling), so the copy stays fresh when
+notifications cannot come.  A heartbeat or event of a subscription the
+agent holds a cookie for but never heard named (its "subscribed" answers
+were lost) is taken up at once.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 #: Datagrams held while a gap waits to fill or a pull is under way.
 MAX_HELD = 4096
+#: Subscribe requests left unanswered before the agent moves to the next node.
+SWITCH_AFTER = 2
 
 
 @dataclass
@@ -33,10 +49,13 @@ class Change:
 @dataclass
 class LocalCopy:
     """The agent's copy of the keys under its prefix: values as tagged JSON,
-    complete up to ``revision``."""
+    complete up to ``revision``.  ``synced`` once it holds a snapshot (until
+    then, and once the server's history cannot be trusted, the next pull is
+    a snapshot)."""
 
     items: dict[str, Any] = field(default_factory=dict)
     revision: int = 0
+    synced: bool = False
 
     def put(self, key: str, value: Any, revision: int) -> Change | None:
         self.revision = max(self.revision, revision)
@@ -56,7 +75,7 @@ class LocalCopy:
         changes = [Change("delete", key, revision) for key in self.items if key not in items]
         changes += [Change("put", key, revision, value) for key, value in items.items()
                     if key not in self.items or not _same(self.items[key], value)]
-        self.items, self.revision = dict(items), revision
+        self.items, self.revision, self.synced = dict(items), revision, True
         return changes
 
 
@@ -155,3 +174,220 @@ class SequenceTracker:
 
     def pull_failed(self) -> None:
         self._pull = None
+
+
+class Backoff:
+    """A delay that doubles each time it is used, up to *maximum*, until reset."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial, self.maximum = initial, maximum
+        self.delay = initial
+
+    def next(self) -> float:
+        """The delay to wait now; the next one is twice as long."""
+        delay = self.delay
+        self.delay = min(delay * 2, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.initial
+
+
+class State(Enum):
+    UNSUBSCRIBED = "unsubscribed"           # not started, or stopped
+    AWAITING_COOKIE = "awaiting cookie"     # asking the node for a cookie
+    SUBSCRIBING = "subscribing"             # the node's cookie sent; no subscription yet
+    SUBSCRIBED = "subscribed"               # renewing every third of the lease
+    SILENT = "silent"                       # heartbeats stopped; subscribing again
+    NEXT_NODE = "next node"                 # moved to the next node; asking it for a cookie
+
+
+class Event(Enum):
+    START = "start"
+    STOP = "stop"
+    COOKIE = "cookie"                       # the node sent a cookie
+    RENEWED = "renewed"                     # "subscribed", naming the subscription held
+    NEW_SUBSCRIPTION = "new subscription"   # "subscribed", naming another one
+    UNKNOWN_SUBSCRIPTION = "unknown subscription"   # a heartbeat or event of one not named yet
+    SILENCE = "silence"                     # no heartbeat for three intervals and a second
+    RENEW_DUE = "renew due"                 # a third of the lease has gone
+    RETRY_DUE = "retry due"                 # a subscribe went unanswered; the backoff is over
+    UNANSWERED = "unanswered"               # SWITCH_AFTER of them, and there is another node
+    POLL_DUE = "poll due"                   # not subscribed: time to pull anyway
+
+
+class Action(Enum):
+    """What the shell does for a transition."""
+
+    SUBSCRIBE = "subscribe"                 # send a subscribe, with the cookie if there is one
+    UNSUBSCRIBE = "unsubscribe"             # send an unsubscribe
+    PULL = "pull"                           # bring the copy up to date over TCP
+    RESYNC = "resync"                       # numbers restart at the answer's seq; pull
+    ADOPT = "adopt"                         # the same, for a subscription taken up unnamed
+    CATCH_UP = "catch up"                   # the answer's seq may show a gap: pull if so
+    FOLLOW_NEXT_NODE = "follow next node"   # subscribe and pull at the next node from now on
+    REPORT_SILENCE = "report silence"       # log that the node went quiet
+
+
+S, E, A = State, Event, Action
+
+#: The subscription cycle, one line per transition: (state, event): (next
+#: state, what the shell does, in order).  An event without a line in the
+#: current state changes nothing.
+TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
+    (S.UNSUBSCRIBED, E.START):                (S.AWAITING_COOKIE, (A.PULL, A.SUBSCRIBE)),
+
+    (S.AWAITING_COOKIE, E.COOKIE):            (S.SUBSCRIBING, (A.SUBSCRIBE,)),
+    (S.AWAITING_COOKIE, E.NEW_SUBSCRIPTION):  (S.SUBSCRIBED, (A.RESYNC,)),
+    (S.AWAITING_COOKIE, E.RETRY_DUE):         (S.AWAITING_COOKIE, (A.SUBSCRIBE,)),
+    (S.AWAITING_COOKIE, E.UNANSWERED):        (S.NEXT_NODE, (A.FOLLOW_NEXT_NODE, A.SUBSCRIBE)),
+    (S.AWAITING_COOKIE, E.POLL_DUE):          (S.AWAITING_COOKIE, (A.PULL,)),
+    (S.AWAITING_COOKIE, E.STOP):              (S.UNSUBSCRIBED, ()),
+
+    (S.SUBSCRIBING, E.COOKIE):                (S.SUBSCRIBING, (A.SUBSCRIBE,)),
+    (S.SUBSCRIBING, E.NEW_SUBSCRIPTION):      (S.SUBSCRIBED, (A.RESYNC,)),
+    (S.SUBSCRIBING, E.UNKNOWN_SUBSCRIPTION):  (S.SUBSCRIBED, (A.ADOPT,)),
+    (S.SUBSCRIBING, E.RETRY_DUE):             (S.SUBSCRIBING, (A.SUBSCRIBE,)),
+    (S.SUBSCRIBING, E.UNANSWERED):            (S.NEXT_NODE, (A.FOLLOW_NEXT_NODE, A.SUBSCRIBE)),
+    (S.SUBSCRIBING, E.POLL_DUE):              (S.SUBSCRIBING, (A.PULL,)),
+    (S.SUBSCRIBING, E.STOP):                  (S.UNSUBSCRIBED, ()),
+
+    (S.SUBSCRIBED, E.COOKIE):                 (S.SUBSCRIBED, (A.SUBSCRIBE,)),
+    (S.SUBSCRIBED, E.RENEWED):                (S.SUBSCRIBED, (A.CATCH_UP,)),
+    (S.SUBSCRIBED, E.NEW_SUBSCRIPTION):       (S.SUBSCRIBED, (A.RESYNC,)),
+    (S.SUBSCRIBED, E.RENEW_DUE):              (S.SUBSCRIBED, (A.SUBSCRIBE,)),
+    (S.SUBSCRIBED, E.SILENCE):                (S.SILENT, (A.REPORT_SILENCE,)),
+    (S.SUBSCRIBED, E.STOP):                   (S.UNSUBSCRIBED, (A.UNSUBSCRIBE,)),
+
+    (S.SILENT, E.COOKIE):                     (S.SUBSCRIBING, (A.SUBSCRIBE,)),
+    (S.SILENT, E.NEW_SUBSCRIPTION):           (S.SUBSCRIBED, (A.RESYNC,)),
+    (S.SILENT, E.UNKNOWN_SUBSCRIPTION):       (S.SUBSCRIBED, (A.ADOPT,)),
+    (S.SILENT, E.RETRY_DUE):                  (S.SILENT, (A.SUBSCRIBE,)),
+    (S.SILENT, E.UNANSWERED):                 (S.NEXT_NODE, (A.FOLLOW_NEXT_NODE, A.SUBSCRIBE)),
+    (S.SILENT, E.POLL_DUE):                   (S.SILENT, (A.PULL,)),
+    (S.SILENT, E.STOP):                       (S.UNSUBSCRIBED, ()),
+
+    (S.NEXT_NODE, E.COOKIE):                  (S.SUBSCRIBING, (A.SUBSCRIBE,)),
+    (S.NEXT_NODE, E.NEW_SUBSCRIPTION):        (S.SUBSCRIBED, (A.RESYNC,)),
+    (S.NEXT_NODE, E.RETRY_DUE):               (S.NEXT_NODE, (A.SUBSCRIBE,)),
+    (S.NEXT_NODE, E.UNANSWERED):              (S.NEXT_NODE, (A.FOLLOW_NEXT_NODE, A.SUBSCRIBE)),
+    (S.NEXT_NODE, E.POLL_DUE):                (S.NEXT_NODE, (A.PULL,)),
+    (S.NEXT_NODE, E.STOP):                    (S.UNSUBSCRIBED, ()),
+}
+
+
+class SubscriptionCycle:
+    """The agent's subscription to one node of *nodes*, as a state machine.
+
+    Its inputs are the methods below, each given the time; each returns the
+    Actions the shell must take, in order.  It keeps the cycle's data: the
+    node's cookie, the subscription's id, lease and heartbeat interval, when
+    it was last heard from, and when the next subscribe is due (every third
+    of the lease when subscribed, backing off from one second to
+    *max_backoff* when not).
+    """
+
+    def __init__(self, nodes: int = 1, max_backoff: float = 30) -> None:
+        self.nodes = nodes
+        self.state = S.UNSUBSCRIBED
+        self.cookie: str | None = None
+        self.sub: str | None = None
+        self.lease, self.heartbeat = 30.0, 2.0
+        self.last_heard = 0.0
+        self.renew_at = 0.0
+        self.next_poll = 0.0
+        self.unanswered = 0
+        self.backoff = Backoff(1.0, max_backoff)
+
+    # Inputs
+
+    def start(self, now: float) -> list[Action]:
+        return self._fire(E.START, now)
+
+    def stop(self, now: float) -> list[Action]:
+        return self._fire(E.STOP, now)
+
+    def cookie_arrived(self, cookie: str, now: float) -> list[Action]:
+        return self._fire(E.COOKIE, now, cookie)
+
+    def subscribed(self, sub: str, lease: float, heartbeat: float,
+                   now: float) -> list[Action]:
+        """The node answered a subscribe: subscription *sub* holds."""
+        event = E.RENEWED if sub == self.sub else E.NEW_SUBSCRIPTION
+        return self._fire(event, now, sub, lease, heartbeat)
+
+    def heard(self, sub: Any, now: float) -> tuple[bool, list[Action]]:
+        """A heartbeat or an event of subscription *sub* arrived.  Whether
+        it is the subscription the agent holds (or has just taken up), and
+        what to do."""
+        if self.sub is not None and sub == self.sub:
+            self.last_heard = now
+            return True, []
+        if type(sub) is not str:
+            return False, []
+        actions = self._fire(E.UNKNOWN_SUBSCRIPTION, now, sub)
+        return bool(actions), actions
+
+    def tick(self, now: float, can_poll: bool) -> list[Action]:
+        """Time passed: is the node silent, a subscribe due, a poll due (only
+        if *can_poll*: the copy holds a snapshot)?"""
+        if self.state is S.UNSUBSCRIBED:
+            return []
+        actions = []
+        if self.state is S.SUBSCRIBED and now - self.last_heard > 3 * self.heartbeat + 1:
+            actions += self._fire(E.SILENCE, now)
+        if self.state is not S.SUBSCRIBED and can_poll and now >= self.next_poll:
+            actions += self._fire(E.POLL_DUE, now)
+        if now >= self.renew_at:
+            if self.state is S.SUBSCRIBED:
+                actions += self._fire(E.RENEW_DUE, now)
+            else:
+                self.unanswered += 1
+                moving = self.unanswered > SWITCH_AFTER and self.nodes > 1
+                actions += self._fire(E.UNANSWERED if moving else E.RETRY_DUE, now)
+        return actions
+
+    # The machine
+
+    def _fire(self, event: Event, now: float, *data: Any) -> list[Action]:
+        transition = TRANSITIONS.get((self.state, event))
+        if transition is None:
+            return []
+        self.state, actions = transition
+        self._record(event, now, *data)
+        return list(actions)
+
+    def _record(self, event: Event, now: float, *data: Any) -> None:
+        """What *event* changes in the cycle's data, in whichever state."""
+        if event is E.START:
+            self.backoff.reset()
+            self.renew_at = self.next_poll = now + self.backoff.delay
+        elif event is E.COOKIE:
+            (self.cookie,) = data
+        elif event in (E.RENEWED, E.NEW_SUBSCRIPTION):
+            self.sub, self.lease, self.heartbeat = data
+            self.last_heard = now
+            self.renew_at = now + self.lease / 3
+            self.backoff.reset()
+            self.unanswered = 0
+        elif event is E.UNKNOWN_SUBSCRIPTION:
+            (self.sub,) = data
+            self.last_heard = now
+            self.renew_at = now             # renew at once, to learn the lease
+        elif event is E.SILENCE:
+            self.sub = None
+            self.renew_at = now
+            self.backoff.reset()
+        elif event is E.RENEW_DUE:
+            self.unanswered = 0
+            self.renew_at = now + self.lease / 3
+        elif event is E.RETRY_DUE:
+            self.renew_at = now + self.backoff.next()
+        elif event is E.UNANSWERED:
+            # A new node knows nothing of the old one's cookie.
+            self.cookie = None
+            self.unanswered = 0
+            self.backoff.reset()
+            self.renew_at = now + self.backoff.next()
+        elif event is E.POLL_DUE:
+            self.next_poll = now + self.backoff.delay

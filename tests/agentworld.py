@@ -162,7 +162,7 @@ class World:
         """Run until the agent holds a subscription (lost handshakes are
         retried with backoff)."""
         waited = 0.0
-        while self.agent.sub is None:
+        while self.agent.cycle.sub is None:
             assert waited < limit, "the agent never subscribed"
             self.run(0.1)
             waited += 0.1

@@ -46,7 +46,7 @@ def test_agent_takes_a_snapshot_then_follows_datagrams():
     world = World(store)
     world.run(0.1)
     assert world.agent.local_copy.items == {"app/a": 1}
-    assert world.agent.sub is not None
+    assert world.agent.cycle.sub is not None
     pulls = world.source.calls
     store.put("app/c", [1, 2])
     store.delete("app/a")
@@ -78,7 +78,7 @@ def test_copy_converges_through_20_percent_loss_duplication_and_reordering(seed)
     world = World(store, seed=seed, drop=0.2, duplicate=0.2, reorder=0.2)
     world.until_subscribed()
     random_writes(world, 1000, seed)
-    world.run(3 * world.agent.heartbeat)
+    world.run(3 * world.agent.cycle.heartbeat)
     assert world.network.dropped > 100 and world.network.reordered > 100
     assert world.agent.local_copy.items == expected_copy(store, "app/")
     assert world.agent.local_copy.revision == store.revision
@@ -105,7 +105,7 @@ def test_compacted_history_falls_back_to_a_snapshot():
     world.network.up = False            # the agent hears nothing
     random_writes(world, 200, 4)
     world.network.up = True
-    world.run(3 * world.agent.heartbeat + 2)
+    world.run(3 * world.agent.cycle.heartbeat + 2)
     assert world.agent.local_copy.items == expected_copy(store, "app/")
     assert world.agent.counters["snapshots"] >= 2
 
@@ -119,7 +119,7 @@ def test_tail_loss_is_found_by_the_heartbeat():
     world.run(0.1)
     world.network.drop = 0.0
     assert "app/last" not in world.agent.local_copy.items
-    world.run(world.agent.heartbeat + 0.1)   # ... until the next heartbeat
+    world.run(world.agent.cycle.heartbeat + 0.1)   # ... until the next heartbeat
     assert world.agent.local_copy.items == {"app/last": "lost"}
     assert world.agent.counters["gaps"] == 1
 
@@ -128,15 +128,15 @@ def test_server_restart_resubscribes_and_resynchronises():
     store = clocked_store()
     world = World(store)
     world.run(0.5)
-    old = world.agent.sub
+    old = world.agent.cycle.sub
     store.put("app/before", 1)
     world.run(0.1)
     world.restart_server()
     # Written while the new server has no subscription for the agent.
     store.put("app/during", 2)
     store.delete("app/before")
-    world.run(3 * world.agent.heartbeat + 2)
-    assert world.agent.sub not in (None, old)
+    world.run(3 * world.agent.cycle.heartbeat + 2)
+    assert world.agent.cycle.sub not in (None, old)
     assert world.agent.local_copy.items == {"app/during": 2}
     store.put("app/after", 3)
     world.run(0.1)
@@ -151,10 +151,10 @@ def test_a_subscription_whose_answers_are_lost_is_adopted_from_a_heartbeat():
     world = World(store)
     world.network.drop_if = lambda datagram: b'"t":"subscribed"' in datagram
     world.run(0.5)
-    assert world.agent.sub is None
+    assert world.agent.cycle.sub is None
     assert world.notifier.stats()["subscriptions"] == 1
-    world.run(world.agent.heartbeat)
-    assert world.agent.sub is not None
+    world.run(world.agent.cycle.heartbeat)
+    assert world.agent.cycle.sub is not None
     store.put("app/k", "v")
     world.run(0.1)
     assert world.agent.local_copy.items == {"app/k": "v"}
@@ -168,14 +168,14 @@ def test_server_down_backs_off_then_picks_up_where_it_left_off():
     store.put("app/x", "while down")
     world.run(60)
     agent = world.agent
-    assert agent.sub is None
+    assert agent.cycle.sub is None
     # Subscribe attempts backed off: far fewer than one per tick.
     attempts = agent.counters["subscribes"]
     world.run(60)
     assert agent.counters["subscribes"] - attempts <= 60 / agent.max_backoff + 2
     world.network.up = world.source.up = True
     world.run(agent.max_backoff + 5)
-    assert agent.sub is not None
+    assert agent.cycle.sub is not None
     assert agent.local_copy.items == {"app/x": "while down"}
 
 
@@ -197,9 +197,9 @@ def test_lease_is_renewed_before_it_expires():
     store = clocked_store(lease_seconds=6)
     world = World(store)
     world.run(0.5)
-    sub = world.agent.sub
+    sub = world.agent.cycle.sub
     world.run(60)
-    assert world.agent.sub == sub
+    assert world.agent.cycle.sub == sub
     assert world.notifier.counters["expired"] == 0
     assert world.notifier.counters["renewals"] >= 60 // 2 - 2
 
@@ -218,7 +218,7 @@ def test_a_store_that_went_back_in_time_is_resnapshotted():
     world.clock.advance(0)
     world.store = world.source.store = fresh
     world.restart_server()
-    world.run(3 * world.agent.heartbeat + 2)
+    world.run(3 * world.agent.cycle.heartbeat + 2)
     assert world.agent.local_copy.items == {"app/new": "only"}
 
 
@@ -232,12 +232,13 @@ def test_garbage_and_foreign_datagrams_change_nothing():
     rng = random.Random(5)
     for size in range(0, 3000, 7):
         agent.received(rng.randbytes(size), ("127.0.0.1", 15002))
-    for message in [{"v": 1, "t": "event", "sub": agent.sub, "seq": "x"},
-                    {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.sequence.last_seq + 1},
+    sub, next_seq = agent.cycle.sub, agent.sequence.last_seq + 1
+    for message in [{"v": 1, "t": "event", "sub": sub, "seq": "x"},
+                    {"v": 1, "t": "event", "sub": sub, "seq": next_seq},
                     {"v": 1, "t": "heartbeat"}, {"v": 1, "t": "nonsense"}, [1, 2],
                     {"v": 2, "t": "event"}]:
         agent.received(json.dumps(message).encode(), ("127.0.0.1", 15002))
-    forged = {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.sequence.last_seq + 1,
+    forged = {"v": 1, "t": "event", "sub": agent.cycle.sub, "seq": agent.sequence.last_seq + 1,
               "rev": 99, "op": "put", "key": "app/evil", "value": 1}
     agent.received(json.dumps(forged).encode(), ("10.9.9.9", 15002))
     assert agent.counters["foreign"] == 1
@@ -251,7 +252,7 @@ def test_without_the_secret_forged_events_are_refused():
     world = World(store, secret=b"k1")
     world.run(0.5)
     agent = world.agent
-    forged = {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.sequence.last_seq + 1,
+    forged = {"v": 1, "t": "event", "sub": agent.cycle.sub, "seq": agent.sequence.last_seq + 1,
               "rev": 99, "op": "put", "key": "app/evil", "value": 1}
     agent.received(json.dumps(forged).encode(), ("127.0.0.1", 15002))
     agent.received(json.dumps(forged).encode() + b"\n" + b"0" * 64, ("127.0.0.1", 15002))
