@@ -14,7 +14,7 @@ import socket
 import sys
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -113,6 +113,7 @@ class AgentService(service.Service):
         self.on_failure = on_failure
         self.agent: Agent | None = None
         self.port = None
+        self.sources: list[XMLRPCSource] = []
 
     def startService(self) -> None:
         super().startService()
@@ -125,7 +126,8 @@ class AgentService(service.Service):
         nodes = []
         for host, port, url in options["nodes"]:
             address = yield reactor.resolve(host)
-            nodes.append(((address, port), XMLRPCSource(url, reactor)))
+            self.sources.append(XMLRPCSource(url, reactor))
+            nodes.append(((address, port), self.sources[-1]))
         (server, source), *alternates = nodes
         self.agent = Agent(options["prefix"], server, source, self.listener,
                            reactor, Sealer(options["secret"], reactor), alternates=alternates)
@@ -143,13 +145,14 @@ class AgentService(service.Service):
             # startService may run before the reactor does.
             self.reactor.callWhenRunning(self.reactor.stop)
 
-    def stopService(self) -> Deferred | None:
+    def stopService(self) -> Deferred:
         super().stopService()
         if self.agent is not None:
             self.agent.stop()
+        stopped = [source.close() for source in self.sources]
         if self.port is not None:
-            return self.port.stopListening()
-        return None
+            stopped.append(maybeDeferred(self.port.stopListening))
+        return gatherResults(stopped)
 
 
 def _route_to(server: tuple[str, int]) -> str:
