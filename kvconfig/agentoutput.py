@@ -4,8 +4,9 @@ batch of changes to.
 
 FileOutput writes the prefix as one JSON file (atomically, debounced) and
 runs a reload command, restoring the last known-good file when the command
-fails; ChangeLogger logs each change; EventPrinter prints each as a JSON
-line, for the ``kvconfig-agent`` command.
+fails; a write that fails is logged and retried, backing off.  ChangeLogger
+logs each change; EventPrinter prints each as a JSON line, for the
+``kvconfig-agent`` command.
 """
 
 from __future__ import annotations
@@ -24,12 +25,30 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kvconfig.agentstate import Change, LocalCopy
+from kvconfig.agentstate import Backoff, Change, LocalCopy
 
 
 def render(items: dict[str, Any]) -> bytes:
     """The output file's content: the prefix as one JSON object, keys sorted."""
     return (json.dumps(items, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def output_problem(path: str) -> str | None:
+    """Why the agent could not keep its file at *path*, or None: its
+    directory is missing or not writable, or *path* is not a file it can
+    read and replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(directory):
+        return f"the directory {directory} does not exist"
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"the directory {directory} is not writable"
+    if os.path.isdir(path):
+        return f"{path} is a directory"
+    if os.path.exists(path) and not os.access(path, os.R_OK):
+        return f"{path} cannot be read"
+    return None
 
 
 def write_atomically(path: str, content: bytes) -> None:
@@ -121,10 +140,14 @@ class FileOutput:
     *max_delay* after the first.  Nothing is written when the content is
     unchanged.  If the reload command fails the last known-good file (the
     one the last successful reload read, or the file found at start) is put
-    back and the failure logged.
+    back and the failure logged.  A write that fails (the directory went
+    away, the disk is full) is one error line, and is tried again after
+    ``retry_first`` seconds, then twice as long each time up to
+    ``retry_max``, with the latest content.
     """
 
     log = Logger()
+    retry_first, retry_max = 1.0, 30.0
 
     def __init__(self, path: str, clock: IReactorTime, command: str | None = None,
                  debounce: float = 0.2, max_delay: float = 2.0,
@@ -143,6 +166,8 @@ class FileOutput:
         self._items: dict[str, Any] | None = None
         self._first_change_at: float | None = None
         self._timer = None
+        self._retry = None
+        self._retry_delay = Backoff(self.retry_first, self.retry_max)
         self._reloading = False
         self._failed: bytes | None = None
         self.synced = False
@@ -152,6 +177,8 @@ class FileOutput:
             return
         self.synced = True
         self._items = dict(local_copy.items)
+        if self._retry is not None and self._retry.active():
+            return      # the retry writes the latest items, when its backoff is over
         now = self.clock.seconds()
         if self._first_change_at is None:
             self._first_change_at = now
@@ -170,7 +197,15 @@ class FileOutput:
         content = render(self._items)
         if content == self.written or content == self._failed:
             return
-        write_atomically(self.path, content)
+        try:
+            write_atomically(self.path, content)
+        except OSError as e:
+            delay = self._retry_delay.next()
+            self.log.error("cannot write {path}: {error}; trying again in {delay:.0f} s",
+                           path=self.path, error=e.strerror or e, delay=delay)
+            self._retry = self.clock.callLater(delay, self.flush)
+            return
+        self._retry_delay.reset()
         self.written = content
         self.counters["writes"] += 1
         self.log.info("wrote {path} ({size} bytes)", path=self.path, size=len(content))
@@ -200,12 +235,19 @@ class FileOutput:
                                "known-good {path} to restore, keeping the new one",
                                command=self.command, failure=failure, path=self.path)
             else:
-                write_atomically(self.path, self.known_good)
-                self.written = self.known_good
-                self.counters["restores"] += 1
-                self.log.error("reload command {command!r} failed ({failure}); restored "
-                               "the last known-good {path}", command=self.command,
-                               failure=failure, path=self.path)
+                try:
+                    write_atomically(self.path, self.known_good)
+                except OSError as e:
+                    self.log.error("reload command {command!r} failed ({failure}); cannot "
+                                   "restore the last known-good {path}: {error}",
+                                   command=self.command, failure=failure, path=self.path,
+                                   error=e.strerror or e)
+                else:
+                    self.written = self.known_good
+                    self.counters["restores"] += 1
+                    self.log.error("reload command {command!r} failed ({failure}); restored "
+                                   "the last known-good {path}", command=self.command,
+                                   failure=failure, path=self.path)
         self.flush()    # changes that came during the reload
 
 

@@ -20,7 +20,13 @@ from twisted.python import usage
 
 from kvconfig import __version__, values
 from kvconfig.agent import Agent, AgentProtocol, Listener
-from kvconfig.agentoutput import ChangeLogger, EventPrinter, FileOutput, run_command
+from kvconfig.agentoutput import (
+    ChangeLogger,
+    EventPrinter,
+    FileOutput,
+    output_problem,
+    run_command,
+)
 from kvconfig.agentpull import XMLRPCSource
 from kvconfig.errors import KVConfigError
 from kvconfig.udpwire import Sealer, read_secret
@@ -72,6 +78,10 @@ class Options(usage.Options):
             raise usage.UsageError("--udp-port must be 1..65535")
         if self["exec"] and not self["output"]:
             raise usage.UsageError("--exec needs --output")
+        if self["output"] and (problem := output_problem(self["output"])):
+            # Not a usage error: the options are right, the machine is not
+            # ready for them.  One line, and twistd exits 1 before starting.
+            raise SystemExit(f"kvconfig-agent: --output {self['output']}: {problem}")
         self["nodes"] = parse_nodes(self["server"], self["udp-port"], self["xmlrpc"])
         self["secret"] = None
         if self["secret-file"]:

@@ -9,6 +9,7 @@ import stat
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, formatEvent
 
 from kvconfig.agentoutput import EventPrinter, FileOutput, render
 from kvconfig.agentstate import Change, LocalCopy
@@ -174,3 +175,69 @@ def test_event_printer_prints_json_lines_and_stops_after_count(tmp_path):
         {"op": "put", "key": "app/a", "revision": 3, "value": {"x": 1}},
         {"op": "delete", "key": "app/b", "revision": 4}]
     assert done == [True]
+
+
+def errors(events: list[dict]) -> list[dict]:
+    return [event for event in events if event["log_level"] == LogLevel.error]
+
+
+def test_a_write_that_fails_is_one_error_per_attempt_retried_with_backoff(tmp_path):
+    """The directory goes away: each attempt is one error event (not a
+    failure with a traceback), attempts back off 1, 2, 4 ... seconds, changes
+    in between do not add attempts, and the latest content is written once
+    the directory is back."""
+    directory = tmp_path / "out"
+    directory.mkdir()
+    clock = Clock()
+    out = FileOutput(str(directory / "config.json"), clock, None, debounce=0.1)
+    events: list[dict] = []
+    out.log = Logger(observer=events.append)
+    directory.rmdir()
+    local_copy = LocalCopy()
+    change(local_copy, out, "app/a", 1)
+    attempts = []
+    while clock.seconds() < 8:
+        clock.advance(min(call.getTime() for call in clock.getDelayedCalls())
+                      - clock.seconds())
+        if len(errors(events)) > len(attempts):
+            attempts.append(round(clock.seconds(), 2))
+            change(local_copy, out, "app/a", len(attempts) + 1)    # no extra attempt
+    assert attempts == [0.1, 1.1, 3.1, 7.1, 15.1]
+    assert errors(events) == events and not [e for e in events if "log_failure" in e]
+    assert "No such file or directory" in formatEvent(events[0])
+    directory.mkdir()
+    clock.advance(15.9)
+    assert not os.path.exists(directory / "config.json")    # the backoff holds
+    clock.advance(0.1)
+    assert read(directory / "config.json") == {"app/a": 6}
+    assert out.counters["writes"] == 1 and len(errors(events)) == 5
+    # Written: the next failure starts from the first delay again.
+    change(local_copy, out, "app/a", 7)
+    (directory / "config.json").unlink()
+    directory.rmdir()
+    clock.advance(0.1)
+    clock.advance(1)
+    assert len(errors(events)) == 7
+
+
+def test_a_restore_that_fails_is_one_error_line(tmp_path):
+    directory = tmp_path / "out"
+    directory.mkdir()
+    clock = Clock()
+    reloads = Reloads()
+    reloads.path = str(directory / "config.json")
+    out = FileOutput(reloads.path, clock, "reload", run=reloads)
+    events: list[dict] = []
+    out.log = Logger(observer=events.append)
+    local_copy = LocalCopy()
+    change(local_copy, out, "app/a", "good")
+    clock.advance(1)
+    reloads.finish()
+    change(local_copy, out, "app/a", "bad")
+    clock.advance(1)
+    os.unlink(reloads.path)
+    directory.rmdir()
+    reloads.finish("exit status 1")
+    failed = [formatEvent(e) for e in errors(events)]
+    assert len(failed) == 1 and "cannot restore the last known-good" in failed[0]
+    assert out.counters["restores"] == 0
