@@ -98,6 +98,7 @@ class Agent:
              "pull_failures", "subscribes", "resubscriptions", "foreign", "node_switches"), 0)
         self._pull_backoff = Backoff(0.1, max_backoff)
         self._pull_again = False
+        self._pulling: Deferred | None = None
         self._tick_call = self._gap_timer = self._retry_call = None
 
     @property
@@ -121,6 +122,8 @@ class Agent:
             if call is not None and call.active():
                 call.cancel()
         self._do(self.cycle.stop(self.clock.seconds()))
+        if self._pulling is not None:
+            self._pulling.cancel()      # its failure, now, is not news
 
     def _tick(self) -> None:
         self._do(self.cycle.tick(self.clock.seconds(), can_poll=self.local_copy.synced))
@@ -321,6 +324,7 @@ class Agent:
             self.counters["pulls"] += 1
             d = self.source.changes(self.prefix, since).addCallback(self._changes_arrived,
                                                                      since)
+        self._pulling = d
         d.addCallbacks(self._pulled, self._pull_failed)
 
     def _snapshot_arrived(self, result: tuple[int, dict[str, Any]]) -> None:
@@ -351,6 +355,7 @@ class Agent:
         self.listener.copy_changed(local_copy, [c for c in applied if c])
 
     def _pulled(self, _: Any) -> None:
+        self._pulling = None
         self.sequence.pull_done()
         self._pull_backoff.reset()
         if self._pull_again:
@@ -359,7 +364,10 @@ class Agent:
             self._drain()
 
     def _pull_failed(self, failure: Failure) -> None:
+        self._pulling = None
         self.sequence.pull_failed()
+        if self.cycle.state is State.UNSUBSCRIBED:
+            return          # stopped: the pull was abandoned
         if failure.check(errors.Compacted):
             self.log.info("history compacted; taking a snapshot of {prefix!r}",
                           prefix=self.prefix)
@@ -373,8 +381,7 @@ class Agent:
         delay = self._pull_backoff.next()
         self.log.warn("cannot pull from the server ({error}); retrying in {delay:.1f} s",
                       error=failure.getErrorMessage() or failure.type.__name__, delay=delay)
-        if self.cycle.state is not State.UNSUBSCRIBED:
-            self._retry_call = self.clock.callLater(delay, self.pull)
+        self._retry_call = self.clock.callLater(delay, self.pull)
 
     def _send(self, message: dict[str, Any], padded: bool = False) -> None:
         if self.transport is None:

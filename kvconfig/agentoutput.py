@@ -263,7 +263,8 @@ class ChangeLogger:
 
 
 class EventPrinter:
-    """Prints each change as a JSON line, for watching from a terminal."""
+    """Prints each change as a JSON line, for watching from a terminal; with
+    *count*, that many and no more, then calls *done*."""
 
     def __init__(self, out=None, count: int | None = None,
                  done: Callable[[], None] | None = None) -> None:
@@ -273,6 +274,8 @@ class EventPrinter:
 
     def copy_changed(self, local_copy: LocalCopy, changes: list[Change]) -> None:
         for change in changes:
+            if self.remaining == 0:
+                return      # done; changes that come before the exit are not printed
             line = {"op": change.op, "key": change.key, "revision": change.revision}
             if change.op == "put":
                 line["value"] = change.value
@@ -282,5 +285,4 @@ class EventPrinter:
                 self.remaining -= 1
                 if self.remaining == 0 and self.done is not None:
                     self.done()
-                    return
 

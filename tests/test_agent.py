@@ -11,6 +11,7 @@ import json
 import random
 
 import pytest
+from twisted.logger import Logger, formatEvent
 
 from kvconfig.agentstate import MAX_HELD, LocalCopy
 
@@ -306,3 +307,18 @@ def test_one_true_and_one_point_zero_are_different_values():
         world.run(0.1)
         assert json.dumps(world.agent.local_copy.items) == json.dumps({"app/x": value})
 
+
+
+def test_stopping_abandons_a_pull_under_way_without_complaint():
+    """Stopped while its first snapshot is under way (as ``--count`` stops
+    it), the agent neither logs the abandoned pull as a failure nor retries."""
+    store = clocked_store()
+    world = World(store)
+    events: list[dict] = []
+    world.agent.log = Logger(observer=events.append)
+    world.agent.stop()
+    world.source.up = False         # the process exits: its connection is lost
+    world.run(1)
+    assert world.agent.counters["pull_failures"] == 0
+    assert [formatEvent(event) for event in events] == []
+    assert world.source.calls == 1 and world.agent.local_copy.items == {}

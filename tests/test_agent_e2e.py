@@ -504,6 +504,50 @@ def test_kvconfig_agent_command_prints_keys_then_changes_and_exits_after_count(k
         command.stop()
 
 
+def test_kvconfig_agent_count_prints_exactly_n_lines_when_events_share_a_revision(tmp_path):
+    """``kvconfig-agent --count 3``: the current key, one change, then a
+    multicall of three saves (one revision, three datagrams): exactly three
+    lines in all, and a clean exit."""
+    server = KVConfigProcess(tmp_path, None, FAST_HEARTBEAT)
+    try:
+        server.start()
+        s = ServerProxy(server.url, allow_none=True, use_builtin_types=True)
+        s.save("multi/a", 0)
+        command = AgentCommand(server, "multi/", "--count=3")
+        try:
+            assert command.next_line()["key"] == "multi/a"
+            wait_for(lambda: s.stats()["udp_subscriptions"] == 1, "the agent's subscription")
+            s.save("multi/b", 1)
+            assert command.next_line()["key"] == "multi/b"
+            batch = MultiCall(s)
+            for n in range(3):
+                batch.save(f"multi/c{n}", n)
+            batch()
+            assert command.next_line()["key"] == "multi/c0"
+            assert command.process.wait(timeout=20) == 0
+            assert command.rest() == [], "lines after the third"
+        finally:
+            command.stop()
+    finally:
+        server.stop()
+
+
+def test_kvconfig_agent_count_exits_without_complaint(kvserver):
+    """``kvconfig-agent --count 1`` satisfied by the first snapshot exits 0
+    with one line, and does not log the pull it abandons on the way out as
+    "cannot pull from the server"."""
+    kvserver.proxy().save("quiet/a", 1)
+    command = AgentCommand(kvserver, "quiet/", "--count=1")
+    try:
+        assert command.next_line()["key"] == "quiet/a"
+        assert command.process.wait(timeout=20) == 0
+        assert command.rest() == []
+        errors = command.errors()
+        assert "cannot pull" not in errors, errors
+    finally:
+        command.stop()
+
+
 def _secret(path: Path, secret: bytes) -> Path:
     path.write_bytes(secret + b"\n")
     path.chmod(0o600)

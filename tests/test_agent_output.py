@@ -241,3 +241,17 @@ def test_a_restore_that_fails_is_one_error_line(tmp_path):
     failed = [formatEvent(e) for e in errors(events)]
     assert len(failed) == 1 and "cannot restore the last known-good" in failed[0]
     assert out.counters["restores"] == 0
+
+
+def test_event_printer_stops_at_count_across_batches():
+    """Events of one revision come in several batches (one per datagram):
+    with count=1 the first is printed and nothing after it."""
+    import io
+
+    lines = io.StringIO()
+    done = []
+    printer = EventPrinter(lines, count=1, done=lambda: done.append(True))
+    for key in ("app/a", "app/b", "app/c"):
+        printer.copy_changed(LocalCopy(), [Change("put", key, 5, 1)])
+    assert [json.loads(line)["key"] for line in lines.getvalue().splitlines()] == ["app/a"]
+    assert done == [True]
