@@ -94,7 +94,7 @@ class Agent:
         self.cycle = SubscriptionCycle(len(self.nodes), max_backoff)
         self.sequence = SequenceTracker()
         self.counters = dict.fromkeys(
-            ("datagrams", "applied", "duplicates", "gaps", "pulls", "snapshots",
+            ("datagrams", "applied", "duplicates", "gaps", "pulls", "snapshots", "compacted",
              "pull_failures", "subscribes", "resubscriptions", "foreign", "node_switches"), 0)
         self._pull_backoff = Backoff(0.1, max_backoff)
         self._pull_again = False
@@ -369,8 +369,16 @@ class Agent:
         if self.cycle.state is State.UNSUBSCRIBED:
             return          # stopped: the pull was abandoned
         if failure.check(errors.Compacted):
-            self.log.info("history compacted; taking a snapshot of {prefix!r}",
-                          prefix=self.prefix)
+            self.counters["compacted"] += 1
+            if self.counters["compacted"] == 1:
+                # A cluster node's history starts when the node does.
+                self.log.info("the server's history starts after revision {revision}; "
+                              "taking a snapshot of {prefix!r} (normal after a start)",
+                              revision=self.local_copy.revision, prefix=self.prefix)
+            else:
+                self.log.warn("history compacted: the server no longer has the changes "
+                              "after revision {revision}; taking a snapshot of {prefix!r}",
+                              revision=self.local_copy.revision, prefix=self.prefix)
             self.local_copy.synced = False
             self.pull()
             return

@@ -11,7 +11,7 @@ import json
 import random
 
 import pytest
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, LogLevel, formatEvent
 
 from kvconfig.agentstate import MAX_HELD, LocalCopy
 
@@ -322,3 +322,24 @@ def test_stopping_abandons_a_pull_under_way_without_complaint():
     assert world.agent.counters["pull_failures"] == 0
     assert [formatEvent(event) for event in events] == []
     assert world.source.calls == 1 and world.agent.local_copy.items == {}
+
+
+def test_the_first_compacted_history_is_news_and_the_next_a_warning():
+    """A node's history starting after the copy is normal once (a cluster
+    node's history starts with the node): logged as information.  Falling
+    behind the history again is worth a warning."""
+    store = clocked_store(history_events=20)
+    world = World(store, seed=4)
+    events: list[dict] = []
+    world.agent.log = Logger(observer=events.append)
+    world.run(0.5)
+    for _ in range(2):
+        world.network.up = False
+        random_writes(world, 100, 4)
+        world.network.up = True
+        world.run(3 * world.agent.cycle.heartbeat + 2)
+    assert world.agent.local_copy.items == expected_copy(store, "app/")
+    snapshots = [(event["log_level"], formatEvent(event)) for event in events
+                 if "taking a snapshot" in formatEvent(event)]
+    assert [level for level, _ in snapshots] == [LogLevel.info, LogLevel.warn], snapshots
+    assert "normal" in snapshots[0][1] and "compacted" not in snapshots[0][1]
