@@ -237,21 +237,6 @@ S, E, A = State, Event, Action
 TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     (S.UNSUBSCRIBED, E.START):                (S.AWAITING_COOKIE, (A.PULL, A.SUBSCRIBE)),
 
-    (S.AWAITING_COOKIE, E.COOKIE):            (S.SUBSCRIBING, (A.SUBSCRIBE,)),
-    (S.AWAITING_COOKIE, E.NEW_SUBSCRIPTION):  (S.SUBSCRIBED, (A.RESYNC,)),
-    (S.AWAITING_COOKIE, E.RETRY_DUE):         (S.AWAITING_COOKIE, (A.SUBSCRIBE,)),
-    (S.AWAITING_COOKIE, E.UNANSWERED):        (S.NEXT_NODE, (A.FOLLOW_NEXT_NODE, A.SUBSCRIBE)),
-    (S.AWAITING_COOKIE, E.POLL_DUE):          (S.AWAITING_COOKIE, (A.PULL,)),
-    (S.AWAITING_COOKIE, E.STOP):              (S.UNSUBSCRIBED, ()),
-
-    (S.SUBSCRIBING, E.COOKIE):                (S.SUBSCRIBING, (A.SUBSCRIBE,)),
-    (S.SUBSCRIBING, E.NEW_SUBSCRIPTION):      (S.SUBSCRIBED, (A.RESYNC,)),
-    (S.SUBSCRIBING, E.UNKNOWN_SUBSCRIPTION):  (S.SUBSCRIBED, (A.ADOPT,)),
-    (S.SUBSCRIBING, E.RETRY_DUE):             (S.SUBSCRIBING, (A.SUBSCRIBE,)),
-    (S.SUBSCRIBING, E.UNANSWERED):            (S.NEXT_NODE, (A.FOLLOW_NEXT_NODE, A.SUBSCRIBE)),
-    (S.SUBSCRIBING, E.POLL_DUE):              (S.SUBSCRIBING, (A.PULL,)),
-    (S.SUBSCRIBING, E.STOP):                  (S.UNSUBSCRIBED, ()),
-
     (S.SUBSCRIBED, E.COOKIE):                 (S.SUBSCRIBED, (A.SUBSCRIBE,)),
     (S.SUBSCRIBED, E.RENEWED):                (S.SUBSCRIBED, (A.CATCH_UP,)),
     (S.SUBSCRIBED, E.NEW_SUBSCRIPTION):       (S.SUBSCRIBED, (A.RESYNC,)),
@@ -259,21 +244,23 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
     (S.SUBSCRIBED, E.SILENCE):                (S.SILENT, (A.REPORT_SILENCE,)),
     (S.SUBSCRIBED, E.STOP):                   (S.UNSUBSCRIBED, (A.UNSUBSCRIBE,)),
 
-    (S.SILENT, E.COOKIE):                     (S.SUBSCRIBING, (A.SUBSCRIBE,)),
-    (S.SILENT, E.NEW_SUBSCRIPTION):           (S.SUBSCRIBED, (A.RESYNC,)),
+    # Only with the node's cookie sent can a subscription exist unnamed.
+    (S.SUBSCRIBING, E.UNKNOWN_SUBSCRIPTION):  (S.SUBSCRIBED, (A.ADOPT,)),
     (S.SILENT, E.UNKNOWN_SUBSCRIPTION):       (S.SUBSCRIBED, (A.ADOPT,)),
-    (S.SILENT, E.RETRY_DUE):                  (S.SILENT, (A.SUBSCRIBE,)),
-    (S.SILENT, E.UNANSWERED):                 (S.NEXT_NODE, (A.FOLLOW_NEXT_NODE, A.SUBSCRIBE)),
-    (S.SILENT, E.POLL_DUE):                   (S.SILENT, (A.PULL,)),
-    (S.SILENT, E.STOP):                       (S.UNSUBSCRIBED, ()),
-
-    (S.NEXT_NODE, E.COOKIE):                  (S.SUBSCRIBING, (A.SUBSCRIBE,)),
-    (S.NEXT_NODE, E.NEW_SUBSCRIPTION):        (S.SUBSCRIBED, (A.RESYNC,)),
-    (S.NEXT_NODE, E.RETRY_DUE):               (S.NEXT_NODE, (A.SUBSCRIBE,)),
-    (S.NEXT_NODE, E.UNANSWERED):              (S.NEXT_NODE, (A.FOLLOW_NEXT_NODE, A.SUBSCRIBE)),
-    (S.NEXT_NODE, E.POLL_DUE):                (S.NEXT_NODE, (A.PULL,)),
-    (S.NEXT_NODE, E.STOP):                    (S.UNSUBSCRIBED, ()),
 }
+# Not subscribed, wherever in the cycle: a cookie is sent back at once, a
+# subscription taken, unanswered subscribes retried (backing off) until the
+# agent moves on, and meanwhile the copy is polled.
+for _state in (S.AWAITING_COOKIE, S.SUBSCRIBING, S.SILENT, S.NEXT_NODE):
+    TRANSITIONS.update({
+        (_state, E.COOKIE):                   (S.SUBSCRIBING, (A.SUBSCRIBE,)),
+        (_state, E.NEW_SUBSCRIPTION):         (S.SUBSCRIBED, (A.RESYNC,)),
+        (_state, E.RETRY_DUE):                (_state, (A.SUBSCRIBE,)),
+        (_state, E.UNANSWERED):               (S.NEXT_NODE, (A.FOLLOW_NEXT_NODE, A.SUBSCRIBE)),
+        (_state, E.POLL_DUE):                 (_state, (A.PULL,)),
+        (_state, E.STOP):                     (S.UNSUBSCRIBED, ()),
+    })
+del _state
 
 
 class SubscriptionCycle:

@@ -190,6 +190,18 @@ def logs_of(*processes) -> Callable[[], str]:
     return lambda: "\n".join(p.log() for p in processes)
 
 
+def following_with_a_first_write(start_agent, server: KVConfigProcess, prefix: str,
+                                 config: Path, *extra: str):
+    """Start an agent keeping *prefix* in *config*; once a first save
+    (``<prefix>a`` = 1) is in the file, the agent, its logs and a proxy."""
+    agent = start_agent(server, prefix, f"--output={config}", *extra)
+    logs = logs_of(agent)
+    s = server.proxy()
+    s.save(f"{prefix}a", 1)
+    wait_for(lambda: read_json(config) == {f"{prefix}a": 1}, "the first save", logs=logs)
+    return agent, logs, s
+
+
 def count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -318,11 +330,8 @@ def test_restarted_agent_catches_up_with_writes_made_while_it_was_down(
         kvserver, start_agent, tmp_path):
     """Changes made while the agent was dead are in the file once it starts again."""
     config = tmp_path / "config.json"
-    agent = start_agent(kvserver, "down/", f"--output={config}", "--debounce=0.1")
-    logs = logs_of(agent)
-    s = kvserver.proxy()
-    s.save("down/a", 1)
-    wait_for(lambda: read_json(config) == {"down/a": 1}, "the first save", logs=logs)
+    agent, logs, s = following_with_a_first_write(start_agent, kvserver, "down/", config,
+                                                  "--debounce=0.1")
 
     agent.kill(signal.SIGKILL)
     s.save("down/b", 2)
@@ -641,11 +650,8 @@ def test_a_write_that_fails_later_is_one_error_line_per_attempt_and_retried(
     directory = tmp_path / "out"
     directory.mkdir()
     config = directory / "config.json"
-    agent = start_agent(kvserver, "gone/", f"--output={config}", "--debounce=0.05")
-    logs = logs_of(agent)
-    s = kvserver.proxy()
-    s.save("gone/a", 1)
-    wait_for(lambda: read_json(config) == {"gone/a": 1}, "the first write", logs=logs)
+    agent, logs, s = following_with_a_first_write(start_agent, kvserver, "gone/", config,
+                                                  "--debounce=0.05")
 
     config.unlink()
     directory.rmdir()

@@ -48,6 +48,17 @@ def change(local_copy: LocalCopy, out: FileOutput, key: str, value) -> None:
     out.copy_changed(local_copy, [local_copy.put(key, value, local_copy.revision)])
 
 
+def good_then_bad(clock: Clock, out: FileOutput, reloads: Reloads) -> LocalCopy:
+    """A change whose reload succeeds, then one whose reload is running."""
+    local_copy = LocalCopy()
+    change(local_copy, out, "app/a", "good")
+    clock.advance(1)
+    reloads.finish()
+    change(local_copy, out, "app/a", "bad")
+    clock.advance(1)
+    return local_copy
+
+
 def read(path) -> dict:
     with open(path) as f:
         return json.load(f)
@@ -95,12 +106,7 @@ def test_unchanged_content_is_not_written(tmp_path):
 
 def test_failed_reload_restores_the_last_known_good_file(tmp_path):
     clock, out, reloads, path = output(tmp_path)
-    local_copy = LocalCopy()
-    change(local_copy, out, "app/a", "good")
-    clock.advance(1)
-    reloads.finish()
-    change(local_copy, out, "app/a", "bad")
-    clock.advance(1)
+    local_copy = good_then_bad(clock, out, reloads)
     assert read(path) == {"app/a": "bad"}      # the command reads the new file
     reloads.finish("exit status 1")
     assert read(path) == {"app/a": "good"}
@@ -223,19 +229,11 @@ def test_a_write_that_fails_is_one_error_per_attempt_retried_with_backoff(tmp_pa
 def test_a_restore_that_fails_is_one_error_line(tmp_path):
     directory = tmp_path / "out"
     directory.mkdir()
-    clock = Clock()
-    reloads = Reloads()
-    reloads.path = str(directory / "config.json")
-    out = FileOutput(reloads.path, clock, "reload", run=reloads)
+    clock, out, reloads, path = output(directory)
     events: list[dict] = []
     out.log = Logger(observer=events.append)
-    local_copy = LocalCopy()
-    change(local_copy, out, "app/a", "good")
-    clock.advance(1)
-    reloads.finish()
-    change(local_copy, out, "app/a", "bad")
-    clock.advance(1)
-    os.unlink(reloads.path)
+    good_then_bad(clock, out, reloads)
+    os.unlink(path)
     directory.rmdir()
     reloads.finish("exit status 1")
     failed = [formatEvent(e) for e in errors(events)]
