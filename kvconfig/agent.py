@@ -19,90 +19,39 @@ covers every number seen (or announced by a heartbeat) before it was sent;
 datagrams that arrive while it is under way wait, and are applied after it
 if they are newer than its answer.
 
-What changed is handed to a listener: FileOutput writes the prefix as one
-JSON file (atomically, debounced) and runs a reload command, restoring the
-last known-good file when the command fails; EventPrinter prints changes.
+This module is the shell: it reads and writes datagrams, starts pulls and
+sets timers.  What to do is decided without I/O in kvconfig.agentstate: the
+subscription cycle (SubscriptionCycle, a state machine), the sequence
+numbers (SequenceTracker) and the copy itself (LocalCopy).  What changed is
+handed to a listener (kvconfig.agentoutput); pulls go through a Source
+(kvconfig.agentpull).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Protocol
-from xmlrpc.client import Binary, Fault
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kvconfig import errors, values
+from kvconfig import errors
+from kvconfig.agentstate import (
+    Action,
+    Backoff,
+    Change,
+    LocalCopy,
+    SequenceTracker,
+    State,
+    SubscriptionCycle,
+)
 from kvconfig.udpwire import BadDatagram, Sealer, pad
 
 #: Seconds between the agent's checks of its subscription (renewal, silence).
 TICK = 0.5
-#: Subscribe requests left unanswered before the agent moves to the next node.
-SWITCH_AFTER = 2
-#: Datagrams held while a gap waits to fill or a pull is under way.
-MAX_HELD = 4096
-
-
-@dataclass
-class Change:
-    """One change the agent applied to its mirror."""
-
-    op: str               # "put" or "delete"
-    key: str
-    revision: int
-    value: Any = None     # tagged JSON, for a put
-
-
-@dataclass
-class Mirror:
-    """The agent's copy of the prefix: values as tagged JSON, complete up to
-    ``revision``."""
-
-    items: dict[str, Any] = field(default_factory=dict)
-    revision: int = 0
-
-    def put(self, key: str, value: Any, revision: int) -> Change | None:
-        self.revision = max(self.revision, revision)
-        if key in self.items and _same(self.items[key], value):
-            return None
-        self.items[key] = value
-        return Change("put", key, revision, value)
-
-    def delete(self, key: str, revision: int) -> Change | None:
-        self.revision = max(self.revision, revision)
-        if self.items.pop(key, _ABSENT) is _ABSENT:
-            return None
-        return Change("delete", key, revision)
-
-    def replace(self, items: dict[str, Any], revision: int) -> list[Change]:
-        """Become the snapshot *items* at *revision*; returns the differences."""
-        changes = [Change("delete", key, revision) for key in self.items if key not in items]
-        changes += [Change("put", key, revision, value) for key, value in items.items()
-                    if key not in self.items or not _same(self.items[key], value)]
-        self.items, self.revision = dict(items), revision
-        return changes
-
-
-_ABSENT = object()
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal as JSON: Python's == takes 1, 1.0 and True for one value."""
-    return a == b and _canonical(a) == _canonical(b)
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 class Source(Protocol):
@@ -116,61 +65,12 @@ class Source(Protocol):
 
 
 class Listener(Protocol):
-    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
-        """*changes* were applied; *mirror* is complete at mirror.revision."""
-
-
-class XMLRPCSource:
-    """Pulls over XML-RPC with twisted.web's non-blocking Proxy."""
-
-    def __init__(self, url: str, clock: IReactorTime, timeout: float = 30) -> None:
-        from twisted.web.xmlrpc import Proxy
-
-        self.proxy = Proxy(url.encode(), allowNone=True, useDateTime=True,
-                           connectTimeout=timeout, reactor=clock)
-        self.clock, self.timeout = clock, timeout
-
-    def _call(self, method: str, *args: Any) -> Deferred:
-        return self.proxy.callRemote(method, *args).addTimeout(self.timeout, self.clock)
-
-    def changes(self, prefix: str, since: int) -> Deferred:
-        def parse(result: dict) -> tuple[int, list[Change]]:
-            return result["revision"], [
-                Change(event["type"], event["key"], event["revision"],
-                       _tagged(event.get("value")))
-                for event in result["events"]]
-        return self._call("changes", prefix, since).addCallbacks(parse, _compacted)
-
-    def snapshot(self, prefix: str) -> Deferred:
-        def parse(result: dict) -> tuple[int, dict[str, Any]]:
-            return result["revision"], {item["key"]: _tagged(item["value"])
-                                        for item in result["items"]}
-        return self._call("list", prefix).addCallback(parse)
-
-
-def _compacted(failure: Failure) -> Failure:
-    if failure.check(Fault) and failure.value.faultCode == errors.Compacted.code:
-        raise errors.Compacted(0, 0)
-    return failure
-
-
-def _tagged(value: Any) -> Any:
-    """An XML-RPC value as the tagged JSON the datagrams carry."""
-    return values.to_tagged(_builtin(value), max_depth=1 << 16)
-
-
-def _builtin(value: Any) -> Any:
-    if isinstance(value, Binary):
-        return value.data
-    if type(value) is list:
-        return [_builtin(item) for item in value]
-    if type(value) is dict:
-        return {name: _builtin(item) for name, item in value.items()}
-    return value
+    def copy_changed(self, local_copy: LocalCopy, changes: list[Change]) -> None:
+        """*changes* were applied; *local_copy* is complete at its revision."""
 
 
 class Agent:
-    """Subscribes to one prefix and keeps a Mirror of it in step.
+    """Subscribes to one prefix and keeps a LocalCopy of it in step.
 
     ``transport`` is a UDP port (AgentProtocol sets it); ``server`` the
     notifier's (ip, port).  Time comes only from *clock*.
@@ -182,120 +82,113 @@ class Agent:
                  listener: Listener, clock: IReactorTime, sealer: Sealer,
                  reorder_wait: float = 0.05, max_backoff: float = 30,
                  alternates: Sequence[tuple[tuple[str, int], Source]] = ()) -> None:
-        self.prefix, self.server, self.source, self.listener = prefix, server, source, listener
+        self.prefix, self.listener, self.clock, self.sealer = prefix, listener, clock, sealer
+        self.reorder_wait, self.max_backoff = reorder_wait, max_backoff
         # The nodes of one cluster to follow, in order of preference: the
         # agent moves to the next when its node stops answering.  Revisions
         # are the cluster's, so its copy stays valid across nodes.
         self.nodes = [(server, source), *alternates]
         self._node = 0
-        self._unanswered = 0
-        self.clock, self.sealer = clock, sealer
-        self.reorder_wait, self.max_backoff = reorder_wait, max_backoff
         self.transport = None
-        self.mirror = Mirror()
-        self.synced = False            # the mirror holds a snapshot
+        self.local_copy = LocalCopy()
+        self.cycle = SubscriptionCycle(len(self.nodes), max_backoff)
+        self.sequence = SequenceTracker()
         self.counters = dict.fromkeys(
-            ("datagrams", "applied", "duplicates", "gaps", "pulls", "snapshots",
+            ("datagrams", "applied", "duplicates", "gaps", "pulls", "snapshots", "compacted",
              "pull_failures", "subscribes", "resubscriptions", "foreign", "node_switches"), 0)
-        # The subscription
-        self.cookie: str | None = None
-        self.sub: str | None = None
-        self.lease, self.heartbeat = 30.0, 2.0
-        self.last_heard = 0.0
-        self._renew_at = 0.0
-        self._subscribe_backoff = 1.0
-        # Sequence bookkeeping: every number <= last_seq is applied or covered.
-        self.last_seq = 0
-        self._highest_seen = 0
-        self._held: dict[int, dict[str, Any]] = {}
-        self._gap_timer = None
-        # Pulls
-        self._pulling = False
+        self._pull_backoff = Backoff(0.1, max_backoff)
         self._pull_again = False
-        self._pull_backoff = 0.1
-        self._retry_call = None
-        self._next_poll = 0.0
-        # Bumped with each new subscription: a pull's "covered" sequence
-        # number means nothing to a later subscription.
-        self._epoch = 0
-        self._tick_call = None
-        self._running = False
+        self._pulling: Deferred | None = None
+        self._tick_call = self._gap_timer = self._retry_call = None
+
+    @property
+    def server(self) -> tuple[str, int]:
+        """The node followed: its notifier's (ip, port)."""
+        return self.nodes[self._node][0]
+
+    @property
+    def source(self) -> Source:
+        """The node followed: where to pull from."""
+        return self.nodes[self._node][1]
 
     # Life
 
     def start(self) -> None:
-        self._running = True
-        self.pull()
-        self._subscribe()
-        self._renew_at = self.clock.seconds() + self._subscribe_backoff
-        self._next_poll = self._renew_at
+        self._do(self.cycle.start(self.clock.seconds()))
         self._tick_call = self.clock.callLater(TICK, self._tick)
 
     def stop(self) -> None:
-        self._running = False
         for call in (self._tick_call, self._gap_timer, self._retry_call):
             if call is not None and call.active():
                 call.cancel()
-        if self.sub is not None and self.cookie is not None:
-            self._send({"t": "unsubscribe", "prefix": self.prefix, "cookie": self.cookie},
-                       padded=True)
+        self._do(self.cycle.stop(self.clock.seconds()))
+        if self._pulling is not None:
+            self._pulling.cancel()      # its failure, now, is not news
 
-    # Subscribing
+    def _tick(self) -> None:
+        self._do(self.cycle.tick(self.clock.seconds(), can_poll=self.local_copy.synced))
+        if self.cycle.state is not State.UNSUBSCRIBED:
+            self._tick_call = self.clock.callLater(TICK, self._tick)
+
+    def _do(self, actions: list[Action], seq: int = 0, kind: str = "") -> None:
+        """What the subscription cycle decided; *seq* and *kind* are those
+        of the datagram that made it decide."""
+        for action in actions:
+            if action is Action.SUBSCRIBE:
+                self._subscribe()
+            elif action is Action.UNSUBSCRIBE:
+                if self.cycle.cookie is not None:
+                    self._send({"t": "unsubscribe", "prefix": self.prefix,
+                                "cookie": self.cycle.cookie}, padded=True)
+            elif action is Action.PULL:
+                self.pull()
+            elif action is Action.RESYNC:
+                if self.counters["resubscriptions"]:
+                    self.log.info("new subscription {sub}; resynchronising", sub=self.cycle.sub)
+                self._resync(seq)
+            elif action is Action.ADOPT:
+                # Its "subscribed" answers were lost: the socket serves one
+                # prefix, and waiting for the next answer could take the
+                # whole backoff.
+                self.log.info("subscription {sub} adopted from a {kind}", sub=self.cycle.sub,
+                              kind=kind)
+                self._resync(seq)
+            elif action is Action.CATCH_UP:
+                self._announced(seq)
+            elif action is Action.FOLLOW_NEXT_NODE:
+                self._follow_next_node()
+            elif action is Action.REPORT_SILENCE:
+                # The server is down, restarted, or the path is lost: keep
+                # the copy and subscribe again, backing off.
+                self.log.warn("no word from the server for {seconds:.1f} s; subscribing again",
+                              seconds=self.clock.seconds() - self.cycle.last_heard)
 
     def _subscribe(self) -> None:
         message = {"t": "subscribe", "prefix": self.prefix}
-        if self.cookie is not None:
-            message["cookie"] = self.cookie
+        if self.cycle.cookie is not None:
+            message["cookie"] = self.cycle.cookie
         self.counters["subscribes"] += 1
         self._send(message, padded=True)
 
-    def _tick(self) -> None:
-        now = self.clock.seconds()
-        if self.sub is not None and now - self.last_heard > 3 * self.heartbeat + 1:
-            # Heartbeats stopped: the server is down, restarted, or the path
-            # is lost.  Keep the mirror and subscribe again, backing off.
-            self.log.warn("no word from the server for {seconds:.1f} s; subscribing again",
-                          seconds=now - self.last_heard)
-            self.sub = None
-            self._renew_at = now
-            self._subscribe_backoff = 1.0
-        if self.sub is None and self.synced and now >= self._next_poll:
-            # No notifications are coming (UDP blocked, the server busy):
-            # keep the copy fresh by pulling, as often as subscribing.
-            self._next_poll = now + self._subscribe_backoff
-            self.pull()
-        if now >= self._renew_at:
-            if self.sub is not None:
-                self._unanswered = 0
-            else:
-                self._unanswered += 1
-                if self._unanswered > SWITCH_AFTER and len(self.nodes) > 1:
-                    self._switch_node()
-            self._subscribe()
-            if self.sub is None:
-                self._renew_at = now + self._subscribe_backoff
-                self._subscribe_backoff = min(self._subscribe_backoff * 2, self.max_backoff)
-            else:
-                self._renew_at = now + self.lease / 3
-        if self._running:
-            self._tick_call = self.clock.callLater(TICK, self._tick)
+    def _resync(self, seq: int) -> None:
+        """A new subscription: its numbers start afresh after *seq*, and
+        what happened before it must be pulled."""
+        self.counters["resubscriptions"] += 1
+        self.sequence.restart(seq)
+        self.pull(seq)
 
-    def _switch_node(self) -> None:
-        """Follow the next node: subscribe there (with a new cookie) and
-        pull from it what this copy lacks."""
-        self._node = (self._node + 1) % len(self.nodes)
+    def _follow_next_node(self) -> None:
+        """Pull from the next node what this copy lacks (the cycle
+        subscribes there)."""
         old = self.server
-        self.server, self.source = self.nodes[self._node]
+        self._node = (self._node + 1) % len(self.nodes)
         self.log.warn("node {old} does not answer; following {new}", old=old, new=self.server)
         self.counters["node_switches"] += 1
-        self.cookie = None
-        self._unanswered = 0
-        self._subscribe_backoff = 1.0
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
-        self._pull_backoff = 0.1
-        if self.synced:
+        self._pull_backoff.reset()
+        if self.local_copy.synced:
             self.pull()
 
     # Datagrams
@@ -324,74 +217,35 @@ class Agent:
         cookie = message["cookie"]
         if type(cookie) is not str:
             raise TypeError("cookie")
-        self.cookie = cookie
-        self._subscribe()
+        self._do(self.cycle.cookie_arrived(cookie, self.clock.seconds()))
 
     def _on_subscribed(self, message: dict[str, Any]) -> None:
         if message["prefix"] != self.prefix:
             return
-        now = self.clock.seconds()
         lease, heartbeat = _seconds(message["lease"]), _seconds(message["heartbeat"])
         sub, seq = _sub_id(message["sub"]), _seq(message["seq"])
-        self.last_heard = now
-        self.lease, self.heartbeat = lease, heartbeat
-        self._renew_at = now + self.lease / 3
-        self._subscribe_backoff = 1.0
-        self._unanswered = 0
-        if sub != self.sub:
-            # A new subscription (first, or after a restart or an expired
-            # lease): its numbers start afresh, and what happened before it
-            # must be pulled.
-            if self.sub is not None or self.counters["resubscriptions"]:
-                self.log.info("new subscription {sub}; resynchronising", sub=sub)
-            self.counters["resubscriptions"] += 1
-            self.sub = sub
-            self._epoch += 1
-            self.last_seq = self._highest_seen = seq
-            self._held.clear()
-            self.pull(seq)
-        elif seq > self.last_seq:
-            self._announced(seq)
+        self._do(self.cycle.subscribed(sub, lease, heartbeat, self.clock.seconds()), seq)
 
     def _on_heartbeat(self, message: dict[str, Any]) -> None:
-        if message["sub"] != self.sub and not self._adopt(message):
-            return
-        self.last_heard = self.clock.seconds()
-        self._announced(_seq(message["seq"]))
+        sub, seq = message["sub"], _seq(message["seq"])
+        ours, actions = self.cycle.heard(sub, self.clock.seconds())
+        if ours:
+            self._do(actions, seq, "heartbeat")
+            self._announced(seq)
 
     def _on_event(self, message: dict[str, Any]) -> None:
-        if message["sub"] != self.sub and not self._adopt(message):
+        sub, seq = message["sub"], _seq(message["seq"])
+        ours, actions = self.cycle.heard(sub, self.clock.seconds())
+        if not ours:
             return
-        self.last_heard = self.clock.seconds()
-        seq = _seq(message["seq"])
-        if seq <= self.last_seq or seq in self._held:
+        if actions:
+            # Taken up just now: the pull that starts covers this event.
+            self._do(actions, seq, "event")
+            return
+        if not self.sequence.offer(seq, message):
             self.counters["duplicates"] += 1
             return
-        self._highest_seen = max(self._highest_seen, seq)
-        if len(self._held) < MAX_HELD:
-            self._held[seq] = message
-        # else: dropped; the next pull covers it (it was seen), or a later
-        # one does after the gap it leaves.
         self._drain()
-
-    def _adopt(self, message: dict[str, Any]) -> bool:
-        """Take up a subscription the server holds for this socket although
-        its "subscribed" answers were lost: the socket serves one prefix,
-        and waiting for the next answer could take the whole backoff."""
-        if self.sub is not None or self.cookie is None or type(message["sub"]) is not str:
-            return False
-        seq = _seq(message["seq"])
-        self.log.info("subscription {sub} adopted from a {kind}", sub=message["sub"],
-                      kind=message["t"])
-        self.counters["resubscriptions"] += 1
-        self.sub = message["sub"]
-        self._epoch += 1
-        self.last_seq = self._highest_seen = seq
-        self._held.clear()
-        self._renew_at = self.clock.seconds()       # renew now, learning the lease
-        self.pull(seq)
-        # The datagram that revealed it is covered by that pull.
-        return message["t"] == "heartbeat"
 
     def _on_error(self, message: dict[str, Any]) -> None:
         self.log.error("the server refused the subscription to {prefix!r}: {error} {message}",
@@ -402,32 +256,26 @@ class Agent:
 
     def _announced(self, seq: int) -> None:
         """The server has sent up to *seq*: pull now if some are missing."""
-        if seq <= self.last_seq:
-            return
-        self._highest_seen = max(self._highest_seen, seq)
-        if all(n in self._held for n in range(self.last_seq + 1, seq + 1)):
-            return
-        self.counters["gaps"] += 1
-        self.pull(seq)
+        if self.sequence.announced(seq):
+            self.counters["gaps"] += 1
+            self.pull(seq)
 
     def _drain(self) -> None:
         """Apply held datagrams that follow on without a gap."""
-        if not self.synced:
+        if not self.local_copy.synced:
             return          # nothing is applied before the first snapshot
-        held = self._held
-        while not self._pulling and self.last_seq + 1 in held:
-            self.last_seq += 1
-            self._apply(held.pop(self.last_seq))
-        if self._pulling:
+        while (message := self.sequence.next_in_order()) is not None:
+            self._apply(message)
+        if self.sequence.pulling:
             return
-        if held:
+        if self.sequence.held:
             if self._gap_timer is None or not self._gap_timer.active():
                 self._gap_timer = self.clock.callLater(self.reorder_wait, self._gap)
         elif self._gap_timer is not None and self._gap_timer.active():
             self._gap_timer.cancel()
 
     def _gap(self) -> None:
-        if self._held:
+        if self.sequence.held:
             self.counters["gaps"] += 1
             self.pull()
 
@@ -437,107 +285,111 @@ class Agent:
         if op is None or message.get("pull"):
             self.pull()
             return
-        if revision < self.mirror.revision:
+        if revision < self.local_copy.revision:
             return          # a pull already brought something newer
         key = message["key"]
         if type(key) is not str or not key.startswith(self.prefix):
             raise ValueError(f"key {key!r} is not under {self.prefix!r}")
         if op == "put":
-            change = self.mirror.put(key, message["value"], revision)
+            change = self.local_copy.put(key, message["value"], revision)
         elif op == "delete":
-            change = self.mirror.delete(key, revision)
+            change = self.local_copy.delete(key, revision)
         else:
             raise ValueError(f"unknown op {op!r}")
         self.counters["applied"] += 1
-        self.listener.mirror_changed(self.mirror, [change] if change else [])
+        self.listener.copy_changed(self.local_copy, [change] if change else [])
 
     # Pulling
 
     def pull(self, announced: int = 0) -> None:
-        """Bring the mirror up to date over TCP: covers every sequence
+        """Bring the copy up to date over TCP: covers every sequence
         number seen or announced before the request goes out."""
-        self._highest_seen = max(self._highest_seen, announced)
+        self.sequence.saw(announced)
         if self._gap_timer is not None and self._gap_timer.active():
             self._gap_timer.cancel()
         if self._retry_call is not None and self._retry_call.active():
             return          # the retry, when its backoff is over, covers this
-        if self._pulling:
+        if self.sequence.pulling:
             self._pull_again = True
             return
-        self._pulling = True
+        self.sequence.pull_started()
         self._pull_again = False
-        covered = self._highest_seen
         # From the revision before: the rest of a revision whose first
         # events came by datagram may be what was lost.
-        since = max(self.mirror.revision - 1, 0)
-        if not self.synced:
+        since = max(self.local_copy.revision - 1, 0)
+        if not self.local_copy.synced:
             self.counters["snapshots"] += 1
             d = self.source.snapshot(self.prefix).addCallback(self._snapshot_arrived)
         else:
             self.counters["pulls"] += 1
             d = self.source.changes(self.prefix, since).addCallback(self._changes_arrived,
                                                                      since)
-        d.addCallbacks(self._pulled, self._pull_failed, callbackArgs=(covered, self._epoch))
+        self._pulling = d
+        d.addCallbacks(self._pulled, self._pull_failed)
 
     def _snapshot_arrived(self, result: tuple[int, dict[str, Any]]) -> None:
         revision, items = result
         items = {key: value for key, value in items.items() if key.startswith(self.prefix)}
-        changes = self.mirror.replace(items, revision)
-        self.synced = True
-        self.listener.mirror_changed(self.mirror, changes)
+        changes = self.local_copy.replace(items, revision)
+        self.listener.copy_changed(self.local_copy, changes)
 
     def _changes_arrived(self, result: tuple[int, list[Change]], since: int) -> None:
         revision, events = result
+        local_copy = self.local_copy
         if revision < since:
             # The server's history went backwards (its store was replaced):
             # only a snapshot can be trusted.
             self.log.warn("server revision {revision} is behind ours ({since}); "
                           "taking a snapshot", revision=revision, since=since)
-            self.synced = False
+            local_copy.synced = False
             raise _Resnapshot()
         applied = []
-        mirror = self.mirror
         for change in events:
             if not change.key.startswith(self.prefix):
                 continue
             if change.op == "put":
-                applied.append(mirror.put(change.key, change.value, change.revision))
+                applied.append(local_copy.put(change.key, change.value, change.revision))
             else:
-                applied.append(mirror.delete(change.key, change.revision))
-        mirror.revision = max(mirror.revision, revision)
-        self.listener.mirror_changed(mirror, [c for c in applied if c])
+                applied.append(local_copy.delete(change.key, change.revision))
+        local_copy.revision = max(local_copy.revision, revision)
+        self.listener.copy_changed(local_copy, [c for c in applied if c])
 
-    def _pulled(self, _: Any, covered: int, epoch: int) -> None:
-        self._pulling = False
-        self._pull_backoff = 0.1
-        if epoch == self._epoch:
-            self.last_seq = max(self.last_seq, covered)
-        for seq in [n for n in self._held if n <= self.last_seq]:
-            del self._held[seq]
+    def _pulled(self, _: Any) -> None:
+        self._pulling = None
+        self.sequence.pull_done()
+        self._pull_backoff.reset()
         if self._pull_again:
             self.pull()
         else:
             self._drain()
 
     def _pull_failed(self, failure: Failure) -> None:
-        self._pulling = False
+        self._pulling = None
+        self.sequence.pull_failed()
+        if self.cycle.state is State.UNSUBSCRIBED:
+            return          # stopped: the pull was abandoned
         if failure.check(errors.Compacted):
-            self.log.info("history compacted; taking a snapshot of {prefix!r}",
-                          prefix=self.prefix)
-            self.synced = False
+            self.counters["compacted"] += 1
+            if self.counters["compacted"] == 1:
+                # A cluster node's history starts when the node does.
+                self.log.info("the server's history starts after revision {revision}; "
+                              "taking a snapshot of {prefix!r} (normal after a start)",
+                              revision=self.local_copy.revision, prefix=self.prefix)
+            else:
+                self.log.warn("history compacted: the server no longer has the changes "
+                              "after revision {revision}; taking a snapshot of {prefix!r}",
+                              revision=self.local_copy.revision, prefix=self.prefix)
+            self.local_copy.synced = False
             self.pull()
             return
         if failure.check(_Resnapshot):
             self.pull()
             return
         self.counters["pull_failures"] += 1
+        delay = self._pull_backoff.next()
         self.log.warn("cannot pull from the server ({error}); retrying in {delay:.1f} s",
-                      error=failure.getErrorMessage() or failure.type.__name__,
-                      delay=self._pull_backoff)
-        delay = self._pull_backoff
-        self._pull_backoff = min(self._pull_backoff * 2, self.max_backoff)
-        if self._running:
-            self._retry_call = self.clock.callLater(delay, self.pull)
+                      error=failure.getErrorMessage() or failure.type.__name__, delay=delay)
+        self._retry_call = self.clock.callLater(delay, self.pull)
 
     def _send(self, message: dict[str, Any], padded: bool = False) -> None:
         if self.transport is None:
@@ -585,223 +437,4 @@ class AgentProtocol(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, address: tuple[str, int]) -> None:
         self.agent.received(datagram, address)
-
-
-# Listeners
-
-
-def render(items: dict[str, Any]) -> bytes:
-    """The output file's content: the prefix as one JSON object, keys sorted."""
-    return (json.dumps(items, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-def write_atomically(path: str, content: bytes) -> None:
-    """Replace *path* with *content*: a temporary file in the same directory,
-    fsync, rename, fsync of the directory.  Readers see the old file or the
-    new one, never a mix; the file keeps its permissions (0644 if new)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        mode = os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        mode = 0o644
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".kvconfig-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    directory_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_fd)
-    finally:
-        os.close(directory_fd)
-
-
-class _CommandProtocol(ProcessProtocol):
-    log = Logger()
-
-    def __init__(self, done: Deferred, command: str) -> None:
-        self.done, self.command = done, command
-
-    def outReceived(self, data: bytes) -> None:
-        self.log.info("{command}: {output}", command=self.command,
-                      output=data.decode("utf-8", "replace").rstrip())
-
-    errReceived = outReceived
-
-    def processExited(self, reason: Failure) -> None:
-        # Exited, not ended: a daemon the command started may hold its
-        # output pipes open long after.  A Failure handed to callback()
-        # would go down the errback chain, hence the list.
-        self.done.callback([reason])
-
-
-def run_command(reactor: Any, command: str, timeout: float) -> Deferred:
-    """Run *command* with /bin/sh; fires with None on success, or a text
-    saying how it failed (exit status, signal, timeout)."""
-    ended: Deferred = Deferred()
-    process = reactor.spawnProcess(_CommandProtocol(ended, command), "/bin/sh",
-                                   ["/bin/sh", "-c", command], env=dict(os.environ))
-    timed_out = []
-
-    def kill(sig: str) -> None:
-        timed_out.append(True)
-        try:
-            process.signalProcess(sig)
-        except Exception:
-            pass
-
-    term = reactor.callLater(timeout, kill, "TERM")
-    hard = reactor.callLater(timeout + 5, kill, "KILL")
-
-    def result(ended_with: list[Failure]) -> str | None:
-        reason = ended_with[0]
-        for call in (term, hard):
-            if call.active():
-                call.cancel()
-        if timed_out:
-            return f"timed out after {timeout} s"
-        if reason.check(ProcessDone):
-            return None
-        return reason.getErrorMessage()
-
-    return ended.addCallback(result)
-
-
-class FileOutput:
-    """Writes the mirror to a file, debounced, and runs a reload command.
-
-    A burst of changes makes one write and one reload: the write waits until
-    no change has come for *debounce* seconds, but never more than
-    *max_delay* after the first.  Nothing is written when the content is
-    unchanged.  If the reload command fails the last known-good file (the
-    one the last successful reload read, or the file found at start) is put
-    back and the failure logged.
-    """
-
-    log = Logger()
-
-    def __init__(self, path: str, clock: IReactorTime, command: str | None = None,
-                 debounce: float = 0.2, max_delay: float = 2.0,
-                 run: Callable[[str], Deferred] | None = None) -> None:
-        self.path, self.clock, self.command = path, clock, command
-        self.debounce, self.max_delay = debounce, max_delay
-        self.run = run
-        self.counters = dict.fromkeys(("writes", "reloads", "reload_failures",
-                                       "restores"), 0)
-        try:
-            with open(path, "rb") as f:
-                self.known_good: bytes | None = f.read()
-        except FileNotFoundError:
-            self.known_good = None
-        self.written = self.known_good
-        self._items: dict[str, Any] | None = None
-        self._first_change_at: float | None = None
-        self._timer = None
-        self._reloading = False
-        self._failed: bytes | None = None
-        self.synced = False
-
-    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
-        if not changes and self.synced:
-            return
-        self.synced = True
-        self._items = dict(mirror.items)
-        now = self.clock.seconds()
-        if self._first_change_at is None:
-            self._first_change_at = now
-        delay = min(self.debounce, self._first_change_at + self.max_delay - now)
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(max(delay, 0))
-        else:
-            self._timer = self.clock.callLater(max(delay, 0), self.flush)
-
-    def flush(self) -> None:
-        if self._reloading:
-            return      # flushed again when the reload ends
-        self._first_change_at = None
-        if self._items is None:
-            return
-        content = render(self._items)
-        if content == self.written or content == self._failed:
-            return
-        write_atomically(self.path, content)
-        self.written = content
-        self.counters["writes"] += 1
-        self.log.info("wrote {path} ({size} bytes)", path=self.path, size=len(content))
-        if not self.command or self.run is None:
-            self.known_good = content
-            return
-        self._reloading = True
-        self.counters["reloads"] += 1
-        try:
-            running = self.run(self.command)
-        except Exception as e:      # fork failed: EAGAIN, ENOMEM ...
-            self._reloaded(f"cannot run it: {e}", content)
-            return
-        running.addErrback(lambda failure: failure.getErrorMessage())
-        running.addCallback(self._reloaded, content)
-
-    def _reloaded(self, failure: str | None, content: bytes) -> None:
-        self._reloading = False
-        if failure is None:
-            self.known_good = content
-            self._failed = None
-        else:
-            self._failed = content
-            self.counters["reload_failures"] += 1
-            if self.known_good is None:
-                self.log.error("reload command {command!r} failed ({failure}); there is no "
-                               "known-good {path} to restore, keeping the new one",
-                               command=self.command, failure=failure, path=self.path)
-            else:
-                write_atomically(self.path, self.known_good)
-                self.written = self.known_good
-                self.counters["restores"] += 1
-                self.log.error("reload command {command!r} failed ({failure}); restored "
-                               "the last known-good {path}", command=self.command,
-                               failure=failure, path=self.path)
-        self.flush()    # changes that came during the reload
-
-
-class ChangeLogger:
-    """Logs each change: the agent's listener without --output."""
-
-    log = Logger()
-
-    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
-        for change in changes:
-            self.log.info("{op} {key} at revision {revision}: {value!r}", op=change.op,
-                          key=change.key, revision=change.revision, value=change.value)
-
-
-class EventPrinter:
-    """Prints each change as a JSON line, for watching from a terminal."""
-
-    def __init__(self, out=None, count: int | None = None,
-                 done: Callable[[], None] | None = None) -> None:
-        self.out = out or sys.stdout
-        self.remaining = count
-        self.done = done
-
-    def mirror_changed(self, mirror: Mirror, changes: list[Change]) -> None:
-        for change in changes:
-            line = {"op": change.op, "key": change.key, "revision": change.revision}
-            if change.op == "put":
-                line["value"] = change.value
-            self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
-            self.out.flush()
-            if self.remaining is not None:
-                self.remaining -= 1
-                if self.remaining == 0 and self.done is not None:
-                    self.done()
-                    return
 

@@ -1,6 +1,6 @@
 """
 ``twistd kvconfig-agent`` and the ``kvconfig-agent`` command: options and
-wiring, nothing else (the agent itself is kvconfig.agent).
+wiring, nothing else (the agent itself is kvconfig.agent and its modules).
 
 ``twistd -n kvconfig-agent --server HOST --prefix app/ --output
 /etc/app/config.json --exec "systemctl reload app"`` keeps the file in step
@@ -14,24 +14,22 @@ import socket
 import sys
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
 from kvconfig import __version__, values
-from kvconfig.agent import (
-    Agent,
-    AgentProtocol,
+from kvconfig.agent import Agent, AgentProtocol, Listener
+from kvconfig.agentoutput import (
     ChangeLogger,
     EventPrinter,
     FileOutput,
-    Listener,
-    XMLRPCSource,
+    output_problem,
     run_command,
 )
+from kvconfig.agentpull import XMLRPCSource
 from kvconfig.errors import KVConfigError
-from kvconfig.secret import read_secret
-from kvconfig.udpwire import Sealer
+from kvconfig.udpwire import Sealer, read_secret
 
 
 class Options(usage.Options):
@@ -80,6 +78,10 @@ class Options(usage.Options):
             raise usage.UsageError("--udp-port must be 1..65535")
         if self["exec"] and not self["output"]:
             raise usage.UsageError("--exec needs --output")
+        if self["output"] and (problem := output_problem(self["output"])):
+            # Not a usage error: the options are right, the machine is not
+            # ready for them.  One line, and twistd exits 1 before starting.
+            raise SystemExit(f"kvconfig-agent: --output {self['output']}: {problem}")
         self["nodes"] = parse_nodes(self["server"], self["udp-port"], self["xmlrpc"])
         self["secret"] = None
         if self["secret-file"]:
@@ -121,6 +123,7 @@ class AgentService(service.Service):
         self.on_failure = on_failure
         self.agent: Agent | None = None
         self.port = None
+        self.sources: list[XMLRPCSource] = []
 
     def startService(self) -> None:
         super().startService()
@@ -133,7 +136,8 @@ class AgentService(service.Service):
         nodes = []
         for host, port, url in options["nodes"]:
             address = yield reactor.resolve(host)
-            nodes.append(((address, port), XMLRPCSource(url, reactor)))
+            self.sources.append(XMLRPCSource(url, reactor))
+            nodes.append(((address, port), self.sources[-1]))
         (server, source), *alternates = nodes
         self.agent = Agent(options["prefix"], server, source, self.listener,
                            reactor, Sealer(options["secret"], reactor), alternates=alternates)
@@ -151,13 +155,14 @@ class AgentService(service.Service):
             # startService may run before the reactor does.
             self.reactor.callWhenRunning(self.reactor.stop)
 
-    def stopService(self) -> Deferred | None:
+    def stopService(self) -> Deferred:
         super().stopService()
         if self.agent is not None:
             self.agent.stop()
+        stopped = [source.close() for source in self.sources]
         if self.port is not None:
-            return self.port.stopListening()
-        return None
+            stopped.append(maybeDeferred(self.port.stopListening))
+        return gatherResults(stopped)
 
 
 def _route_to(server: tuple[str, int]) -> str:

@@ -27,9 +27,9 @@ from kvconfig.errors import KVConfigError
 from kvconfig.limits import Limits, limit_options
 from kvconfig.line import LineFactory
 from kvconfig.notifier import Notifier, NotifierProtocol
-from kvconfig.secret import read_secret
 from kvconfig.store import Store
 from kvconfig.subscriptions import Subscriptions
+from kvconfig.udpwire import read_secret
 from kvconfig.xmlrpc import make_factory
 
 _LIMIT_OPTIONS = limit_options()

@@ -112,7 +112,7 @@ class StoreSource:
         return self._later(answer)
 
 
-def expected_mirror(store, prefix: str) -> dict:
+def expected_copy(store, prefix: str) -> dict:
     """The server's keys under *prefix*, as the agent keeps them."""
     return {kv.key: json.loads(kv.raw) for kv in store.range(prefix)[1]}
 
@@ -123,7 +123,7 @@ class Recorder:
     def __init__(self) -> None:
         self.batches: list[list[Change]] = []
 
-    def mirror_changed(self, mirror, changes) -> None:
+    def copy_changed(self, local_copy, changes) -> None:
         self.batches.append(list(changes))
 
 
@@ -166,7 +166,7 @@ class World:
         """Run until the agent holds a subscription (lost handshakes are
         retried with backoff)."""
         waited = 0.0
-        while self.agent.sub is None:
+        while self.agent.cycle.sub is None:
             assert waited < limit, "the agent never subscribed"
             self.run(0.1)
             waited += 0.1

@@ -11,10 +11,11 @@ import json
 import random
 
 import pytest
+from twisted.logger import Logger, LogLevel, formatEvent
 
-from kvconfig.agent import MAX_HELD, Mirror
+from kvconfig.agentstate import MAX_HELD, LocalCopy
 
-from agentworld import World, expected_mirror
+from agentworld import World, expected_copy
 from stores import clocked_store
 
 
@@ -45,14 +46,14 @@ def test_agent_takes_a_snapshot_then_follows_datagrams():
     store.backend.clock.advance(0)
     world = World(store)
     world.run(0.1)
-    assert world.agent.mirror.items == {"app/a": 1}
-    assert world.agent.sub is not None
+    assert world.agent.local_copy.items == {"app/a": 1}
+    assert world.agent.cycle.sub is not None
     pulls = world.source.calls
     store.put("app/c", [1, 2])
     store.delete("app/a")
     world.run(0.1)
-    assert world.agent.mirror.items == {"app/c": [1, 2]}
-    assert world.agent.mirror.revision == store.revision
+    assert world.agent.local_copy.items == {"app/c": [1, 2]}
+    assert world.agent.local_copy.revision == store.revision
     # Both came by datagram: no pull was needed.
     assert world.source.calls == pulls
     assert world.agent.counters["applied"] == 2
@@ -65,34 +66,34 @@ def test_a_value_too_large_for_a_datagram_is_pulled():
     pulls = world.source.calls
     store.put("app/big", "x" * 5000)
     world.run(0.1)
-    assert world.agent.mirror.items == {"app/big": "x" * 5000}
+    assert world.agent.local_copy.items == {"app/big": "x" * 5000}
     assert world.source.calls == pulls + 1
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_mirror_converges_through_20_percent_loss_duplication_and_reordering(seed):
+def test_copy_converges_through_20_percent_loss_duplication_and_reordering(seed):
     """1,000 random writes while 20% of datagrams each way are dropped, 20%
-    duplicated and 20% reordered: the mirror ends equal to the server's
+    duplicated and 20% reordered: the copy ends equal to the server's
     prefix, at the server's revision."""
     store = clocked_store()
     world = World(store, seed=seed, drop=0.2, duplicate=0.2, reorder=0.2)
     world.until_subscribed()
     random_writes(world, 1000, seed)
-    world.run(3 * world.agent.heartbeat)
+    world.run(3 * world.agent.cycle.heartbeat)
     assert world.network.dropped > 100 and world.network.reordered > 100
-    assert world.agent.mirror.items == expected_mirror(store, "app/")
-    assert world.agent.mirror.revision == store.revision
+    assert world.agent.local_copy.items == expected_copy(store, "app/")
+    assert world.agent.local_copy.revision == store.revision
     counters = world.agent.counters
     assert counters["gaps"] > 0 and counters["duplicates"] > 0
 
 
-def test_mirror_converges_with_a_signed_lossy_link():
+def test_copy_converges_with_a_signed_lossy_link():
     store = clocked_store()
     world = World(store, secret=b"s3cret", seed=7, drop=0.2, duplicate=0.2, reorder=0.2)
     world.until_subscribed()
     random_writes(world, 300, 7)
     world.run(6)
-    assert world.agent.mirror.items == expected_mirror(store, "app/")
+    assert world.agent.local_copy.items == expected_copy(store, "app/")
     # Duplicates were refused as replays before the sequence check saw them.
     assert world.agent.sealer.dropped["replayed"] > 0
     assert world.notifier.sealer.dropped["replayed"] >= 0
@@ -105,8 +106,8 @@ def test_compacted_history_falls_back_to_a_snapshot():
     world.network.up = False            # the agent hears nothing
     random_writes(world, 200, 4)
     world.network.up = True
-    world.run(3 * world.agent.heartbeat + 2)
-    assert world.agent.mirror.items == expected_mirror(store, "app/")
+    world.run(3 * world.agent.cycle.heartbeat + 2)
+    assert world.agent.local_copy.items == expected_copy(store, "app/")
     assert world.agent.counters["snapshots"] >= 2
 
 
@@ -118,9 +119,9 @@ def test_tail_loss_is_found_by_the_heartbeat():
     store.put("app/last", "lost")
     world.run(0.1)
     world.network.drop = 0.0
-    assert "app/last" not in world.agent.mirror.items
-    world.run(world.agent.heartbeat + 0.1)   # ... until the next heartbeat
-    assert world.agent.mirror.items == {"app/last": "lost"}
+    assert "app/last" not in world.agent.local_copy.items
+    world.run(world.agent.cycle.heartbeat + 0.1)   # ... until the next heartbeat
+    assert world.agent.local_copy.items == {"app/last": "lost"}
     assert world.agent.counters["gaps"] == 1
 
 
@@ -128,19 +129,19 @@ def test_server_restart_resubscribes_and_resynchronises():
     store = clocked_store()
     world = World(store)
     world.run(0.5)
-    old = world.agent.sub
+    old = world.agent.cycle.sub
     store.put("app/before", 1)
     world.run(0.1)
     world.restart_server()
     # Written while the new server has no subscription for the agent.
     store.put("app/during", 2)
     store.delete("app/before")
-    world.run(3 * world.agent.heartbeat + 2)
-    assert world.agent.sub not in (None, old)
-    assert world.agent.mirror.items == {"app/during": 2}
+    world.run(3 * world.agent.cycle.heartbeat + 2)
+    assert world.agent.cycle.sub not in (None, old)
+    assert world.agent.local_copy.items == {"app/during": 2}
     store.put("app/after", 3)
     world.run(0.1)
-    assert world.agent.mirror.items == {"app/during": 2, "app/after": 3}
+    assert world.agent.local_copy.items == {"app/during": 2, "app/after": 3}
 
 
 def test_a_subscription_whose_answers_are_lost_is_adopted_from_a_heartbeat():
@@ -151,13 +152,13 @@ def test_a_subscription_whose_answers_are_lost_is_adopted_from_a_heartbeat():
     world = World(store)
     world.network.drop_if = lambda datagram: b'"t":"subscribed"' in datagram
     world.run(0.5)
-    assert world.agent.sub is None
+    assert world.agent.cycle.sub is None
     assert world.notifier.stats()["subscriptions"] == 1
-    world.run(world.agent.heartbeat)
-    assert world.agent.sub is not None
+    world.run(world.agent.cycle.heartbeat)
+    assert world.agent.cycle.sub is not None
     store.put("app/k", "v")
     world.run(0.1)
-    assert world.agent.mirror.items == {"app/k": "v"}
+    assert world.agent.local_copy.items == {"app/k": "v"}
 
 
 def test_server_down_backs_off_then_picks_up_where_it_left_off():
@@ -168,15 +169,15 @@ def test_server_down_backs_off_then_picks_up_where_it_left_off():
     store.put("app/x", "while down")
     world.run(60)
     agent = world.agent
-    assert agent.sub is None
+    assert agent.cycle.sub is None
     # Subscribe attempts backed off: far fewer than one per tick.
     attempts = agent.counters["subscribes"]
     world.run(60)
     assert agent.counters["subscribes"] - attempts <= 60 / agent.max_backoff + 2
     world.network.up = world.source.up = True
     world.run(agent.max_backoff + 5)
-    assert agent.sub is not None
-    assert agent.mirror.items == {"app/x": "while down"}
+    assert agent.cycle.sub is not None
+    assert agent.local_copy.items == {"app/x": "while down"}
 
 
 def test_pull_failures_retry_with_backoff():
@@ -190,16 +191,16 @@ def test_pull_failures_retry_with_backoff():
     world.source.up = True
     store.put("app/k", "v")
     world.run(31)
-    assert world.agent.mirror.items == {"app/k": "v"}
+    assert world.agent.local_copy.items == {"app/k": "v"}
 
 
 def test_lease_is_renewed_before_it_expires():
     store = clocked_store(lease_seconds=6)
     world = World(store)
     world.run(0.5)
-    sub = world.agent.sub
+    sub = world.agent.cycle.sub
     world.run(60)
-    assert world.agent.sub == sub
+    assert world.agent.cycle.sub == sub
     assert world.subscriptions.counters["expired"] == 0
     assert world.subscriptions.counters["renewals"] >= 60 // 2 - 2
 
@@ -211,15 +212,15 @@ def test_a_store_that_went_back_in_time_is_resnapshotted():
     for n in range(5):
         store.put(f"app/{n}", n)
     world.run(0.1)
-    assert len(world.agent.mirror.items) == 5
+    assert len(world.agent.local_copy.items) == 5
     # The server comes back on an empty store: its revisions restart.
     fresh = clocked_store(clock=world.clock)
     fresh.put("app/new", "only")
     world.clock.advance(0)
     world.store = world.source.store = fresh
     world.restart_server()
-    world.run(3 * world.agent.heartbeat + 2)
-    assert world.agent.mirror.items == {"app/new": "only"}
+    world.run(3 * world.agent.cycle.heartbeat + 2)
+    assert world.agent.local_copy.items == {"app/new": "only"}
 
 
 def test_garbage_and_foreign_datagrams_change_nothing():
@@ -232,17 +233,18 @@ def test_garbage_and_foreign_datagrams_change_nothing():
     rng = random.Random(5)
     for size in range(0, 3000, 7):
         agent.received(rng.randbytes(size), ("127.0.0.1", 15002))
-    for message in [{"v": 1, "t": "event", "sub": agent.sub, "seq": "x"},
-                    {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.last_seq + 1},
+    sub, next_seq = agent.cycle.sub, agent.sequence.last_seq + 1
+    for message in [{"v": 1, "t": "event", "sub": sub, "seq": "x"},
+                    {"v": 1, "t": "event", "sub": sub, "seq": next_seq},
                     {"v": 1, "t": "heartbeat"}, {"v": 1, "t": "nonsense"}, [1, 2],
                     {"v": 2, "t": "event"}]:
         agent.received(json.dumps(message).encode(), ("127.0.0.1", 15002))
-    forged = {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.last_seq + 1,
+    forged = {"v": 1, "t": "event", "sub": agent.cycle.sub, "seq": agent.sequence.last_seq + 1,
               "rev": 99, "op": "put", "key": "app/evil", "value": 1}
     agent.received(json.dumps(forged).encode(), ("10.9.9.9", 15002))
     assert agent.counters["foreign"] == 1
     world.run(1)
-    assert agent.mirror.items == {"app/a": 1}
+    assert agent.local_copy.items == {"app/a": 1}
     assert agent.sealer.dropped["malformed"] > 400
 
 
@@ -251,14 +253,14 @@ def test_without_the_secret_forged_events_are_refused():
     world = World(store, secret=b"k1")
     world.run(0.5)
     agent = world.agent
-    forged = {"v": 1, "t": "event", "sub": agent.sub, "seq": agent.last_seq + 1,
+    forged = {"v": 1, "t": "event", "sub": agent.cycle.sub, "seq": agent.sequence.last_seq + 1,
               "rev": 99, "op": "put", "key": "app/evil", "value": 1}
     agent.received(json.dumps(forged).encode(), ("127.0.0.1", 15002))
     agent.received(json.dumps(forged).encode() + b"\n" + b"0" * 64, ("127.0.0.1", 15002))
     assert agent.sealer.dropped["unsigned"] == 1
     assert agent.sealer.dropped["bad_signature"] == 1
     world.run(1)
-    assert agent.mirror.items == {}
+    assert agent.local_copy.items == {}
 
 
 def test_held_datagrams_are_bounded():
@@ -277,25 +279,25 @@ def test_held_datagrams_are_bounded():
         store.put("app/k", n)
         world.clock.advance(0)
     world.run(0.2)
-    assert len(agent._held) <= MAX_HELD
+    assert len(agent.sequence.held) <= MAX_HELD
     world.source.up = True
     world.run(35)
-    assert agent.mirror.items == expected_mirror(store, "app/")
+    assert agent.local_copy.items == expected_copy(store, "app/")
 
 
-def test_mirror_replace_reports_differences():
-    mirror = Mirror({"a": 1, "b": 2}, 5)
-    changes = mirror.replace({"b": 2, "c": 3, "a": 0}, 9)
+def test_local_copy_replace_reports_differences():
+    local_copy = LocalCopy({"a": 1, "b": 2}, 5)
+    changes = local_copy.replace({"b": 2, "c": 3, "a": 0}, 9)
     assert {(c.op, c.key) for c in changes} == {("put", "c"), ("put", "a")}
-    changes = mirror.replace({}, 10)
+    changes = local_copy.replace({}, 10)
     assert {(c.op, c.key) for c in changes} == {("delete", "a"), ("delete", "b"),
                                                 ("delete", "c")}
-    assert mirror.revision == 10
+    assert local_copy.revision == 10
 
 
 
 def test_one_true_and_one_point_zero_are_different_values():
-    """JSON tells 1, 1.0 and true apart, and so must the mirror (Python's
+    """JSON tells 1, 1.0 and true apart, and so must the local copy (Python's
     == does not)."""
     store = clocked_store()
     world = World(store)
@@ -303,5 +305,41 @@ def test_one_true_and_one_point_zero_are_different_values():
     for value in (1, True, 1.0, {"a": 1}, {"a": True}):
         store.put("app/x", value)
         world.run(0.1)
-        assert json.dumps(world.agent.mirror.items) == json.dumps({"app/x": value})
+        assert json.dumps(world.agent.local_copy.items) == json.dumps({"app/x": value})
 
+
+
+def test_stopping_abandons_a_pull_under_way_without_complaint():
+    """Stopped while its first snapshot is under way (as ``--count`` stops
+    it), the agent neither logs the abandoned pull as a failure nor retries."""
+    store = clocked_store()
+    world = World(store)
+    events: list[dict] = []
+    world.agent.log = Logger(observer=events.append)
+    world.agent.stop()
+    world.source.up = False         # the process exits: its connection is lost
+    world.run(1)
+    assert world.agent.counters["pull_failures"] == 0
+    assert [formatEvent(event) for event in events] == []
+    assert world.source.calls == 1 and world.agent.local_copy.items == {}
+
+
+def test_the_first_compacted_history_is_news_and_the_next_a_warning():
+    """A node's history starting after the copy is normal once (a cluster
+    node's history starts with the node): logged as information.  Falling
+    behind the history again is worth a warning."""
+    store = clocked_store(history_events=20)
+    world = World(store, seed=4)
+    events: list[dict] = []
+    world.agent.log = Logger(observer=events.append)
+    world.run(0.5)
+    for _ in range(2):
+        world.network.up = False
+        random_writes(world, 100, 4)
+        world.network.up = True
+        world.run(3 * world.agent.cycle.heartbeat + 2)
+    assert world.agent.local_copy.items == expected_copy(store, "app/")
+    snapshots = [(event["log_level"], formatEvent(event)) for event in events
+                 if "taking a snapshot" in formatEvent(event)]
+    assert [level for level, _ in snapshots] == [LogLevel.info, LogLevel.warn], snapshots
+    assert "normal" in snapshots[0][1] and "compacted" not in snapshots[0][1]

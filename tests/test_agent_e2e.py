@@ -190,6 +190,18 @@ def logs_of(*processes) -> Callable[[], str]:
     return lambda: "\n".join(p.log() for p in processes)
 
 
+def following_with_a_first_write(start_agent, server: KVConfigProcess, prefix: str,
+                                 config: Path, *extra: str):
+    """Start an agent keeping *prefix* in *config*; once a first save
+    (``<prefix>a`` = 1) is in the file, the agent, its logs and a proxy."""
+    agent = start_agent(server, prefix, f"--output={config}", *extra)
+    logs = logs_of(agent)
+    s = server.proxy()
+    s.save(f"{prefix}a", 1)
+    wait_for(lambda: read_json(config) == {f"{prefix}a": 1}, "the first save", logs=logs)
+    return agent, logs, s
+
+
 def count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -318,11 +330,8 @@ def test_restarted_agent_catches_up_with_writes_made_while_it_was_down(
         kvserver, start_agent, tmp_path):
     """Changes made while the agent was dead are in the file once it starts again."""
     config = tmp_path / "config.json"
-    agent = start_agent(kvserver, "down/", f"--output={config}", "--debounce=0.1")
-    logs = logs_of(agent)
-    s = kvserver.proxy()
-    s.save("down/a", 1)
-    wait_for(lambda: read_json(config) == {"down/a": 1}, "the first save", logs=logs)
+    agent, logs, s = following_with_a_first_write(start_agent, kvserver, "down/", config,
+                                                  "--debounce=0.1")
 
     agent.kill(signal.SIGKILL)
     s.save("down/b", 2)
@@ -424,6 +433,63 @@ def _read_lines(stream, into: queue.Queue) -> None:
     into.put(None)
 
 
+def agent_command() -> str:
+    """The installed ``kvconfig-agent`` command, beside the running Python."""
+    return os.path.join(os.path.dirname(sys.executable), "kvconfig-agent")
+
+
+class AgentCommand:
+    """One ``kvconfig-agent`` process following *prefix* on *server*, its
+    standard output and error read line by line."""
+
+    def __init__(self, server: KVConfigProcess, prefix: str, *extra: str) -> None:
+        self.process = subprocess.Popen(
+            [agent_command(), "--server=127.0.0.1", f"--udp-port={server.udp_port}",
+             f"--xmlrpc={server.url}", f"--prefix={prefix}", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stdout: queue.Queue = queue.Queue()
+        self.stderr: queue.Queue = queue.Queue()
+        for stream, into in ((self.process.stdout, self.stdout),
+                             (self.process.stderr, self.stderr)):
+            threading.Thread(target=_read_lines, args=(stream, into), daemon=True).start()
+
+    def next_line(self) -> dict:
+        """The next change printed, as JSON."""
+        try:
+            line = self.stdout.get(timeout=20)
+        except queue.Empty:
+            line = None
+        if line is None:
+            raise AssertionError("no line on standard output; standard error:\n"
+                                 + self.errors())
+        return json.loads(line)
+
+    def rest(self) -> list[str]:
+        """What it printed after the lines read so far, once it has exited."""
+        lines = []
+        while (line := self.stdout.get(timeout=5)) is not None:
+            lines.append(line)
+        return lines
+
+    def errors(self) -> str:
+        """Its standard error so far (all of it, once it has exited)."""
+        lines = []
+        while True:
+            try:
+                line = self.stderr.get(timeout=5 if self.process.poll() is not None else 0)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            lines.append(line)
+        return "".join(lines)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
 def test_kvconfig_agent_command_prints_keys_then_changes_and_exits_after_count(kvserver):
     """``kvconfig-agent --count N`` prints the current keys, then each change,
     as JSON lines on standard output, and exits by itself after N."""
@@ -431,43 +497,64 @@ def test_kvconfig_agent_command_prints_keys_then_changes_and_exits_after_count(k
     s.save("cli/a", "one")
     s.save("cli/b", b"\x01")
     s.save("clix", "outside")
-    command = os.path.join(os.path.dirname(sys.executable), "kvconfig-agent")
-    process = subprocess.Popen(
-        [command, "--server=127.0.0.1", f"--udp-port={kvserver.udp_port}",
-         f"--xmlrpc={kvserver.url}", "--prefix=cli/", "--count=4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout: queue.Queue = queue.Queue()
-    stderr: queue.Queue = queue.Queue()
-    for stream, into in ((process.stdout, stdout), (process.stderr, stderr)):
-        threading.Thread(target=_read_lines, args=(stream, into), daemon=True).start()
-
-    def next_line() -> dict:
-        try:
-            line = stdout.get(timeout=20)
-        except queue.Empty:
-            line = None
-        if line is None:
-            errors = []
-            while not stderr.empty():
-                errors.append(stderr.get() or "")
-            raise AssertionError("no line on standard output; standard error:\n"
-                                 + "".join(errors))
-        return json.loads(line)
-
+    command = AgentCommand(kvserver, "cli/", "--count=4")
     try:
-        first = [next_line(), next_line()]
+        first = [command.next_line(), command.next_line()]
         assert [(e["op"], e["key"], e["value"]) for e in first] == [
             ("put", "cli/a", "one"), ("put", "cli/b", {"$bytes": "AQ=="})]
         s.save("cli/c", [1, 2])
         s.delete("cli/a")
-        assert [(e["op"], e["key"], e.get("value")) for e in (next_line(), next_line())] == [
+        assert [(e["op"], e["key"], e.get("value"))
+                for e in (command.next_line(), command.next_line())] == [
             ("put", "cli/c", [1, 2]), ("delete", "cli/a", None)]
-        assert process.wait(timeout=20) == 0
-        assert stdout.get(timeout=5) is None     # nothing after the fourth
+        assert command.process.wait(timeout=20) == 0
+        assert command.rest() == []     # nothing after the fourth
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
+        command.stop()
+
+
+def test_kvconfig_agent_count_prints_exactly_n_lines_when_events_share_a_revision(tmp_path):
+    """``kvconfig-agent --count 3``: the current key, one change, then a
+    multicall of three saves (one revision, three datagrams): exactly three
+    lines in all, and a clean exit."""
+    server = KVConfigProcess(tmp_path, None, FAST_HEARTBEAT)
+    try:
+        server.start()
+        s = ServerProxy(server.url, allow_none=True, use_builtin_types=True)
+        s.save("multi/a", 0)
+        command = AgentCommand(server, "multi/", "--count=3")
+        try:
+            assert command.next_line()["key"] == "multi/a"
+            wait_for(lambda: s.stats()["udp_subscriptions"] == 1, "the agent's subscription")
+            s.save("multi/b", 1)
+            assert command.next_line()["key"] == "multi/b"
+            batch = MultiCall(s)
+            for n in range(3):
+                batch.save(f"multi/c{n}", n)
+            batch()
+            assert command.next_line()["key"] == "multi/c0"
+            assert command.process.wait(timeout=20) == 0
+            assert command.rest() == [], "lines after the third"
+        finally:
+            command.stop()
+    finally:
+        server.stop()
+
+
+def test_kvconfig_agent_count_exits_without_complaint(kvserver):
+    """``kvconfig-agent --count 1`` satisfied by the first snapshot exits 0
+    with one line, and does not log the pull it abandons on the way out as
+    "cannot pull from the server"."""
+    kvserver.proxy().save("quiet/a", 1)
+    command = AgentCommand(kvserver, "quiet/", "--count=1")
+    try:
+        assert command.next_line()["key"] == "quiet/a"
+        assert command.process.wait(timeout=20) == 0
+        assert command.rest() == []
+        errors = command.errors()
+        assert "cannot pull" not in errors, errors
+    finally:
+        command.stop()
 
 
 def _secret(path: Path, secret: bytes) -> Path:
@@ -531,3 +618,54 @@ def _terminate(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
+
+
+def test_a_missing_output_directory_is_one_line_and_a_non_zero_exit(kvserver, tmp_path):
+    """``twistd -n kvconfig-agent --output DIR/c.json`` and the
+    ``kvconfig-agent`` command, with DIR missing, exit at once with a
+    non-zero status and one line naming the directory, instead of running on
+    without ever writing the file."""
+    missing = tmp_path / "nonexistent" / "dir"
+    output = missing / "c.json"
+    common = ["--server=127.0.0.1", f"--udp-port={kvserver.udp_port}",
+              f"--xmlrpc={kvserver.url}", "--prefix=app/", f"--output={output}"]
+    for argv in ([twistd_path(), "-n", "--pidfile=", "kvconfig-agent", *common],
+                 [agent_command(), *common]):
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=20,
+                                    cwd=tmp_path)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"{argv[0]} still running after 20 s: {e.stderr}") from None
+        lines = (result.stdout + result.stderr).splitlines()
+        assert result.returncode != 0, lines
+        assert len(lines) == 1, lines
+        assert str(missing) in lines[0] and "does not exist" in lines[0], lines
+
+
+def test_a_write_that_fails_later_is_one_error_line_per_attempt_and_retried(
+        kvserver, start_agent, tmp_path):
+    """When the output directory goes away while the agent runs, each
+    attempt to write is one error line (no traceback), the agent keeps
+    running and retries, and writes the file once the directory is back."""
+    directory = tmp_path / "out"
+    directory.mkdir()
+    config = directory / "config.json"
+    agent, logs, s = following_with_a_first_write(start_agent, kvserver, "gone/", config,
+                                                  "--debounce=0.05")
+
+    config.unlink()
+    directory.rmdir()
+    s.save("gone/a", 2)
+    wait_for(lambda: agent.log().count("cannot write") >= 2, "two failed attempts logged",
+             logs=logs)
+    failed = [line for line in agent.log().splitlines() if "cannot write" in line]
+    assert all("#error" in line for line in failed), failed
+    assert "Traceback" not in agent.log()
+    assert agent.running()
+
+    directory.mkdir()
+    wait_for(lambda: read_json(config) == {"gone/a": 2}, "the write once the directory is back",
+             timeout=40, logs=logs)
+    assert "Traceback" not in agent.log()
+    assert agent.running()
+

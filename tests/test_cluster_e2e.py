@@ -766,3 +766,22 @@ def test_agent_moves_to_another_node_when_its_node_dies(etcd_single, cluster, tm
     cluster.wait(lambda: read_json(config) == {**wanted, "app/after": "live"},
                  "a write through A after the move in the agent's file")
     assert agent.running()
+
+
+def test_agent_starting_on_a_fresh_node_logs_no_fault(etcd_single, cluster, tmp_path):
+    """An agent started on a node whose history begins at the node's own
+    start takes its snapshot and follows the node without a line that reads
+    like a fault: no "history compacted", no warning or error."""
+    cluster.etcd = etcd_single
+    prefix = f"kvconfig-{uuid.uuid4().hex[:8]}/"
+    a = cluster.node("A", etcd_single.client_urls, f"--etcd-prefix={prefix}")
+    config = tmp_path / "config.json"
+    agent = cluster.agent(a, "app/", config)
+    cluster.wait(lambda: read_json(config) == {} and a.proxy().stats()["udp_subscriptions"],
+                 "the agent's first file and its subscription")
+    a.proxy().save("app/k", 1)
+    cluster.wait(lambda: read_json(config) == {"app/k": 1}, "a write in the agent's file")
+    lines = [line for line in agent.log().splitlines() if "[kvconfig." in line]
+    assert not [line for line in lines if "compacted" in line], lines
+    assert not [line for line in lines
+                if "#warn" in line or "#error" in line or "#critical" in line], lines

@@ -1,5 +1,6 @@
 """The UDP wire format: the hand-built datagram templates the notifier's hot
-loop uses equal what Sealer.seal makes of the same message."""
+loop uses equal what Sealer.seal makes of the same message; the secret that
+seals them is read only from a file that not everyone can read."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from kvconfig.udpwire import (
     event_head,
     event_tails,
     pad,
+    read_secret,
     signed_event_head,
 )
 
@@ -81,3 +83,30 @@ def test_padded_requests_are_padded_to_size(secret):
     assert len(datagram) == SUBSCRIBE_PAD_TO
     opened = Sealer(secret, Clock()).open(datagram)
     assert {name: opened[name] for name in ("t", "prefix")} == message
+
+
+def test_the_secret_is_the_file_without_surrounding_whitespace(tmp_path):
+    path = tmp_path / "secret"
+    path.write_bytes(b"  s3cret \n")
+    path.chmod(0o600)
+    assert read_secret(str(path)) == b"s3cret"
+
+
+@pytest.mark.parametrize("content, mode, complaint", [
+    (b"s3cret\n", 0o644, "readable by everyone"),
+    (b" \n", 0o600, "is empty"),
+    (None, None, "cannot read"),
+])
+def test_a_secret_file_that_cannot_be_trusted_is_refused(tmp_path, content, mode, complaint):
+    """World-readable, empty or missing: a ValueError saying which."""
+    path = tmp_path / "secret"
+    if content is not None:
+        path.write_bytes(content)
+        path.chmod(mode)
+    with pytest.raises(ValueError, match=complaint):
+        read_secret(str(path))
+
+
+def test_a_directory_is_not_a_secret_file(tmp_path):
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_secret(str(tmp_path))
