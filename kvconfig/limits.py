@@ -35,6 +35,14 @@ class Limits:
         128, "Most simultaneous connections per interface from one IP address.")
     listen_backlog: int = limit(
         1024, "Connections the kernel queues for each TCP port before they are accepted.")
+    # Past these a client's requests wait (it is not read further) until its
+    # writes are answered: backpressure, not an error.
+    max_client_writes: int = limit(
+        1024, "Most writes one client may have waiting for their commit.")
+    max_client_write_bytes: int = limit(
+        8 << 20, "Most bytes of writes one client may have waiting for their commit.")
+    max_write_bytes: int = limit(
+        64 << 20, "Most bytes of writes waiting for their commit, for all clients together.")
     max_multicall: int = limit(1000, "Most calls in one system.multicall.")
     # Without its LF; it must hold the largest value (see __post_init__).
     max_line_bytes: int = limit((1 << 20) + 4096, "Longest line-protocol line, in bytes.")

@@ -119,11 +119,14 @@ class Session:
         self.limits = limits or store.limits
         self.subscriptions = subscriptions
         self._on_close = on_close
-        #: Requests not yet answered, oldest first.
+        #: Requests not yet answered, oldest first, and those of them not yet
+        #: started (waiting for the answers before them, or for room).
         self._requests: deque[_Request] = deque()
-        self._queued = 0
-        self._queued_bytes = 0
+        self._waiting: deque[_Request] = deque()
+        self._waiting_bytes = 0
         self._reads_running = 0
+        self._writes_running = 0
+        self._write_bytes_running = 0
         self._advancing = False
         self._closed = False
         self._watches: dict[int, Callable[[], None]] = {}
@@ -144,14 +147,14 @@ class Session:
 
     @property
     def queued(self) -> int:
-        """Requests waiting for the answers before them, not yet started."""
-        return self._queued
+        """Requests waiting to start (for the answers before them, or for room)."""
+        return len(self._waiting)
 
     @property
     def backlogged(self) -> bool:
         """True when so much waits that the client should not be read further."""
-        return (self._queued >= MAX_QUEUED_REQUESTS
-                or self._queued_bytes > self.limits.max_line_bytes)
+        return (len(self._waiting) >= MAX_QUEUED_REQUESTS
+                or self._waiting_bytes > self.limits.max_line_bytes)
 
     def submit(self, operation: Callable[[], Any], writes: bool = False, size: int = 0) -> Any:
         """Run *operation* in this client's order.
@@ -162,7 +165,7 @@ class Session:
         request's size in bytes, for the session's bounds.
         """
         requests = self._requests
-        if not requests:
+        if not requests and (not writes or self._write_room(size)):
             outcome = run(operation)
             if not isinstance(outcome, Deferred):
                 return outcome
@@ -172,14 +175,29 @@ class Session:
             return request.answer
         request = _Request(operation, writes, size)
         requests.append(request)
-        if writes and not self._queued and not self._reads_running:
+        if (writes and not self._waiting and not self._reads_running
+                and self._write_room(size)):
             # Only writes before it, each already decided: it is decided now,
             # seeing them, and joins their commit.
             self._start(request)
         else:
-            self._queued += 1
-            self._queued_bytes += size
+            self._waiting.append(request)
+            self._waiting_bytes += size
         return request.answer
+
+    def _write_room(self, size: int) -> bool:
+        """Whether a write of *size* may start now: this client's writes in
+        flight, and everyone's, stay within their bounds (one always may
+        when none is in flight)."""
+        limits = self.limits
+        if self._writes_running and (
+                self._writes_running >= limits.max_client_writes
+                or self._write_bytes_running + size > limits.max_client_write_bytes):
+            return False  # _finished makes room
+        if not self.store.has_write_room(size):
+            self.store.when_write_room(self._advance)
+            return False
+        return True
 
     def _start(self, request: _Request) -> None:
         outcome = run(request.operation)
@@ -191,52 +209,51 @@ class Session:
 
     def _started(self, request: _Request, outcome: Deferred) -> None:
         request.state = _RUNNING
-        if not request.writes:
+        if request.writes:
+            self._writes_running += 1
+            self._write_bytes_running += request.size
+        else:
             self._reads_running += 1
         outcome.addCallback(self._finished, request)
 
     def _finished(self, outcome: Any, request: _Request) -> None:
-        if not request.writes:
+        if request.writes:
+            self._writes_running -= 1
+            self._write_bytes_running -= request.size
+        else:
             self._reads_running -= 1
         request.state, request.outcome = _DONE, outcome
         self._advance()
 
     def _advance(self) -> None:
-        """Answer the requests at the head that are done, starting those
-        queued requests that may start, until one has to wait."""
+        """Answer the requests at the head that are done, and start the
+        waiting requests that may start, until one has to wait."""
         if self._advancing:
             return  # the loop below, further up the stack, goes on
         self._advancing = True
         try:
-            requests = self._requests
+            requests, waiting = self._requests, self._waiting
             while requests and not self._closed:
                 head = requests[0]
                 if head.state == _QUEUED:
-                    self._dequeue(head)
-                    self._start(head)
+                    if head.writes and not self._write_room(head.size):
+                        break
+                    self._start(waiting.popleft())
+                    self._waiting_bytes -= head.size
                 if head.state == _DONE:
                     requests.popleft()
                     head.answer.callback(head.outcome)
                     continue
-                if head.writes:
-                    self._start_writes_behind(head)
                 break
+            # A run of waiting writes with only writes before it starts
+            # together (it shares a commit), up to the next read.
+            while (waiting and waiting[0].writes and not self._reads_running
+                   and not self._closed and self._write_room(waiting[0].size)):
+                request = waiting.popleft()
+                self._waiting_bytes -= request.size
+                self._start(request)
         finally:
             self._advancing = False
-
-    def _start_writes_behind(self, head: _Request) -> None:
-        """A write is under way at the head: the queued writes that follow
-        it, up to the next read, may start too (a run shares a commit)."""
-        for request in list(self._requests)[1:]:
-            if not request.writes:
-                return
-            if request.state == _QUEUED:
-                self._dequeue(request)
-                self._start(request)
-
-    def _dequeue(self, request: _Request) -> None:
-        self._queued -= 1
-        self._queued_bytes -= request.size
 
     def close(self) -> None:
         """The client is gone: drop what waits, end its watches."""
@@ -244,7 +261,8 @@ class Session:
             return
         self._closed = True
         self._requests.clear()
-        self._queued = self._queued_bytes = 0
+        self._waiting.clear()
+        self._waiting_bytes = 0
         self.unwatch()
         if self._on_close is not None:
             self._on_close(self)

@@ -33,6 +33,10 @@ class Store:
         self.counters = {"reads": 0, "puts": 0, "deletes": 0, "compare_failures": 0,
                          "rejected": 0}
         self._interface_stats: dict[str, Callable[[], dict[str, Any]]] = {}
+        #: Writes made and not yet answered (durable or failed), and their bytes.
+        self.writes_in_flight = 0
+        self.write_bytes_in_flight = 0
+        self._waiting_for_room: list[Callable[[], None]] = []
 
     @property
     def feed(self) -> ChangeFeed:
@@ -130,7 +134,8 @@ class Store:
         except KVConfigError as e:
             return self._rejected(e)
         self.counters["puts"] += 1
-        return d.addCallbacks(_event_kv, self._count_failure)
+        return self._in_flight(d, len(raw) + len(key)).addCallbacks(
+            _event_kv, self._count_failure)
 
     def save(self, key: str, value: Any) -> Deferred:
         """The classic save: fires with None once durable."""
@@ -146,8 +151,39 @@ class Store:
         except KVConfigError as e:
             return self._rejected(e)
         self.counters["deletes"] += 1
-        return d.addCallbacks(lambda event: None if event is None else event.revision,
-                              self._count_failure)
+        return self._in_flight(d, len(key)).addCallbacks(
+            lambda event: None if event is None else event.revision, self._count_failure)
+
+    # The bound on writes waiting for their commit, in total (each client's
+    # own is kept by its Session).
+
+    def _in_flight(self, d: Deferred, size: int) -> Deferred:
+        if d.called:
+            return d  # answered at once: never in flight
+        self.writes_in_flight += 1
+        self.write_bytes_in_flight += size
+
+        def answered(result: Any) -> Any:
+            self.writes_in_flight -= 1
+            self.write_bytes_in_flight -= size
+            if self._waiting_for_room and self.has_write_room(0):
+                waiting, self._waiting_for_room = self._waiting_for_room, []
+                for wake in waiting:
+                    wake()
+            return result
+
+        return d.addBoth(answered)
+
+    def has_write_room(self, size: int) -> bool:
+        """Whether a write of *size* bytes fits under --max-write-bytes with
+        the writes in flight (one always fits when none is)."""
+        return (not self.writes_in_flight
+                or self.write_bytes_in_flight + size <= self.limits.max_write_bytes)
+
+    def when_write_room(self, wake: Callable[[], None]) -> None:
+        """Call *wake* (once) when writes in flight have made room."""
+        if wake not in self._waiting_for_room:
+            self._waiting_for_room.append(wake)
 
     def _count_failure(self, failure):
         if failure.check(CompareFailed):
@@ -179,6 +215,8 @@ class Store:
         }
         stats.update(backend.stats())
         stats.update(self.counters)
+        stats["writes_in_flight"] = self.writes_in_flight
+        stats["write_bytes_in_flight"] = self.write_bytes_in_flight
         for interface, interface_stats in self._interface_stats.items():
             stats.update({f"{interface}_{name}": value
                           for name, value in interface_stats().items()})

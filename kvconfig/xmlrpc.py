@@ -377,7 +377,8 @@ class KVConfigXMLRPC(_Dispatcher):
         if getattr(procedure, "batch", False):
             outcome = run(lambda: procedure(session, *args))
         else:
-            outcome = session.submit(lambda: procedure(session, *args), _is_write(method))
+            outcome = session.submit(lambda: procedure(session, *args), _is_write(method),
+                                     len(body))
         if isinstance(outcome, Deferred):
             return outcome.addCallback(self.marshal)
         return self.marshal(outcome)

@@ -250,3 +250,50 @@ def test_writes_queued_behind_a_read_start_together_once_it_has_run(tmp_path):
     r.commit()
     assert r.store.backend.commits == commits + 2  # w1's, then w2's and w3's
     assert [name for name, _ in r.answers] == ["w1", "r", "w2", "w3"]
+
+
+def test_a_clients_writes_in_flight_are_bounded_in_count(tmp_path):
+    """Past max_client_writes decided and uncommitted writes, the next ones
+    wait (not decided) until a commit answers some; all are answered in
+    order."""
+    r = Recorder(tmp_path, max_client_writes=3)
+    for i in range(10):
+        r.put(f"w{i}", f"k{i}", i)
+    assert r.store.writes_in_flight == 3 and r.session.queued == 7
+    r.commit()
+    assert [name for name, _ in r.answers] == [f"w{i}" for i in range(10)]
+    assert [kv.mod_revision for _, kv in r.answers] == list(range(1, 11))
+
+
+def test_a_clients_writes_in_flight_are_bounded_in_bytes(tmp_path):
+    """A client's writes in flight stay under max_client_write_bytes (one
+    always goes); the rest wait, and the client is backlogged (not read)
+    once what waits is over the line limit; all are answered in order."""
+    r = Recorder(tmp_path, max_client_write_bytes=5000, max_line_bytes=7000,
+                 max_value_bytes=2000)
+    for i in range(8):
+        outcome = r.session.submit(lambda i=i: r.session.put(f"k{i}", "x" * 1900),
+                                   writes=True, size=2000)
+        outcome.addCallback(lambda o, i=i: r.answers.append((i, o)))
+    assert r.store.writes_in_flight == 2  # 2 x 2000 fit in 5000, a third does not
+    assert r.session.queued == 6 and r.session.backlogged
+    r.commit()
+    assert [i for i, _ in r.answers] == list(range(8)) and not r.session.backlogged
+
+
+def test_writes_in_flight_are_bounded_for_all_clients_together(tmp_path):
+    """Past max_write_bytes in flight for everyone, another client's write
+    waits, and starts once a commit makes room."""
+    store = clocked_store("sqlite", tmp_path, max_write_bytes=3000, max_value_bytes=2000)
+    first = Session(store, Client("test", "10.0.0.1"))
+    second = Session(store, Client("test", "10.0.0.2"))
+    answers = []
+    first.submit(lambda: first.put("a", "x" * 1990), writes=True, size=2000) \
+        .addCallback(lambda o: answers.append(("a", o.mod_revision)))
+    second.submit(lambda: second.put("b", "y" * 1990), writes=True, size=2000) \
+        .addCallback(lambda o: answers.append(("b", o.mod_revision)))
+    assert store.writes_in_flight == 1 and second.queued == 1
+    for _ in range(5):
+        store.backend.clock.advance(0)
+    assert answers == [("a", 1), ("b", 2)] and store.writes_in_flight == 0
+    assert store.stats()["write_bytes_in_flight"] == 0
