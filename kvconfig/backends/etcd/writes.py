@@ -42,7 +42,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -68,28 +67,38 @@ UNAVAILABLE_CODES = {4, 14}  # deadline exceeded, unavailable (no leader, timed 
 Send = Callable[["KeyWrites"], Deferred]
 
 
-@dataclass(slots=True)
 class KeyWrites:
     """This node's writes to one key, from the first sent until the last is
     answered: the writes queued behind the one in flight, and what matches
     a put in flight with its watch event."""
 
-    #: Writes waiting for the one in flight to be answered, oldest first.
-    queued: deque[tuple[Send, Deferred]] = field(default_factory=deque)
-    #: (raw, value) of the put in flight; None while a delete is.
-    put: tuple[bytes, Any] | None = None
-    #: The puts of the key the watch applied while that put was in flight.
-    applied: list[KeyValue] = field(default_factory=list)
+    # One is made for nearly every write: kept small, its lists made once.
+    __slots__ = ("queued", "put", "applied")
+
+    def __init__(self) -> None:
+        #: Writes waiting for the one in flight to be answered, oldest first.
+        self.queued: deque[tuple[Send, Deferred]] | None = None
+        #: (raw, value) of the put in flight; None while a delete is.
+        self.put: tuple[bytes, Any] | None = None
+        #: The puts of the key the watch applied while that put was in flight.
+        self.applied: list[KeyValue] = []
+
+    def queue(self, send: Send, d: Deferred) -> None:
+        if self.queued is None:
+            self.queued = deque()
+        self.queued.append((send, d))
 
     def sending_put(self, raw: bytes, value: Any) -> None:
         # Every put applied before this one is sent has an older revision
         # than it will get, so none of them is of use to it.
         self.put = (raw, value)
-        self.applied = []
+        if self.applied:
+            self.applied.clear()
 
     def sending_delete(self) -> None:
         self.put = None
-        self.applied = []
+        if self.applied:
+            self.applied.clear()
 
 
 class Writes:
@@ -104,6 +113,7 @@ class Writes:
         self.codec = codec
         self.replica = replica
         self.health = replica.health
+        self.keyspace = replica.keyspace
         self.in_flight = in_flight
         self.batches = 0
         self.unavailable_rejections = 0
@@ -116,6 +126,9 @@ class Writes:
         self._batch_call: IDelayedCall | None = None
         self._batches_in_flight = 0
         self._stopping = False
+        # Bound once: one is handed with every acknowledgement.
+        self._too_late_for_write = self._write_not_seen
+        self._too_late_for_answer = self._answer_not_seen
 
     def put(self, key: str, value: Any, raw: bytes, prev_revision: int | None = None,
             ttl: float | None = None) -> Deferred:
@@ -206,7 +219,7 @@ class Writes:
             d = send(writes)
         else:
             d = Deferred()
-            writes.queued.append((send, d))
+            writes.queue(send, d)
         return d.addBoth(self._answered, key)
 
     def _answered(self, result, key: str):
@@ -305,7 +318,7 @@ class Writes:
             # Answer only once the replica agrees, so that a read after this
             # answer shows what it rested on.
             return self._when(lambda: self._mod_revision(key) == actual
-                              or self.replica.keyspace.revision >= revision,
+                              or self.keyspace.revision >= revision,
                               CompareFailed(key, prev_revision, actual), wrote=False)
         return revision, responses[0], meta
 
@@ -313,17 +326,16 @@ class Writes:
 
     def _put_done(self, result, key: str, value: Any, raw: bytes) -> Deferred:
         revision, _, meta = result
-        keyspace = self.replica.keyspace
         if meta is None:
             # A batched put: its metadata comes with its watch event.
-            return self._when(lambda: keyspace.revision >= revision,
+            return self._when(lambda: self.keyspace.revision >= revision,
                               lambda: Event(PUT, key, revision,
                                             self._written(key, revision, value, raw)),
                               wrote=True)
         kv = KeyValue(key=key, value=value, raw=raw, version=int(meta["version"]),
                       create_revision=int(meta["create_revision"]),
                       mod_revision=revision)
-        return self._when(lambda: keyspace.revision >= revision,
+        return self._when(lambda: self.keyspace.revision >= revision,
                           Event(PUT, key, revision, kv), wrote=True)
 
     def _written(self, key: str, revision: int, value: Any, raw: bytes) -> KeyValue:
@@ -332,7 +344,7 @@ class Writes:
         for kv in self.in_flight[key].applied:
             if kv.mod_revision == revision:
                 return kv
-        current = self.replica.keyspace.get(key)
+        current = self.keyspace.get(key)
         if current is not None and current.mod_revision == revision:
             return current
         # Only if etcd compacted the event away before the watch delivered
@@ -343,7 +355,7 @@ class Writes:
 
     def _delete_done(self, result, key: str) -> Deferred:
         revision, response, _ = result
-        keyspace = self.replica.keyspace
+        keyspace = self.keyspace
         deleted = int(response.get("response_delete_range", {}).get("deleted", 0))
         if deleted:
             return self._when(lambda: keyspace.revision >= revision,
@@ -352,12 +364,12 @@ class Writes:
                           or keyspace.revision >= revision, None, wrote=False)
 
     def _mod_revision(self, key: str) -> int:
-        kv = self.replica.keyspace.get(key)
+        kv = self.keyspace.get(key)
         return kv.mod_revision if kv is not None else 0
 
     def _when(self, condition: Callable[[], bool], outcome: object, wrote: bool) -> Deferred:
         return self.replica.answers.when(
-            condition, outcome, self._write_not_seen if wrote else self._answer_not_seen)
+            condition, outcome, self._too_late_for_write if wrote else self._too_late_for_answer)
 
     def _write_not_seen(self) -> Exception:
         return self._too_late("the write was made in etcd, but this node's copy has not "
