@@ -168,6 +168,27 @@ def test_a_second_write_to_a_key_waits_until_the_first_is_acknowledged():
     assert backend.writes.in_flight == {}
 
 
+def test_writes_queued_behind_one_to_their_key_go_one_at_a_time_in_the_order_made():
+    """Three writes to one key: each is sent once the one before it is
+    acknowledged, in the order they were made, so the last made wins."""
+    backend, client, clock = started()
+    writes = [put(backend, "k", n) for n in (1, 2, 3)] + [backend.delete("k")]
+    sent = []
+    for revision in (11, 12, 13, 14):
+        clock.advance(0)
+        txn, = client.txns()
+        operation = txn.operations[0]
+        request = operation.get("request_put")
+        sent.append(unb64(request["value"]) if request else "delete")
+        txn.answer_batch(revision)
+        event = (put_event("k", revision - 10, revision) if request
+                 else delete_event("k", revision))
+        client.watch_.events(revision, event)
+    assert sent == [raw(1), raw(2), raw(3), "delete"]
+    assert [result_of(d).revision for d in writes] == [11, 12, 13, 14]
+    assert backend.keyspace.get("k") is None and backend.writes.in_flight == {}
+
+
 def test_a_failed_write_lets_the_next_write_to_its_key_go():
     """The write queued behind one that fails is sent then."""
     backend, client, clock = started()
