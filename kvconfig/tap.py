@@ -21,8 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from kvconfig import __version__
-from kvconfig.backends import backend_from_string, parse_store
-from kvconfig.backends.etcd import check_prefix as check_etcd_prefix
+from kvconfig.backends import backend_from_string, check_etcd_prefix, parse_store
 from kvconfig.errors import KVConfigError
 from kvconfig.limits import Limits, limit_options
 from kvconfig.line import LineFactory

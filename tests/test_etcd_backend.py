@@ -68,7 +68,7 @@ def encoded(value: Any) -> bytes:
 @pytest_twisted.async_yield_fixture
 async def open_store():
     """An async function opening a Store on the etcd backend with the given
-    member URLs and prefix, started (its mirror loaded) unless start=False;
+    member URLs and prefix, started (its replica loaded) unless start=False;
     every store it opened is stopped after the test."""
     opened: list[Store] = []
 
@@ -79,7 +79,7 @@ async def open_store():
         store = Store(backend, limits)
         opened.append(store)
         if start:
-            await within(store.start(), "the store loading its mirror")
+            await within(store.start(), "the store loading its replica")
         return store
 
     yield open_
@@ -279,7 +279,7 @@ async def test_prefix_separates_stores_and_foreign_keys_are_served_or_skipped(
     the prefix are served and published: a plain-text value as str, a
     non-UTF-8 one as bytes; an etcd key that is no valid kvconfig key (a
     space, bytes that are not UTF-8) is skipped and counted, by the watch
-    and by a store loading its mirror alike."""
+    and by a store loading its replica alike."""
     root = new_prefix("prefix")
     prefix_a, prefix_b = root + "a/", root + "b/"
     a = await open_store(etcd_single.client_urls, prefix_a)
@@ -511,7 +511,7 @@ async def test_quorum_lost_refuses_writes_serves_reads_and_recovers(
     """With two of three members killed (the one the store watches left
     running without a leader, or killed too), the store turns stale and
     unavailable; writes are then refused without being sent (counted as
-    rejections), reads answer from the mirror.  Once the members are back,
+    rejections), reads answer from the replica.  Once the members are back,
     the store recovers by itself, writes succeed and are published, and no
     change is missed across the outage, not even one another writer made
     while the store could not look."""
@@ -656,7 +656,7 @@ async def test_store_without_etcd_is_not_ready_until_etcd_comes(etcd_binary, tmp
     """A store whose only member refuses connections keeps loading: reads
     and writes fail with Unavailable (writes without being sent), and it
     reports itself stale.  When an etcd starts on that port the store
-    loads its mirror by itself and serves."""
+    loads its replica by itself and serves."""
     cluster = EtcdCluster(etcd_binary, tmp_path / "etcd", size=1)
     try:
         store = await open_store(cluster.client_urls, new_prefix("absent"), start=False)
@@ -676,7 +676,7 @@ async def test_store_without_etcd_is_not_ready_until_etcd_comes(etcd_binary, tmp
         assert stats["etcd_unavailable_rejections"] == 2
 
         cluster.start()
-        await within(started, "the store loading its mirror once etcd is up")
+        await within(started, "the store loading its replica once etcd is up")
         assert store.range("")[1] == []
         await eventually(lambda: not store.stale, "the store in step with etcd")
         kv = await within(store.put("k", 1), "a write once etcd is up")
@@ -753,7 +753,7 @@ async def test_hung_member_costs_at_most_the_first_write_then_the_store_moves_on
 async def test_store_starting_without_its_first_member_loads_from_another(
         etcd_cluster3, open_store, how):
     """A store started while the first member it lists hangs (SIGSTOP: its
-    read gets no answer) or is down (connections refused) loads its mirror
+    read gets no answer) or is down (connections refused) loads its replica
     from another member: start() fires, the store is in step with what
     etcd holds, and takes writes."""
     cluster = etcd_cluster3
@@ -769,7 +769,7 @@ async def test_store_starting_without_its_first_member_loads_from_another(
             cluster.kill_member(first)
         store = await open_store([cluster.client_urls[i] for i in order], prefix,
                                  start=False)
-        await within(store.start(), "the store loading its mirror from another member")
+        await within(store.start(), "the store loading its replica from another member")
         await eventually(lambda: store.stats()["etcd_state"] == "in_step",
                          "the store in step")
         assert not store.stale
@@ -850,8 +850,8 @@ async def test_hot_key_pipelined_by_two_writers_keeps_few_remembered_puts(
     """Two writers each put one key 400 times, each waiting for its own
     write but not the other's, so the node always has a write to the key
     in flight and another queued: the puts the node remembers to acknowledge
-    its writes with (backend._seen_puts) stay few instead of growing with
-    every write, each write is acknowledged with its own version, and the
+    its writes with (the applied puts of the key's KeyWrites) stay few
+    instead of growing with every write, each write is acknowledged with its own version, and the
     key ends with the value last acknowledged."""
     prefix = new_prefix("hot")
     store = await open_store(etcd_single.client_urls, prefix)
@@ -866,7 +866,8 @@ async def test_hot_key_pipelined_by_two_writers_keeps_few_remembered_puts(
     peak = 0
     deadline = reactor.seconds() + WAIT
     while not writers.called and reactor.seconds() < deadline:
-        peak = max(peak, len(store.backend._seen_puts.get("hot", ())))
+        writes = store.backend.writes.in_flight.get("hot")
+        peak = max(peak, len(writes.applied) if writes is not None else 0)
         await deferLater(reactor, POLL, lambda: None)
     await within(writers, "the writers", timeout=0.1)
     # Without pruning, it held every put made while the key was being written.

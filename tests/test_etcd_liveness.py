@@ -37,10 +37,10 @@ async def test_a_silent_watch_on_a_hung_member_moves_to_another(etcd_cluster3):
     limits = Limits()
     store = Store(backend_from_string("etcd:" + ",".join(urls), reactor,
                                       limits, etcd_prefix=prefix, etcd_timeout=1.0), limits)
-    await within(store.start(), "the store loading its mirror")
+    await within(store.start(), "the store loading its replica")
     await eventually(lambda: not store.stale, "the store in step")
     seen = record(store)
-    assert store.backend._watch.endpoint == urls[0]
+    assert store.backend.replica.watch.endpoint == urls[0]
     hung = cluster.members[hung_index].process
     os.kill(hung.pid, signal.SIGSTOP)
     try:
@@ -48,7 +48,7 @@ async def test_a_silent_watch_on_a_hung_member_moves_to_another(etcd_cluster3):
         await eventually(lambda: store.load("from-elsewhere") == "hello",
                          "a change through member 1 to reach the store")
         assert [event.key for event in seen] == ["from-elsewhere"]
-        assert store.backend._watch.endpoint != urls[0]
+        assert store.backend.replica.watch.endpoint != urls[0]
         assert store.backend.counters["etcd_watch_restarts"] >= 1
         await eventually(lambda: not store.stale, "the store in step again")
     finally:

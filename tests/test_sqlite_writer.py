@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from kvconfig.backends.sqlite import SQLiteBackend
 from kvconfig.backends.sqlitefile import open_db, write_batches
-from kvconfig.errors import Unavailable
+from kvconfig.errors import CompareFailed, Unavailable
 from kvconfig.limits import Limits
 from kvconfig.store import Store
 
@@ -238,6 +238,46 @@ def test_answers_resting_on_a_pending_change_wait_for_it(fake_writer):
     assert fired(deleted_again[1]).check(Unavailable)
     assert fired(stale).check(Unavailable)
     assert store.get("k") is None and store.revision == 0
+
+
+def test_answers_resting_on_a_pending_change_fire_once_it_commits(fake_writer):
+    """A failed compare or an absent delete that rests on a change not yet
+    durable is answered as soon as the commit holding that change is."""
+    store, clock, spawner = fake_writer
+    protocol, _ = spawner.writers[0]
+    store.put("k", 1)
+    clock.advance(0)
+    protocol.outReceived(b"ok\n")
+    store.delete("k")
+    absent = store.delete("k")                     # rests on the pending delete
+    stale = store.put("k", 3, prev_revision=1)     # rests on it too
+    clock.advance(0)
+    assert not absent.called and not stale.called
+    protocol.outReceived(b"ok\n")
+    assert fired(absent) is None
+    assert fired(stale).check(CompareFailed)
+
+
+def test_an_answer_resting_on_a_change_the_dead_writer_committed_is_given(
+        fake_writer, tmp_path):
+    """The writer committed a batch and died before answering: an answer
+    resting on a change of that batch is given (the file holds it), one
+    resting on a later, uncommitted change fails."""
+    store, clock, spawner = fake_writer
+    protocol, transport = spawner.writers[0]
+    store.put("a", 1)
+    store.delete("a")
+    clock.advance(0)
+    committed, = transport.frames()
+    store.put("b", 1)
+    stale = store.put("b", 2, prev_revision=0)     # rests on the uncommitted put
+    clock.advance(0)
+    absent_again = store.delete("a")               # rests on the committed delete
+    with closing(open_db(str(tmp_path / "kv.db"))) as db:
+        write_batches(db, [committed])
+    ended(protocol)
+    assert fired(absent_again) is None
+    assert fired(stale).check(Unavailable)
 
 
 def test_a_stray_acknowledgement_is_ignored(fake_writer):

@@ -1,5 +1,10 @@
 """Backends, chosen by a ``--store`` string: ``sqlite:PATH``, ``memory:`` or
-``etcd:URL[,URL...]``."""
+``etcd:URL[,URL...]``.
+
+The options are checked here without importing any backend: ``tap.py``
+validates ``--store`` and ``--etcd-prefix`` with these functions, and only
+``backend_from_string`` imports the backend chosen (and, for etcd, treq).
+"""
 
 from __future__ import annotations
 
@@ -23,10 +28,28 @@ def parse_store(spec: str) -> tuple[str, str]:
     if kind == "memory" and argument:
         raise ValueError(f"--store memory: takes no argument, not {argument!r}")
     if kind == "etcd":
-        from kvconfig.backends.etcd import parse_endpoints
-
         parse_endpoints(argument)
     return kind, argument
+
+
+def parse_endpoints(argument: str) -> list[str]:
+    """The member URLs of ``etcd:URL[,URL...]``; ValueError if malformed."""
+    endpoints = [part.strip() for part in argument.split(",")]
+    if not argument or not all(endpoints):
+        raise ValueError("--store etcd: needs member URLs, as in etcd:http://127.0.0.1:2379")
+    for endpoint in endpoints:
+        scheme, sep, rest = endpoint.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/"):
+            raise ValueError(f"--store etcd: {endpoint!r} is not an http://HOST:PORT URL")
+    return endpoints
+
+
+def check_etcd_prefix(prefix: str) -> str:
+    """A valid ``--etcd-prefix``: printable, no whitespace; may be empty."""
+    if prefix and (not prefix.isprintable() or " " in prefix):
+        raise ValueError(f"--etcd-prefix must not hold whitespace or control characters: "
+                         f"{prefix!r}")
+    return prefix
 
 
 def backend_from_string(spec: str, clock: IReactorTime, limits: Limits,
@@ -37,7 +60,7 @@ def backend_from_string(spec: str, clock: IReactorTime, limits: Limits,
 
         return SQLiteBackend(argument, clock, limits)
     if kind == "etcd":
-        from kvconfig.backends.etcd import EtcdBackend, parse_endpoints
+        from kvconfig.backends.etcd import EtcdBackend
 
         return EtcdBackend(parse_endpoints(argument), etcd_prefix, clock, limits, etcd_timeout)
     from kvconfig.backends.memory import MemoryBackend
@@ -45,4 +68,5 @@ def backend_from_string(spec: str, clock: IReactorTime, limits: Limits,
     return MemoryBackend(clock, limits)
 
 
-__all__ = ["IBackend", "LocalBackend", "backend_from_string", "parse_store"]
+__all__ = ["IBackend", "LocalBackend", "backend_from_string", "check_etcd_prefix",
+           "parse_endpoints", "parse_store"]

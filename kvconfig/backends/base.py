@@ -16,15 +16,12 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
+from kvconfig.backends.answers import PendingAnswers
 from kvconfig.errors import CompareFailed, Unavailable
 from kvconfig.feed import ChangeFeed
 from kvconfig.keyspace import Keyspace
 from kvconfig.limits import Limits
 from kvconfig.model import DELETE, PUT, Event, KeyValue
-
-
-def _raise(_: object, error: Exception) -> None:
-    raise error
 
 
 class IBackend(Interface):
@@ -90,8 +87,8 @@ class LocalBackend:
         self._expiry: dict[str, IDelayedCall] = {}
         # key -> (revision, KeyValue or None when deleted), not yet durable
         self._overlay: dict[str, tuple[int, KeyValue | None]] = {}
-        # (revision, Deferred) of answers waiting for that revision to be durable
-        self._waiters: list[tuple[int, Deferred]] = []
+        # Answers waiting for the change they rest on to be durable.
+        self._answers = PendingAnswers()
         self._decided_revision = 0
         self.expired = 0
 
@@ -159,14 +156,9 @@ class LocalBackend:
         failed commit could take back.
         """
         pending = self._overlay.get(key)
-        d: Deferred = Deferred()
-        if pending is None:
-            d.callback(None)
-        else:
-            self._waiters.append((pending[0], d))
-        if isinstance(outcome, Exception):
-            return d.addCallback(_raise, outcome)
-        return d.addCallback(lambda _: outcome)
+        revision = pending[0] if pending is not None else 0
+        keyspace = self.keyspace
+        return self._answers.when(lambda: keyspace.revision >= revision, outcome)
 
     def _change(self, event: Event) -> Deferred:
         self._decided_revision = event.revision
@@ -193,12 +185,7 @@ class LocalBackend:
         """Publish durable *events*, and release the answers waiting on them."""
         for event in events:
             self.feed.publish(event)
-        if self._waiters:
-            durable = self.keyspace.revision
-            ready = [d for revision, d in self._waiters if revision <= durable]
-            self._waiters = [(r, d) for r, d in self._waiters if r > durable]
-            for d in ready:
-                d.callback(None)
+        self._answers.release()
 
     def stats(self) -> dict[str, int]:
         return {"expired": self.expired}
@@ -208,12 +195,8 @@ class LocalBackend:
         self._overlay.clear()
         self._decided_revision = self.keyspace.revision
         self._schedule_all_expiry()
-        waiters, self._waiters = self._waiters, []
-        for revision, d in waiters:
-            if revision <= self.keyspace.revision:
-                d.callback(None)
-            else:
-                d.errback(Unavailable("the change this answer rested on was not committed"))
+        self._answers.release()
+        self._answers.fail(Unavailable("the change this answer rested on was not committed"))
 
     # TTL keys: one timer per key; a timer only deletes the write that set it.
 
