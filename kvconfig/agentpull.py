@@ -64,10 +64,23 @@ class XMLRPCSource:
         return self._call("changes", prefix, since).addCallbacks(parse, _compacted)
 
     def snapshot(self, prefix: str) -> Deferred:
-        def parse(result: dict) -> tuple[int, dict[str, Any]]:
-            return result["revision"], {item["key"]: _tagged(item["value"])
-                                        for item in result["items"]}
-        return self._call("list", prefix).addCallback(parse)
+        """The prefix's keys, page after page (list() answers one page, with
+        ``more`` when keys follow), and the first page's revision: later
+        pages may be newer, which the changes pulled from that revision
+        bring in step (a server without pages answers all in one)."""
+        items: dict[str, Any] = {}
+        first: list[int] = []
+
+        def page(result: dict) -> Deferred | tuple[int, dict[str, Any]]:
+            if not first:
+                first.append(result["revision"])
+            items.update((item["key"], _tagged(item["value"])) for item in result["items"])
+            if result.get("more") and result["items"]:
+                return self._call("list", prefix, {"after": result["items"][-1]["key"]}) \
+                    .addCallback(page)
+            return first[0], items
+
+        return self._call("list", prefix).addCallback(page)
 
     def close(self) -> Deferred:
         """Close the kept-alive connection."""

@@ -50,11 +50,13 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.web.http import datetimeToString
 
-from kvconfig.errors import LimitExceeded
+from kvconfig.errors import KVConfigError, LimitExceeded, RequestTooLarge
 from kvconfig.limits import Limits
-from kvconfig.session import Deadline, Session, Sessions
+from kvconfig.session import Deadline, Session, Sessions, budget_full
 
 MAX_HEAD_BYTES = 16 * 1024
+#: Bytes of pipelined requests read ahead while a response is being made.
+READ_AHEAD = 64 * 1024
 
 _STATUS = {
     400: b"400 Bad Request",
@@ -71,9 +73,9 @@ _STATUS = {
 class Handler(TypingProtocol):
     paths: tuple[bytes, ...]
 
-    def respond(self, body: bytes | None, session: Session) -> bytes | Deferred:
-        """The response body for a request body (None: it was too large)
-        from the client of *session*."""
+    def respond(self, body: bytes | KVConfigError, session: Session) -> bytes | Deferred:
+        """The response body for a request body, or for the error that
+        refused it unread (too large, no room), from the client of *session*."""
 
 
 class HTTPError(Exception):
@@ -124,6 +126,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         self._remaining = 0          # body (or chunk) bytes still to read
         self._body: bytearray | None = None   # None while discarding
         self._refusal: tuple[int, str] | None = None   # to answer once the body is read
+        self._body_error: KVConfigError | None = None  # why the body is discarded
 
     # Connection life
 
@@ -189,7 +192,8 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         """Read from the client unless it is not reading our responses, or it
         is racing ahead of a slow response with a full buffer."""
         pause = self._paused_by_transport or (
-            self._busy and len(self._buffer) > self.factory.limits.max_body_bytes)
+            self._busy
+            and len(self._buffer) > min(READ_AHEAD, self.factory.limits.max_body_bytes))
         if pause != self._reading_paused and self.connected:
             self._reading_paused = pause
             if pause:
@@ -247,11 +251,16 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         if not buffer and self._remaining:
             return False
         take = min(self._remaining, len(buffer))
-        if self._body is not None:
-            if len(self._body) + take > self.factory.limits.max_body_bytes:
-                self._body = None  # too large: discard from here on
+        body = self._body
+        if body is not None:
+            limits = self.factory.limits
+            if len(body) + take > limits.max_body_bytes:
+                self._refuse_body(RequestTooLarge(
+                    f"request body is larger than {limits.max_body_bytes} bytes"))
+            elif not self.session.hold("body", len(body) + take):
+                self._refuse_body(budget_full("request body not read", limits.max_buffer_bytes))
             else:
-                self._body += buffer[:take]
+                body += buffer[:take]
         del buffer[:take]
         self._remaining -= take
         if self._remaining:
@@ -259,18 +268,24 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         done()
         return True
 
+    def _refuse_body(self, error: KVConfigError) -> None:
+        """Discard the rest of this body unread, and answer *error* for it."""
+        self._body, self._body_error = None, error
+        self.session.hold("body", 0)
+
     def _end_chunk(self) -> None:
         self._state = _CHUNK_END
 
     def _end_body(self) -> None:
         self._state = _HEAD
         body, self._body = self._body, bytearray()
+        self.session.hold("body", 0)
         if self._refusal is not None:
             # Refused once its body was read (discarded), so that the
             # client, which sends it whole before reading, hears why.
             self._fail(*self._refusal)
             return
-        self._dispatch(None if body is None else bytes(body))
+        self._dispatch(self._body_error if body is None else bytes(body))
 
     def _start_request(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
@@ -336,12 +351,15 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
                                   "supported: send the XML-RPC body uncompressed")
             if expect_continue:
                 raise HTTPError(*self._refusal)
-        too_large = length is not None and length > self.factory.limits.max_body_bytes
+        limits = self.factory.limits
+        too_large = length is not None and length > limits.max_body_bytes
+        self._body_error = RequestTooLarge(
+            f"request body is larger than {limits.max_body_bytes} bytes")
         if too_large and expect_continue:
             # Refused before the client sends it; the connection cannot be
             # reused since the client may send the body anyway.
             self._keep_alive = False
-            self._dispatch(None)
+            self._dispatch(self._body_error)
             return
         if expect_continue:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -354,7 +372,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
 
     # Answering
 
-    def _dispatch(self, body: bytes | None) -> None:
+    def _dispatch(self, body: bytes | KVConfigError) -> None:
         try:
             result = self.factory.handler.respond(body, self.session)
         except Exception:

@@ -8,7 +8,7 @@ Either way reads are served from it without I/O.
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
 
 from kvconfig.errors import Compacted
@@ -38,14 +38,32 @@ class Keyspace:
 
     def range(self, prefix: str, limit: int | None = None) -> list[KeyValue]:
         """Keys starting with *prefix*, in key order, at most *limit* of them."""
-        keys = self._sorted_keys
-        found = []
-        for index in range(bisect_left(keys, prefix), len(keys)):
+        return self.page(prefix, limit)[0]
+
+    def page(self, prefix: str, limit: int | None = None, after: str | None = None,
+             max_bytes: int | None = None) -> tuple[list[KeyValue], bool]:
+        """(keys starting with *prefix* and after the key *after*, in key
+        order; whether more follow), at most *limit* of them and, past the
+        first, no more than *max_bytes* of keys and values in all."""
+        keys, kvs = self._sorted_keys, self._kvs
+        start = bisect_left(keys, prefix)
+        if after is not None and after >= prefix:
+            start = max(start, bisect_right(keys, after))
+        found: list[KeyValue] = []
+        size = 0
+        for index in range(start, len(keys)):
             key = keys[index]
-            if not key.startswith(prefix) or (limit is not None and len(found) >= limit):
-                break
-            found.append(self._kvs[key])
-        return found
+            if not key.startswith(prefix):
+                return found, False
+            if limit is not None and len(found) >= limit:
+                return found, True
+            kv = kvs[key]
+            if max_bytes is not None:
+                size += len(key) + len(kv.raw)
+                if size > max_bytes and found:
+                    return found, True
+            found.append(kv)
+        return found, False
 
     def changes(self, prefix: str, since: int) -> list[Event]:
         """Events after revision *since* on keys starting with *prefix*.

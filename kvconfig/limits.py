@@ -43,6 +43,9 @@ class Limits:
         8 << 20, "Most bytes of writes one client may have waiting for their commit.")
     max_write_bytes: int = limit(
         64 << 20, "Most bytes of writes waiting for their commit, for all clients together.")
+    max_buffer_bytes: int = limit(
+        64 << 20, "Most bytes of client input (request bodies, partial lines, requests "
+        "waiting) and watch backlogs held for all connections together.")
     max_multicall: int = limit(1000, "Most calls in one system.multicall.")
     # Without its LF; it must hold the largest value (see __post_init__).
     max_line_bytes: int = limit((1 << 20) + 4096, "Longest line-protocol line, in bytes.")
@@ -51,6 +54,12 @@ class Limits:
         10_000, "Events held for a watcher that is not reading before its watches end.")
     max_watch_backlog_bytes: int = limit(
         16 << 20, "Bytes of events held for a watcher that is not reading.")
+    # A listing bigger than these is paged: the next page starts after the
+    # last key of this one.
+    max_list_items: int = limit(
+        10_000, "Most keys in one page of a listing (keys, list, KEYS, LIST).")
+    max_reply_bytes: int = limit(
+        4 << 20, "Most bytes of keys and values in one page of a listing (past its first key).")
     history_events: int = limit(10_000, "Most change events kept for changes().")
     history_bytes: int = limit(64 << 20, "Most bytes of values kept in that history.")
     max_subscriptions: int = limit(10_000, "Most UDP subscriptions held at once.")

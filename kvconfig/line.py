@@ -28,8 +28,8 @@ Commands::
     TTL key                           TTL <key> <seconds left, rounded up | -1>
                                       or NIL <key>
     DEL key [IF rev]                  OK <revision> deleted | OK <revision> absent
-    KEYS [prefix [limit]]             KEY <key> ... END <revision> <count>
-    LIST [prefix [limit]]             VALUE ... END <revision> <count>
+    KEYS [prefix [limit [after]]]     KEY <key> ... END <revision> <count> [more]
+    LIST [prefix [limit [after]]]     VALUE ... END <revision> <count> [more]
     CHANGES since [prefix]            CHANGE ... END <revision> <count>
     WATCH [prefix [from]]             OK watching <id> <prefix|*> <revision>,
                                       then EVENT <id> ... lines as changes happen
@@ -48,6 +48,13 @@ value holding spaces is quoted as a JSON string (``SET greeting "hello
 world"``).  ``TTL`` answers ``-1`` for a key without a time to live (in
 cluster mode, also for one whose lease only etcd knows).  A prefix of ``*``
 or ``""`` means every key, so ``KEYS * 10`` lists the first ten keys.
+
+``KEYS`` and ``LIST`` answer one page: at most ``limit`` keys (default and
+most: ``--max-list-items``) and, past the first, ``--max-reply-bytes`` of
+keys and values.  ``END ... more`` says keys follow: the next page starts
+after the last key shown (``KEYS app/ 100 app/k099``).  Each page is a
+snapshot at its own revision; follow with ``CHANGES`` from the first page's.
+Listings are written as the client reads them, never held whole.
 ``CHANGES`` lists changes after revision ``since``; ``WATCH ... from`` first
 replays the changes from revision ``from`` on (etcd's start revision), then
 streams live ones.  ``expires_at`` is a Unix time.
@@ -64,7 +71,8 @@ without a notifier answers both with ``ERR unavailable``.
 
 In cluster mode (an etcd store), while the node is out of touch with etcd
 its listings come from its own copy, which may lag: their END line then
-reads ``END <revision> <count> stale``, and ``STATS`` says ``stale true``.
+reads ``END <revision> <count> [more] stale``, and ``STATS`` says ``stale
+true``.
 (A GET reply has no room for the word; ask STATS.)
 
 Every reply line starts with a status word: ``OK``, ``ERR``, ``VALUE``,
@@ -101,8 +109,9 @@ import json
 import math
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain, islice
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -114,7 +123,7 @@ from twisted.protocols.policies import TimeoutMixin
 from kvconfig import __version__, errors, values
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
-from kvconfig.session import Deadline, Session, Sessions
+from kvconfig.session import Deadline, Session, Sessions, budget_full, is_deferred
 from kvconfig.store import Store
 from kvconfig.subscriptions import Subscriptions
 from kvconfig.telnet import ERASE_CHAR, ERASE_LINE, TelnetFilter
@@ -215,6 +224,22 @@ class Command:
     writes: bool = False    # changes the store
 
 
+#: An empty input buffer larger than this is replaced, so that memory taken
+#: by one long line returns.
+_KEPT_BUFFER_BYTES = 1 << 16
+#: Lines of a streamed reply formatted at a time.
+_STREAM_SLICE = 256
+
+
+class Streamed:
+    """A reply (a listing) written as the client reads it, line by line."""
+
+    __slots__ = ("lines",)
+
+    def __init__(self, lines: Iterable[bytes]) -> None:
+        self.lines = lines
+
+
 def _raiser(error: errors.KVConfigError) -> Callable[[], Any]:
     """An operation that fails with *error*: an error answered in its turn."""
     def operation() -> Any:
@@ -240,12 +265,14 @@ class LineProtocol(Protocol, TimeoutMixin):
         self._telnet = TelnetFilter()
         self._discarding = False
         self._held = False                     # reading stopped: session backlogged
+        self._line_held = 0                    # budget bytes held for a partial line
         self._out: list[bytes] | None = None   # replies of the lines being read
         self._out_bytes = 0
         self._backlog: deque[bytes] = deque()  # watch events not yet written
         self._backlog_bytes = 0
         self._paused = False
         self._closing = False
+        self._stream: Iterator[bytes] | None = None  # the reply being streamed
 
     # Connection life
 
@@ -283,6 +310,9 @@ class LineProtocol(Protocol, TimeoutMixin):
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._pump()
+        if self._stream is not None:
+            return  # paused again within the streamed reply
         self._flush_backlog()
         if not self._paused and not self._held:
             self.transport.resumeProducing()
@@ -327,19 +357,31 @@ class LineProtocol(Protocol, TimeoutMixin):
         finally:
             self._flush_out()
             self._out = None
-        if self._buffer and self.session.backlogged and not self._held:
-            # Too many commands wait behind a pending write: stop reading
-            # until they are answered (_answered resumes).
-            self._held = True
-            self.transport.pauseProducing()
-        # A line trickling in a byte at a time (slowloris) has
-        # --request-timeout to be complete; the idle timer restarts with
-        # every byte.
-        if self._discarding or (self._buffer and b"\n" not in self._buffer):
-            self._line_deadline.start()
+        buffer = self._buffer
+        if buffer:
+            if self.session.backlogged and not self._held:
+                # Too many commands wait behind a pending write: stop reading
+                # until they are answered (_answered resumes).
+                self._held = True
+                self.transport.pauseProducing()
+            # A line trickling in a byte at a time (slowloris) has
+            # --request-timeout to be complete; the idle timer restarts
+            # with every byte.
+            if b"\n" not in buffer:
+                self._line_deadline.start()
         else:
-            self._line_deadline.stop()
-        self._close_if_done()
+            if self._line_held:
+                self.session.hold("line", 0)
+                self._line_held = 0
+            if buffer.__sizeof__() > _KEPT_BUFFER_BYTES:
+                # A bytearray keeps its largest size: let a spike's go.
+                self._buffer = bytearray()
+            if self._discarding:  # an over-long line still coming
+                self._line_deadline.start()
+            else:
+                self._line_deadline.stop()
+        if self._closing:
+            self._close_if_done()
 
     def _line_too_slow(self) -> None:
         self._write_lines([error_line(errors.LimitExceeded(
@@ -354,13 +396,22 @@ class LineProtocol(Protocol, TimeoutMixin):
     def _read_lines(self) -> None:
         buffer, limit = self._buffer, self.factory.max_line_bytes
         session = self.session
-        while not self._paused and not self._closing and not session.backlogged:
+        while (not self._paused and not self._closing and not session.backlogged
+               and self._stream is None):
             end = buffer.find(b"\n")
             if end < 0:
                 if self._discarding:
                     buffer.clear()
                 elif len(buffer) > limit + 1:  # + 1: room for a CR
                     self._too_long()
+                    buffer.clear()
+                elif session.hold("line", len(buffer)):
+                    self._line_held = len(buffer)
+                else:
+                    # The partial line cannot be kept: skipped, as one too long.
+                    self._reply(session.submit(_raiser(budget_full(
+                        "line skipped", self.limits.max_buffer_bytes))))
+                    self._discarding = True
                     buffer.clear()
                 return
             line = bytes(buffer[:end])
@@ -417,16 +468,16 @@ class LineProtocol(Protocol, TimeoutMixin):
     # that order, at once or through a Deferred.
 
     def _reply(self, outcome: Any) -> None:
-        if isinstance(outcome, Deferred):
+        if is_deferred(outcome):
             outcome.addCallback(self._answered)
         else:
-            self._write_lines(self._lines(outcome))
+            self._emit(outcome)
 
     def _answered(self, outcome: Any) -> None:
         if not self.connected:
             return
-        self._write_lines(self._lines(outcome))
-        if self.session.busy:
+        self._emit(outcome)
+        if self.session.busy or self._stream is not None:
             return
         self._flush_backlog()
         if self._held and not self.session.backlogged:
@@ -436,11 +487,37 @@ class LineProtocol(Protocol, TimeoutMixin):
             self._process()
         self._close_if_done()
 
+    def _emit(self, outcome: Any) -> None:
+        """Write an outcome: a streamed reply as the client reads it, the
+        others at once."""
+        if isinstance(outcome, Streamed):
+            self._stream = iter(outcome.lines)
+            self._pump()
+        else:
+            self._write_lines(self._lines(outcome))
+
+    def _pump(self) -> None:
+        """Write the streamed reply while the client reads: a slice at a
+        time, until the transport pauses us (resumeProducing goes on), so
+        that a long listing neither sits whole in memory nor holds the
+        reactor.  Nothing else is written or read meanwhile."""
+        stream = self._stream
+        while stream is not None and not self._paused:
+            lines = list(islice(stream, _STREAM_SLICE))
+            if not lines:
+                self._stream = stream = None
+                break
+            self._send(b"\r\n".join(lines) + b"\r\n")
+
     def _flush_backlog(self) -> None:
-        while self._backlog and not self._paused and not self.session.busy:
+        if not self._backlog:
+            return
+        while (self._backlog and not self._paused and not self.session.busy
+               and self._stream is None):
             data = self._backlog.popleft()
             self._backlog_bytes -= len(data)
             self._send(data)
+        self.session.hold("backlog", self._backlog_bytes)
 
     def _lines(self, outcome: Any) -> list[bytes]:
         if isinstance(outcome, errors.KVConfigError):
@@ -509,33 +586,32 @@ class LineProtocol(Protocol, TimeoutMixin):
             lambda revision: b"OK %d absent" % session.store.revision if revision is None
             else b"OK %d deleted" % revision)
 
-    def _range(self, prefix: str, limit: str | None) -> tuple[int, list[KeyValue]]:
+    def _range(self, prefix: str, limit: str | None,
+               after: str | None) -> tuple[int, list[KeyValue], bool]:
         return self.session.range(parse_prefix(prefix),
-                                  None if limit is None else parse_int(limit, "limit"))
+                                  None if limit is None else parse_int(limit, "limit"), after)
 
-    def do_keys(self, prefix: str = "", limit: str | None = None) -> list[bytes]:
-        revision, kvs = self._range(prefix, limit)
-        lines = [b"KEY " + kv.key.encode() for kv in kvs]
-        lines.append(self._end(revision, len(kvs)))
-        return lines
+    def do_keys(self, prefix: str = "", limit: str | None = None,
+                after: str | None = None) -> Streamed:
+        revision, kvs, more = self._range(prefix, limit, after)
+        return Streamed(chain((b"KEY " + kv.key.encode() for kv in kvs),
+                              [self._end(revision, len(kvs), more)]))
 
-    def do_list(self, prefix: str = "", limit: str | None = None) -> list[bytes]:
-        revision, kvs = self._range(prefix, limit)
-        lines = [value_line(kv) for kv in kvs]
-        lines.append(self._end(revision, len(kvs)))
-        return lines
+    def do_list(self, prefix: str = "", limit: str | None = None,
+                after: str | None = None) -> Streamed:
+        revision, kvs, more = self._range(prefix, limit, after)
+        return Streamed(chain(map(value_line, kvs), [self._end(revision, len(kvs), more)]))
 
-    def do_changes(self, since: str, prefix: str = "") -> list[bytes]:
+    def do_changes(self, since: str, prefix: str = "") -> Streamed:
         revision, events = self.session.changes(parse_prefix(prefix), parse_int(since, "since"))
-        lines = [b"CHANGE " + change_fields(event) for event in events]
-        lines.append(self._end(revision, len(events)))
-        return lines
+        return Streamed(chain((b"CHANGE " + change_fields(event) for event in events),
+                              [self._end(revision, len(events))]))
 
-    def _end(self, revision: int, count: int) -> bytes:
-        """The END line of a listing; ``stale`` while it may lag etcd."""
-        if self.session.stale:
-            return b"END %d %d stale" % (revision, count)
-        return b"END %d %d" % (revision, count)
+    def _end(self, revision: int, count: int, more: bool = False) -> bytes:
+        """The END line of a listing: ``more`` when a next page follows,
+        ``stale`` while it may lag etcd."""
+        return b"END %d %d%s%s" % (revision, count, b" more" if more else b"",
+                                   b" stale" if self.session.stale else b"")
 
     def do_watch(self, prefix: str = "", start: str | None = None) -> list[bytes]:
         since = None if start is None else parse_int(start, "from")
@@ -588,33 +664,42 @@ class LineProtocol(Protocol, TimeoutMixin):
         return b"OK bye"
 
     def _close_if_done(self) -> None:
-        if self._closing and not self.session.busy and self.connected:
+        if self._closing and not self.session.busy and self._stream is None and self.connected:
             self.transport.loseConnection()
 
     # Watches
 
     def _watch_event(self, watch_id: int, event: Event) -> None:
         line = b"EVENT %d %s" % (watch_id, change_fields(event))
-        if not self._paused and not self._backlog and not self.session.busy:
+        if (not self._paused and not self._backlog and not self.session.busy
+                and self._stream is None):
             self._write_lines([line])
             return
         # Held while the client is not reading, or behind replies still being
         # computed (a WATCH's own replay among them, so that nothing of a
         # watch overtakes its start); bounded either way.
-        if (len(self._backlog) >= self.limits.max_watch_backlog
-                or self._backlog_bytes + len(line) > self.limits.max_watch_backlog_bytes):
+        limits = self.limits
+        held = self._backlog_bytes + len(line) + 2
+        why = None
+        if len(self._backlog) >= limits.max_watch_backlog or held > limits.max_watch_backlog_bytes:
+            why = (f"more than {limits.max_watch_backlog} events or "
+                   f"{limits.max_watch_backlog_bytes} bytes waiting to be read")
+        elif not self.session.hold("backlog", held):
+            why = (f"the server holds as much unread data as it may for all connections "
+                   f"({limits.max_buffer_bytes} bytes, --max-buffer-bytes)")
+        if why is not None:
             self.factory.counters["watchers_dropped"] += 1
             ended = self.session.unwatch()
             self._backlog.clear()
             notice = error_line(errors.SlowConsumer(
-                f"{ended} watch(es) ended: more than {self.limits.max_watch_backlog} events "
-                f"or {self.limits.max_watch_backlog_bytes} bytes waiting to be read; "
-                "WATCH again from the last revision seen")) + b"\r\n"
+                f"{ended} watch(es) ended: {why}; WATCH again from the last revision "
+                "seen")) + b"\r\n"
             self._backlog.append(notice)
             self._backlog_bytes = len(notice)
+            self.session.hold("backlog", self._backlog_bytes)
             return
         self._backlog.append(line + b"\r\n")
-        self._backlog_bytes += len(line) + 2
+        self._backlog_bytes = held
 
 
 _HELP = {
@@ -628,10 +713,13 @@ _HELP = {
             "seconds; TTL key -1 if it has no time to live; NIL key if absent."),
     "DEL": ("DEL key [IF mod_revision]", "Delete a key: OK revision deleted, or OK revision\n"
             "absent if there was none."),
-    "KEYS": ("KEYS [prefix [limit]]", "The keys starting with prefix, in order: KEY lines,\n"
-             "then END revision count. * or \"\" is every key: KEYS * 10."),
-    "LIST": ("LIST [prefix [limit]]", "A snapshot of the keys starting with prefix: VALUE\n"
-             "lines, then END revision count. Continue with CHANGES or WATCH."),
+    "KEYS": ("KEYS [prefix [limit [after]]]",
+             "The keys starting with prefix, in order: KEY lines, then END revision\n"
+             "count [more]. * or \"\" is every key: KEYS * 10. One page: with more,\n"
+             "the next starts after the last key: KEYS * 10 lastkey."),
+    "LIST": ("LIST [prefix [limit [after]]]",
+             "A snapshot of the keys starting with prefix: VALUE lines, then END\n"
+             "revision count [more]; pages as KEYS. Continue with CHANGES or WATCH."),
     "CHANGES": ("CHANGES since [prefix]", "Changes after revision since: CHANGE lines, then\n"
                 "END revision count; ERR compacted if that history is gone."),
     "WATCH": ("WATCH [prefix [from]]", "Stream changes to keys starting with prefix as\n"
@@ -648,7 +736,7 @@ _HELP = {
     "QUIT": ("QUIT", "Close the connection."),
 }
 # Word counts; SET and PING parse the raw rest of the line themselves.
-_ARITY = {"GET": (1, 1), "SET": None, "TTL": (1, 1), "DEL": (1, 3), "KEYS": (0, 2), "LIST": (0, 2),
+_ARITY = {"GET": (1, 1), "SET": None, "TTL": (1, 1), "DEL": (1, 3), "KEYS": (0, 3), "LIST": (0, 3),
           "CHANGES": (1, 2), "WATCH": (0, 2), "UNWATCH": (0, 1), "SUBSCRIBE": (1, 2),
           "UNSUBSCRIBE": (1, 2), "STATS": (0, 0),
           "PING": None, "HELP": (0, 1), "QUIT": (0, 0)}

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from kvconfig import errors, values
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
-from kvconfig.store import Store
+from kvconfig.store import Budget, Store
 
 if TYPE_CHECKING:
     from kvconfig.subscriptions import Subscriptions
@@ -61,11 +61,21 @@ class Client:
     port: int | None = None
 
 
+#: Results that are never a Deferred: checked by type first, since
+#: isinstance(x, Deferred) goes through an ABC's check (Deferred is Awaitable),
+#: which costs as much as a short command.
+_READY = frozenset({bytes, list, dict, str, int, float, bool, type(None), tuple})
+
+
+def is_deferred(result: Any) -> bool:
+    return type(result) not in _READY and isinstance(result, Deferred)
+
+
 def settled(result: Any) -> Any:
     """The result of a Deferred that has already fired, else *result* itself."""
     # A called Deferred that is paused (waiting on one it chained to) has no
     # result yet.
-    if isinstance(result, Deferred) and result.called and not result.paused:
+    if is_deferred(result) and result.called and not result.paused:
         box: list = []
         result.addBoth(box.append)
         return box[0]
@@ -86,11 +96,14 @@ def outcome_of(result: Any) -> Any:
 def run(operation: Callable[[], Any]) -> Any:
     """Run *operation*: its outcome, or a Deferred that fires with it."""
     try:
-        result = settled(operation())
+        result = operation()
     except errors.KVConfigError as e:
         return e
     except Exception:
         return outcome_of(Failure())
+    if type(result) in _READY:
+        return result
+    result = settled(result)
     if isinstance(result, Deferred):
         return result.addBoth(outcome_of)
     return outcome_of(result)
@@ -113,12 +126,19 @@ class Session:
 
     def __init__(self, store: Store, client: Client, limits: Limits | None = None,
                  subscriptions: Subscriptions | None = None,
-                 on_close: Callable[[Session], None] | None = None) -> None:
+                 on_close: Callable[[Session], None] | None = None,
+                 budget: Budget | None = None) -> None:
         self.store = store
         self.client = client
         self.limits = limits or store.limits
         self.subscriptions = subscriptions
+        self.budget = budget or store.budget
         self._on_close = on_close
+        #: Bytes this client holds of the budget, by what holds them.
+        self._held: dict[str, int] = {}
+        #: True when so much waits that the client should not be read
+        #: further (kept by _hold_waiting).
+        self.backlogged = False
         #: Requests not yet answered, oldest first, and those of them not yet
         #: started (waiting for the answers before them, or for room).
         self._requests: deque[_Request] = deque()
@@ -150,11 +170,18 @@ class Session:
         """Requests waiting to start (for the answers before them, or for room)."""
         return len(self._waiting)
 
-    @property
-    def backlogged(self) -> bool:
-        """True when so much waits that the client should not be read further."""
-        return (len(self._waiting) >= MAX_QUEUED_REQUESTS
-                or self._waiting_bytes > self.limits.max_line_bytes)
+    def hold(self, what: str, size: int) -> bool:
+        """Hold *size* bytes of client data of the kind *what* (a body being
+        read, a partial line, a watch backlog), instead of what was held of
+        it before.  False, the previous amount still held, when the budget
+        cannot take the increase."""
+        held = self._held.get(what, 0)
+        if size > held and not self.budget.take(size - held):
+            return False
+        if size < held:
+            self.budget.give(held - size)
+        self._held[what] = size
+        return True
 
     def submit(self, operation: Callable[[], Any], writes: bool = False, size: int = 0) -> Any:
         """Run *operation* in this client's order.
@@ -167,7 +194,7 @@ class Session:
         requests = self._requests
         if not requests and (not writes or self._write_room(size)):
             outcome = run(operation)
-            if not isinstance(outcome, Deferred):
+            if not is_deferred(outcome):
                 return outcome
             request = _Request(operation, writes, size)
             self._started(request, outcome)
@@ -183,7 +210,19 @@ class Session:
         else:
             self._waiting.append(request)
             self._waiting_bytes += size
+            self._hold_waiting()
         return request.answer
+
+    def _hold_waiting(self) -> None:
+        """What waits changed: hold its bytes of the budget, and say whether
+        so much waits that the client should not be read further.  (Requests
+        already read wait either way; a refusal of the budget only stops the
+        client being read until they start.)"""
+        held = self.hold("waiting", self._waiting_bytes)
+        waiting = self._waiting
+        self.backlogged = bool(waiting) and (
+            len(waiting) >= MAX_QUEUED_REQUESTS
+            or self._waiting_bytes > self.limits.max_line_bytes or not held)
 
     def _write_room(self, size: int) -> bool:
         """Whether a write of *size* may start now: this client's writes in
@@ -202,7 +241,7 @@ class Session:
     def _start(self, request: _Request) -> None:
         outcome = run(request.operation)
         request.operation = None
-        if isinstance(outcome, Deferred):
+        if is_deferred(outcome):
             self._started(request, outcome)
         else:
             request.state, request.outcome = _DONE, outcome
@@ -240,6 +279,7 @@ class Session:
                         break
                     self._start(waiting.popleft())
                     self._waiting_bytes -= head.size
+                    self._hold_waiting()
                 if head.state == _DONE:
                     requests.popleft()
                     head.answer.callback(head.outcome)
@@ -251,6 +291,7 @@ class Session:
                    and not self._closed and self._write_room(waiting[0].size)):
                 request = waiting.popleft()
                 self._waiting_bytes -= request.size
+                self._hold_waiting()
                 self._start(request)
         finally:
             self._advancing = False
@@ -263,6 +304,9 @@ class Session:
         self._requests.clear()
         self._waiting.clear()
         self._waiting_bytes = 0
+        self.backlogged = False
+        self.budget.give(sum(self._held.values()))
+        self._held.clear()
         self.unwatch()
         if self._on_close is not None:
             self._on_close(self)
@@ -278,8 +322,9 @@ class Session:
     def ttl(self, key: str) -> float | None:
         return self.store.ttl(key)
 
-    def range(self, prefix: str, limit: int | None = None) -> tuple[int, list[KeyValue]]:
-        return self.store.range(prefix, limit)
+    def range(self, prefix: str, limit: int | None = None,
+              after: str | None = None) -> tuple[int, list[KeyValue], bool]:
+        return self.store.range(prefix, limit, after)
 
     def changes(self, prefix: str, since: int) -> tuple[int, list[Event]]:
         return self.store.changes(prefix, since)
@@ -366,6 +411,13 @@ class Session:
         if self.client.host is None:
             raise errors.Unavailable("UDP subscriptions need a client with an IP address")
         return self.subscriptions, (self.client.host, port)
+
+
+def budget_full(what: str, limit: int) -> errors.LimitExceeded:
+    """The error for a refusal of the budget."""
+    return errors.LimitExceeded(
+        f"{what}: the server holds as much client data as it may ({limit} bytes for all "
+        "connections, --max-buffer-bytes); try again shortly")
 
 
 class Deadline:

@@ -24,6 +24,34 @@ from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
 
 
+class Budget:
+    """The bytes held for clients, all connections together: request bodies
+    and partial lines being read, requests waiting, watch backlogs
+    (--max-buffer-bytes).  Each interface asks it before holding more, and
+    refuses (a typed error, or a dropped watch) when it says no, so that
+    many connections cannot multiply a per-connection limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.refused = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            self.refused += 1
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+    def stats(self) -> dict[str, int]:
+        # What is held at a moment is for metrics, not stats(): it changes
+        # with how a client's bytes happened to arrive.
+        return {"refused": self.refused, "limit_bytes": self.limit}
+
+
 class Store:
     """A revisioned key-value store over one backend."""
 
@@ -33,6 +61,8 @@ class Store:
         self.counters = {"reads": 0, "puts": 0, "deletes": 0, "compare_failures": 0,
                          "rejected": 0}
         self._interface_stats: dict[str, Callable[[], dict[str, Any]]] = {}
+        #: What is held for clients, all connections of all interfaces together.
+        self.budget = Budget(self.limits.max_buffer_bytes)
         #: Writes made and not yet answered (durable or failed), and their bytes.
         self.writes_in_flight = 0
         self.write_bytes_in_flight = 0
@@ -82,15 +112,31 @@ class Store:
             return -1
         return max(0.0, kv.expires_at - self.backend.clock.seconds())
 
-    def range(self, prefix: str, limit: int | None = None) -> tuple[int, list[KeyValue]]:
-        """(revision, keys starting with *prefix* in key order): a snapshot."""
-        values.check_prefix(prefix, self.limits.max_key_bytes)
+    def range(self, prefix: str, limit: int | None = None,
+              after: str | None = None) -> tuple[int, list[KeyValue], bool]:
+        """(revision, keys starting with *prefix* in key order, whether more
+        follow): one page, a snapshot at that revision.
+
+        A page holds at most *limit* keys (and never more than
+        --max-list-items) and, past its first key, at most --max-reply-bytes
+        of keys and values; the next page starts *after* the last key of
+        this one.  Pages are each a snapshot of their own revision: to
+        follow a prefix, take ``changes(prefix, since)`` from the first
+        page's revision once the last is read.
+        """
+        limits = self.limits
+        values.check_prefix(prefix, limits.max_key_bytes)
         if limit is not None:
             _check_int(limit, "limit", minimum=1)
+        if after is not None:
+            values.check_key(after, limits.max_key_bytes)
         self._check_ready()
         self.counters["reads"] += 1
         keyspace = self.backend.keyspace
-        return keyspace.revision, keyspace.range(prefix, limit)
+        kvs, more = keyspace.page(prefix, min(limit or limits.max_list_items,
+                                              limits.max_list_items),
+                                  after, limits.max_reply_bytes)
+        return keyspace.revision, kvs, more
 
     def changes(self, prefix: str, since: int) -> tuple[int, list[Event]]:
         """(revision, events after revision *since* under *prefix*).
@@ -215,6 +261,7 @@ class Store:
         }
         stats.update(backend.stats())
         stats.update(self.counters)
+        stats.update({f"buffers_{name}": value for name, value in self.budget.stats().items()})
         stats["writes_in_flight"] = self.writes_in_flight
         stats["write_bytes_in_flight"] = self.write_bytes_in_flight
         for interface, interface_stats in self._interface_stats.items():

@@ -7,6 +7,7 @@ reactor, the store, the limits), so that each can be tested alone.
 
 from __future__ import annotations
 
+import gc
 import re
 from collections.abc import Callable
 from typing import Any
@@ -191,12 +192,31 @@ class StoreService(service.Service):
         # bound earlier, but nothing is served before the reactor runs, by
         # which time the store is open; one that cannot be opened stops
         # twistd with the error.
-        self.store.start()
+        self.store.start().addCallback(_freeze_what_was_loaded)
         super().startService()
 
     def stopService(self) -> Deferred:
         super().stopService()
         return self.store.stop()
+
+
+#: The collector's young-generation threshold (Python's default is 700).
+#: Each request keeps a dozen objects alive until its commit; with the
+#: default, many survive into the old generation and a full collection,
+#: which stops the reactor for tens of milliseconds, comes every few
+#: thousand writes (it was the 30 ms p99 of saves at 64 clients).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def collect_garbage_for_a_server() -> None:
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
+
+
+def _freeze_what_was_loaded(result: object) -> object:
+    # What start-up made (the keyspace, modules) lives on; frozen, the full
+    # collections do not go over it again each time.
+    gc.freeze()
+    return result
 
 
 class NotifierService(service.Service):
@@ -219,6 +239,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     """The store service, the notifier and one listening service per interface."""
     if reactor is None:
         from twisted.internet import reactor
+    collect_garbage_for_a_server()
     limits: Limits = options["limits"]
     backend = backend_from_string(options["store"], reactor, limits,
                                   etcd_prefix=options["etcd-prefix"],

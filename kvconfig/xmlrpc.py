@@ -24,8 +24,10 @@ Richer calls (``options`` is an optional struct)::
                               [expires_at], revision}
     remove(key, {prev_revision?})
                           -> {deleted: bool, revision}
-    keys(prefix, {limit?})   -> {revision, keys: [key, ...]}
-    list(prefix, {limit?})   -> {revision, items: [get(key)-struct, ...]}
+    keys(prefix, {limit?, after?})
+                          -> {revision, keys: [key, ...], more}
+    list(prefix, {limit?, after?})
+                          -> {revision, items: [get(key)-struct, ...], more}
     changes(prefix, since)   -> {revision, events: [{type: "put"|"delete", key,
                                  revision, expired, [value, version,
                                  create_revision, mod_revision, expires_at]}]}
@@ -43,6 +45,13 @@ In cluster mode (an etcd store), while the node is out of touch with etcd
 the structs of ``get``, ``keys``, ``list`` and ``changes`` also hold
 ``stale: true``: they come from the node's copy, which may lag; ``stats()``
 always says ``stale``.
+
+A listing is paged: at most ``limit`` keys (default and most:
+``--max-list-items``) and, past the first, ``--max-reply-bytes`` of keys and
+values.  ``more`` is true when keys follow; the next page is asked for with
+``after`` set to the last key of this one.  Each page is a snapshot at its
+own revision: to follow a prefix, take ``changes(prefix, since)`` from the
+first page's revision after the last page.
 
 ``prev_revision`` makes a write a compare-and-set on the key's mod_revision
 (0: only if the key is absent).  ``changes`` returns events with a revision
@@ -360,16 +369,15 @@ class KVConfigXMLRPC(_Dispatcher):
 
     paths = RPC_PATHS
 
-    def respond(self, body: bytes | None, session: Session) -> bytes | Deferred:
-        """The XML response to an XML-RPC request body (None: the body was
-        over the limit and discarded) from the client of *session*.  Reads
-        answer at once; writes with a Deferred that fires once they are
-        durable."""
+    def respond(self, body: bytes | errors.KVConfigError,
+                session: Session) -> bytes | Deferred:
+        """The XML response to an XML-RPC request body (or to the error that
+        refused it unread: too large, no room) from the client of *session*.
+        Reads answer at once; writes with a Deferred that fires once they
+        are durable."""
+        if isinstance(body, errors.KVConfigError):
+            return self.marshal(body)
         try:
-            if body is None:
-                raise errors.RequestTooLarge(
-                    f"request body is larger than {self.limits.max_body_bytes} bytes"
-                )
             method, args = self.parse(body)
             procedure = self.procedure(method, args)
         except errors.KVConfigError as e:
@@ -391,8 +399,10 @@ class KVConfigXMLRPC(_Dispatcher):
         session = Session(self.store, Client("xmlrpc", getattr(address, "host", None),
                                              getattr(address, "port", None)),
                           self.limits, self.subscriptions)
-        response = self.respond(body if len(body) <= self.limits.max_body_bytes else None,
-                                session)
+        if len(body) > self.limits.max_body_bytes:
+            body = errors.RequestTooLarge(
+                f"request body is larger than {self.limits.max_body_bytes} bytes")
+        response = self.respond(body, session)
         request.setHeader(b"content-type", b"text/xml; charset=utf-8")
         if not isinstance(response, Deferred):
             return response
@@ -503,21 +513,27 @@ class KVConfigXMLRPC(_Dispatcher):
 
     @signature(["struct", "string"], ["struct", "string", "struct"])
     def xmlrpc_keys(self, session, prefix, options=None):
-        """keys(prefix[, {limit}]): {revision, keys} with the keys starting with
-        prefix, in order ("" for all)."""
-        opts = _options(options, ("limit",)) if options is not None else {}
-        revision, kvs = session.range(prefix, opts.get("limit"))
-        return _say_stale(session, {"revision": revision, "keys": [kv.key for kv in kvs]})
+        """keys(prefix[, {limit, after}]): {revision, keys, more} with the keys
+        starting with prefix ("" for all), in order: one page, of at most
+        limit keys (and --max-list-items).  more: true if keys follow; ask
+        for them with after set to the last key of this page."""
+        opts = _options(options, ("limit", "after")) if options is not None else {}
+        revision, kvs, more = session.range(prefix, opts.get("limit"), opts.get("after"))
+        return _say_stale(session, {"revision": revision, "keys": [kv.key for kv in kvs],
+                                    "more": more})
 
     @signature(["struct", "string"], ["struct", "string", "struct"])
     def xmlrpc_list(self, session, prefix, options=None):
-        """list(prefix[, {limit}]): {revision, items}, a snapshot of the keys
-        starting with prefix, each as get() returns it.  Continue from its
-        revision with changes()."""
-        opts = _options(options, ("limit",)) if options is not None else {}
-        revision, kvs = session.range(prefix, opts.get("limit"))
+        """list(prefix[, {limit, after}]): {revision, items, more}, a snapshot
+        of the keys starting with prefix, each as get() returns it: one page
+        (at most limit keys, --max-list-items, and --max-reply-bytes of
+        values).  more: true if keys follow; ask for them with after set to
+        the last key of this page.  Continue from the first page's revision
+        with changes()."""
+        opts = _options(options, ("limit", "after")) if options is not None else {}
+        revision, kvs, more = session.range(prefix, opts.get("limit"), opts.get("after"))
         return _say_stale(session, {"revision": revision,
-                                    "items": [kv_struct(kv) for kv in kvs]})
+                                    "items": [kv_struct(kv) for kv in kvs], "more": more})
 
     @signature(["struct", "string", "int"])
     def xmlrpc_changes(self, session, prefix, since):

@@ -107,14 +107,15 @@ class StoreSource:
 
     def snapshot(self, prefix: str) -> Deferred:
         def answer():
-            revision, kvs = self.store.range(prefix)
-            return revision, {kv.key: json.loads(kv.raw) for kv in kvs}
+            revision = self.store.revision
+            return revision, expected_copy(self.store, prefix)
         return self._later(answer)
 
 
 def expected_copy(store, prefix: str) -> dict:
-    """The server's keys under *prefix*, as the agent keeps them."""
-    return {kv.key: json.loads(kv.raw) for kv in store.range(prefix)[1]}
+    """The server's keys under *prefix*, as the agent keeps them (every
+    page of the listing)."""
+    return {kv.key: json.loads(kv.raw) for kv in store.backend.keyspace.range(prefix)}
 
 
 class Recorder:

@@ -164,11 +164,32 @@ async def test_range_lists_a_prefix_in_key_order(store):
     """range(prefix) returns exactly the keys under the prefix, sorted, with a limit."""
     for key in ["app/b", "app/a", "apple", "app/c/d", "zzz", "ap"]:
         await store.put(key, key)
-    revision, kvs = store.range("app/")
-    assert revision == store.revision
+    revision, kvs, more = store.range("app/")
+    assert revision == store.revision and not more
     assert [kv.key for kv in kvs] == ["app/a", "app/b", "app/c/d"]
     assert [kv.key for kv in store.range("app/", limit=2)[1]] == ["app/a", "app/b"]
     assert len(store.range("")[1]) == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_range_pages_continue_after_the_last_key(store):
+    """A page says whether more follow; the next starts after its last key;
+    together the pages are the whole listing, each key once."""
+    keys = [f"page/{i:02d}" for i in range(7)]
+    for key in reversed(keys):
+        await store.put(key, key)
+    await store.put("pagf", "outside the prefix")
+    seen, after, pages = [], None, 0
+    while True:
+        _, kvs, more = store.range("page/", limit=3, after=after)
+        seen += [kv.key for kv in kvs]
+        pages += 1
+        if not more:
+            break
+        after = kvs[-1].key
+    assert seen == keys and pages == 3
+    assert store.range("page/", after="page/99")[1:] == ([], False)
+    assert [kv.key for kv in store.range("page/", after="a")[1]] == keys  # before the prefix
 
 
 @pytest_twisted.ensureDeferred

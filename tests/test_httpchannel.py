@@ -414,3 +414,26 @@ def test_counters_beyond_32_bits_are_sent_as_i8():
     ((_, _, body),) = conn.take()
     assert b"<i8>2147483653</i8>" in body
     assert result(body)["reads"] >= 2**31 + 5
+
+
+def test_bodies_of_all_connections_share_one_budget():
+    """Request bodies being read count against --max-buffer-bytes for all
+    connections together: a body that does not fit is read past unkept and
+    answered with Fault 9 limit_exceeded naming the option, while the first
+    is served; the budget is whole again after."""
+    conn = Connection(max_buffer_bytes=1500)
+    other = conn.factory.buildProtocol(None)
+    other_transport = StringTransport()
+    other.makeConnection(other_transport)
+    first, second = post(call("save", "a", "x" * 900)), post(call("save", "b", "y" * 900))
+    head_end = first.index(b"\r\n\r\n") + 4
+    conn.feed(first[:head_end + 800])            # 800 bytes of a body held
+    other.dataReceived(second)                    # does not fit beside it
+    (_, _, body), = responses(other_transport.value())
+    assert fault_code(body) == 9
+    assert b"--max-buffer-bytes" in body
+    conn.feed(first[head_end + 800:])
+    assert [result(body) for _, _, body in conn.take()] == [None]
+    assert conn.store.load("a") == "x" * 900 and conn.store.load("b") is None
+    assert conn.store.budget.held == 0
+    assert conn.store.stats()["buffers_refused"] == 1

@@ -152,7 +152,7 @@ SCRIPT_REPLIES = [
     "OK 3 1",
     'VALUE app/tmp 3 1 3 30.0 {"a":[1.5,null,true],"b":"x y"}',
     "KEY app/name", "KEY app/ports", "KEY app/tmp", "END 3 3",
-    'VALUE app/name 1 1 1 - "Guido"', "END 3 1",
+    'VALUE app/name 1 1 1 - "Guido"', "END 3 1 more",  # LIST app/ 1: a second key follows
     "OK watching 1 app/ 3",
     "OK 4 2",
     "OK 5 deleted",
@@ -781,7 +781,7 @@ def test_star_and_empty_string_mean_every_key(every):
     conn = Line()
     for key in ("a/1", "b/2", "c/3"):
         conn.put(key, 1)
-    assert conn.send(f"KEYS {every} 2") == ["KEY a/1", "KEY b/2", "END 3 2"]
+    assert conn.send(f"KEYS {every} 2") == ["KEY a/1", "KEY b/2", "END 3 2 more"]
     assert [line.split()[1] for line in conn.send(f"LIST {every}")[:-1]] == ["a/1", "b/2",
                                                                              "c/3"]
     assert conn.send(f"CHANGES 2 {every}")[-1] == "END 3 1"
@@ -807,3 +807,130 @@ def test_ttl_says_the_seconds_a_key_has_left():
     conn.clock.advance(20)
     assert conn.send("TTL t/k") == ["NIL t/k"]
     assert error(conn.send("TTL")[0]) == ("wrong_arguments", -32602)
+
+
+def test_partial_lines_of_all_connections_share_one_budget():
+    """A partial line that does not fit in --max-buffer-bytes beside the
+    others is skipped with ERR limit_exceeded; the connection goes on, and
+    the budget is whole again once the lines are done."""
+    conn = Line(max_buffer_bytes=1000)
+    other_transport, other = conn.connect()
+    other_transport.clear()
+    conn.feed(b"SET a " + b"x" * 700)
+    other.dataReceived(b"SET b " + b"y" * 500)
+    (line,) = other_transport.value().decode().splitlines()
+    assert error(line) == ("limit_exceeded", 9) and "--max-buffer-bytes" in line
+    other.dataReceived(b"yyy\r\nPING still\r\n")
+    assert other_transport.value().endswith(b"PONG still\r\n")
+    conn.feed(b"\r\n")
+    assert conn.take() == ["OK 1 1"]
+    assert conn.store.budget.held == 0
+
+
+def test_watch_backlogs_of_all_connections_share_one_budget():
+    """Events held for watchers that do not read count against the budget
+    for all connections: past it a watcher's watches end with
+    slow_consumer naming --max-buffer-bytes."""
+    conn = Line(max_buffer_bytes=2000)
+    assert conn.send("WATCH b/")[0].startswith("OK watching")
+    conn.protocol.pauseProducing()
+    for i in range(30):
+        conn.store.put(f"b/{i}", "v" * 50)
+    conn.protocol.resumeProducing()
+    lines = conn.take()
+    assert lines[-1].startswith("ERR slow_consumer 12 ") and "--max-buffer-bytes" in lines[-1]
+    assert conn.store.budget.held == 0
+
+
+def test_requests_waiting_beyond_the_budget_stop_the_client_being_read(tmp_path):
+    """Commands queued behind a pending write that the budget cannot hold
+    leave the client unread (backpressure) until they are answered."""
+    conn = Line("sqlite", tmp_path, max_buffer_bytes=600)
+    conn.feed(b"SET r/k 1\r\n" + (b"PING " + b"x" * 100 + b"\r\n") * 40)
+    assert conn.protocol.session.backlogged and conn.protocol.session.queued < 40
+    assert conn.transport.producerState == "paused"
+    for _ in range(10):
+        conn.clock.advance(0)
+    assert conn.transport.producerState == "producing"
+    assert len(conn.take()) == 41
+    assert conn.store.budget.held == 0
+
+
+def test_a_long_lines_memory_is_let_go():
+    """The input buffer a 500 KB line grew is replaced once the line is done."""
+    conn = Line()
+    conn.feed(b"PING " + b"x" * 500_000)
+    assert conn.protocol._buffer.__sizeof__() > 500_000
+    conn.feed(b"\r\n")
+    assert conn.protocol._buffer.__sizeof__() < 65536
+
+
+# Listings: pages, and replies written as the client reads them
+
+
+def test_keys_and_list_are_paged_with_after():
+    """KEYS/LIST give one page (limit, and at most max_list_items); END says
+    more; the next page starts after the last key shown."""
+    conn = Line(max_list_items=3)
+    for i in range(5):
+        conn.put(f"p/{i}", i)
+    assert conn.send("KEYS p/") == ["KEY p/0", "KEY p/1", "KEY p/2", "END 5 3 more"]
+    assert conn.send("KEYS p/ 100 p/2") == ["KEY p/3", "KEY p/4", "END 5 2"]
+    assert conn.send("KEYS p/ 1 p/3") == ["KEY p/4", "END 5 1"]
+    assert [line.split()[1] for line in conn.send("LIST * 2 p/0")[:-1]] == ["p/1", "p/2"]
+    assert conn.send("LIST * 2 p/0")[-1] == "END 5 2 more"
+    assert error(conn.send("KEYS p/ 2 bad\x7fkey")[0]) == ("invalid_key", 1)
+
+
+def test_a_page_stops_at_max_reply_bytes_but_holds_one_key():
+    conn = Line(max_reply_bytes=250, max_value_bytes=400, max_line_bytes=2000)
+    for i in range(4):
+        conn.put(f"b/{i}", "x" * 100)
+    lines = conn.send("LIST b/")
+    assert lines[-1] == "END 4 2 more" and len(lines) == 3
+    conn.put("c/big", "y" * 300)
+    assert conn.send("LIST c/")[-1] == "END 5 1"
+
+
+def test_a_listing_is_written_as_the_client_reads_it():
+    """A long LIST is not formatted whole: while the client does not read
+    (the transport pauses the protocol) at most a slice more is written;
+    reading resumes it; the next command's reply and any watch event come
+    after its END, nothing lost."""
+    conn = Line()
+    for i in range(3000):
+        conn.put(f"s/{i:05d}", "v" * 40)
+    assert conn.send("WATCH w/")[0].startswith("OK watching")
+    written = []
+
+    class PausingTransport:
+        """Pauses its producer after each write, as a full socket buffer does."""
+
+        def __init__(self, real):
+            self.real = real
+
+        def write(self, data):
+            written.append(len(data))
+            self.real.write(data)
+            conn.protocol.pauseProducing()
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    conn.protocol.transport = PausingTransport(conn.transport)
+    conn.feed(b"LIST s/\r\nPING after\r\n")
+    assert len(written) == 1 and written[0] < 100_000
+    conn.put("w/x", 1)  # an event while the listing is under way
+    for _ in range(1000):
+        if conn.protocol._stream is None:
+            break
+        conn.protocol.resumeProducing()
+    conn.protocol.transport = conn.transport
+    conn.protocol.resumeProducing()
+    lines = conn.take()
+    end = lines.index("END 3000 3000")
+    assert [line.split()[1] for line in lines[:end]] == [f"s/{i:05d}" for i in range(3000)]
+    # The event, held during the listing, goes out at its END; PING is read
+    # only once the listing is out.
+    assert lines[end + 1:] == ["EVENT 1 put w/x 3001 1 3001 - 1", "PONG after"]
+    assert max(written) < 100_000 and len(written) > 5
