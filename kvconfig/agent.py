@@ -63,6 +63,10 @@ class Source(Protocol):
     def snapshot(self, prefix: str) -> Deferred:
         """Fires with (revision, {key: tagged value})."""
 
+    def subscribe(self, prefix: str, udp_port: int) -> Deferred:
+        """Subscribes this host's *udp_port* over TCP; fires with what the
+        server says of the subscription (the fields of "subscribed")."""
+
 
 class Listener(Protocol):
     def copy_changed(self, local_copy: LocalCopy, changes: list[Change]) -> None:
@@ -95,7 +99,8 @@ class Agent:
         self.sequence = SequenceTracker()
         self.counters = dict.fromkeys(
             ("datagrams", "applied", "duplicates", "gaps", "pulls", "snapshots", "compacted",
-             "pull_failures", "subscribes", "resubscriptions", "foreign", "node_switches"), 0)
+             "pull_failures", "subscribes", "tcp_subscribes", "resubscriptions", "foreign",
+             "node_switches"), 0)
         self._pull_backoff = Backoff(0.1, max_backoff)
         self._pull_again = False
         self._pulling: Deferred | None = None
@@ -134,7 +139,7 @@ class Agent:
         """What the subscription cycle decided; *seq* and *kind* are those
         of the datagram that made it decide."""
         for action in actions:
-            if action is Action.SUBSCRIBE:
+            if action is Action.SUBSCRIBE or action is Action.SUBSCRIBE_OVER_TCP:
                 self._subscribe()
             elif action is Action.UNSUBSCRIBE:
                 if self.cycle.cookie is not None:
@@ -169,6 +174,28 @@ class Agent:
             message["cookie"] = self.cycle.cookie
         self.counters["subscribes"] += 1
         self._send(message, padded=True)
+        if self.cycle.over_tcp and self.transport is not None:
+            self._subscribe_over_tcp()
+
+    def _subscribe_over_tcp(self) -> None:
+        """Subscribe over XML-RPC: the server takes the host from the TCP
+        connection, and the port is the agent's UDP socket's."""
+        self.counters["tcp_subscribes"] += 1
+        node = self._node
+        d = self.source.subscribe(self.prefix, self.transport.getHost().port)
+
+        def answered(description: dict[str, Any]) -> None:
+            if node == self._node:
+                self._on_subscribed(description)
+
+        def failed(failure: Failure) -> None:
+            if node != self._node or self.cycle.state is State.UNSUBSCRIBED:
+                return
+            self.log.warn("cannot subscribe over TCP either ({error})",
+                          error=failure.getErrorMessage() or failure.type.__name__)
+            self._do(self.cycle.tcp_failed(self.clock.seconds()))
+
+        d.addCallbacks(answered, failed)
 
     def _resync(self, seq: int) -> None:
         """A new subscription: its numbers start afresh after *seq*, and

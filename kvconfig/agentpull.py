@@ -82,6 +82,11 @@ class XMLRPCSource:
 
         return self._call("list", prefix).addCallback(page)
 
+    def subscribe(self, prefix: str, udp_port: int) -> Deferred:
+        """subscribe(prefix, udp_port) over XML-RPC: the server takes this
+        host from the TCP connection."""
+        return self._call("subscribe", prefix, udp_port)
+
     def close(self) -> Deferred:
         """Close the kept-alive connection."""
         return self._pool.closeCachedConnections()

@@ -199,6 +199,7 @@ class State(Enum):
     SUBSCRIBING = "subscribing"             # the node's cookie sent; no subscription yet
     SUBSCRIBED = "subscribed"               # renewing every third of the lease
     SILENT = "silent"                       # heartbeats stopped; subscribing again
+    OVER_TCP = "over tcp"                   # UDP subscribes unanswered: subscribing over TCP
     NEXT_NODE = "next node"                 # moved to the next node; asking it for a cookie
 
 
@@ -212,7 +213,8 @@ class Event(Enum):
     SILENCE = "silence"                     # no heartbeat for three intervals and a second
     RENEW_DUE = "renew due"                 # a third of the lease has gone
     RETRY_DUE = "retry due"                 # a subscribe went unanswered; the backoff is over
-    UNANSWERED = "unanswered"               # SWITCH_AFTER of them, and there is another node
+    UNANSWERED = "unanswered"               # SWITCH_AFTER of them
+    TCP_FAILED = "tcp failed"               # a subscribe over TCP failed, and there is another node
     POLL_DUE = "poll due"                   # not subscribed: time to pull anyway
 
 
@@ -220,6 +222,8 @@ class Action(Enum):
     """What the shell does for a transition."""
 
     SUBSCRIBE = "subscribe"                 # send a subscribe, with the cookie if there is one
+                                            # (and, once over TCP, make the call too)
+    SUBSCRIBE_OVER_TCP = "subscribe over tcp"   # from now on subscribe over TCP as well
     UNSUBSCRIBE = "unsubscribe"             # send an unsubscribe
     PULL = "pull"                           # bring the copy up to date over TCP
     RESYNC = "resync"                       # numbers restart at the answer's seq; pull
@@ -251,12 +255,16 @@ TRANSITIONS: dict[tuple[State, Event], tuple[State, tuple[Action, ...]]] = {
 # Not subscribed, wherever in the cycle: a cookie is sent back at once, a
 # subscription taken, unanswered subscribes retried (backing off) until the
 # agent moves on, and meanwhile the copy is polled.
-for _state in (S.AWAITING_COOKIE, S.SUBSCRIBING, S.SILENT, S.NEXT_NODE):
+for _state in (S.AWAITING_COOKIE, S.SUBSCRIBING, S.SILENT, S.OVER_TCP, S.NEXT_NODE):
     TRANSITIONS.update({
         (_state, E.COOKIE):                   (S.SUBSCRIBING, (A.SUBSCRIBE,)),
         (_state, E.NEW_SUBSCRIPTION):         (S.SUBSCRIBED, (A.RESYNC,)),
         (_state, E.RETRY_DUE):                (_state, (A.SUBSCRIBE,)),
-        (_state, E.UNANSWERED):               (S.NEXT_NODE, (A.FOLLOW_NEXT_NODE, A.SUBSCRIBE)),
+        # The UDP handshake goes unanswered (a filter, a cookie flood from
+        # the agent's network): the node is asked over TCP, which proves
+        # the agent's host as well; if that fails too, the next node.
+        (_state, E.UNANSWERED):               (S.OVER_TCP, (A.SUBSCRIBE_OVER_TCP,)),
+        (_state, E.TCP_FAILED):               (S.NEXT_NODE, (A.FOLLOW_NEXT_NODE, A.SUBSCRIBE)),
         (_state, E.POLL_DUE):                 (_state, (A.PULL,)),
         (_state, E.STOP):                     (S.UNSUBSCRIBED, ()),
     })
@@ -284,6 +292,9 @@ class SubscriptionCycle:
         self.renew_at = 0.0
         self.next_poll = 0.0
         self.unanswered = 0
+        #: UDP subscribes went unanswered: subscribe over TCP as well (UDP
+        #: still, to see it answer again, with a cookie).
+        self.over_tcp = False
         self.backoff = Backoff(1.0, max_backoff)
 
     # Inputs
@@ -302,6 +313,11 @@ class SubscriptionCycle:
         """The node answered a subscribe: subscription *sub* holds."""
         event = E.RENEWED if sub == self.sub else E.NEW_SUBSCRIPTION
         return self._fire(event, now, sub, lease, heartbeat)
+
+    def tcp_failed(self, now: float) -> list[Action]:
+        """A subscribe over TCP failed: with another node, move to it; with
+        none, the next retry (backing off) tries again."""
+        return self._fire(E.TCP_FAILED, now) if self.nodes > 1 else []
 
     def heard(self, sub: Any, now: float) -> tuple[bool, list[Action]]:
         """A heartbeat or an event of subscription *sub* arrived.  Whether
@@ -330,8 +346,8 @@ class SubscriptionCycle:
                 actions += self._fire(E.RENEW_DUE, now)
             else:
                 self.unanswered += 1
-                moving = self.unanswered > SWITCH_AFTER and self.nodes > 1
-                actions += self._fire(E.UNANSWERED if moving else E.RETRY_DUE, now)
+                unanswered = self.unanswered > SWITCH_AFTER and not self.over_tcp
+                actions += self._fire(E.UNANSWERED if unanswered else E.RETRY_DUE, now)
         return actions
 
     # The machine
@@ -351,6 +367,7 @@ class SubscriptionCycle:
             self.renew_at = self.next_poll = now + self.backoff.delay
         elif event is E.COOKIE:
             (self.cookie,) = data
+            self.over_tcp = False   # UDP answers again
         elif event in (E.RENEWED, E.NEW_SUBSCRIPTION):
             self.sub, self.lease, self.heartbeat = data
             self.last_heard = now
@@ -371,8 +388,13 @@ class SubscriptionCycle:
         elif event is E.RETRY_DUE:
             self.renew_at = now + self.backoff.next()
         elif event is E.UNANSWERED:
+            self.over_tcp = True
+            self.unanswered = 0
+            self.renew_at = now + self.backoff.next()
+        elif event is E.TCP_FAILED:
             # A new node knows nothing of the old one's cookie.
             self.cookie = None
+            self.over_tcp = False
             self.unanswered = 0
             self.backoff.reset()
             self.renew_at = now + self.backoff.next()

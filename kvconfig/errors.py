@@ -137,6 +137,13 @@ class SlowConsumer(KVConfigError):
     code, name = 12, "slow_consumer"
 
 
+class PermissionDenied(KVConfigError):
+    """The client may not do this: the key, or the subscription, is not its
+    own to read or change."""
+
+    code, name = 13, "permission_denied"
+
+
 # Request errors use the XML-RPC fault code interoperability specification
 # (xmlrpc-epi), which XML-RPC client libraries already know.
 
@@ -190,6 +197,7 @@ ALL_ERRORS: tuple[type[KVConfigError], ...] = (
     RequestTooLarge,
     BatchTooLarge,
     SlowConsumer,
+    PermissionDenied,
     MalformedRequest,
     BadEncoding,
     InvalidRequest,

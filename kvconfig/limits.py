@@ -65,6 +65,8 @@ class Limits:
     max_subscriptions: int = limit(10_000, "Most UDP subscriptions held at once.")
     max_subscriptions_per_prefix: int = limit(
         5_000, "Most UDP subscriptions to any one prefix.")
+    max_subscriptions_per_host: int = limit(
+        100, "Most UDP subscriptions one host may hold.")
     # The signature included.
     max_datagram_bytes: int = limit(
         1200, "Largest notification datagram; a value that does not fit is pulled.")
@@ -72,7 +74,8 @@ class Limits:
     max_send_rate: int = limit(
         1000, "Most datagrams a second to one subscriber; past that events are skipped.")
     max_cookie_rate: int = limit(
-        1000, "Most cookie answers a second to unproven UDP addresses, in total.")
+        1000, "Most cookie answers a second to unproven UDP addresses of one network "
+        "(/24, /64).")
     lease_seconds: int = limit(30, "Seconds a UDP subscription lives unless renewed.")
     heartbeat_seconds: int = limit(2, "Seconds between heartbeats to a subscriber.")
     max_clock_skew: int = limit(

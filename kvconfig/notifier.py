@@ -28,7 +28,7 @@ from kvconfig import errors
 from kvconfig.limits import Limits
 from kvconfig.model import Event
 from kvconfig.store import Store
-from kvconfig.subscriptions import Subscription, Subscriptions, TokenBucket
+from kvconfig.subscriptions import NetworkRates, Subscription, Subscriptions
 from kvconfig.udpwire import (
     MAX_REQUEST_BYTES,
     BadDatagram,
@@ -68,12 +68,13 @@ class Notifier:
         self.sealer = Sealer(secret, clock, limits.max_clock_skew)
         self.transport = None
         self._cookie_key = os.urandom(32)
-        self._cookie_rate = TokenBucket(limits.max_cookie_rate, clock.seconds())
+        self._cookie_rates = NetworkRates(limits.max_cookie_rate, clock.seconds())
         self._unsubscribe_feed: Callable[[], None] | None = None
         self._heartbeat = LoopingCall(self.tick)
         self._heartbeat.clock = clock
         self.counters = dict.fromkeys(
             ("datagrams_sent", "events_skipped", "send_errors", "heartbeats_sent",
+             "heartbeats_skipped",
              "cookies_sent", "cookies_withheld", "refused"), 0)
         store.add_stats("udp", self.stats)
 
@@ -158,8 +159,10 @@ class Notifier:
     def _send_cookie(self, request_size: int, address: tuple[str, int]) -> None:
         answer = self.sealer.seal({"t": "cookie", "cookie": self.cookie_for(address)})
         # Never more bytes to an unproven address than it sent, and never
-        # more than the cookie rate in all: no reflection, no amplification.
-        if len(answer) > request_size or not self._cookie_rate.take(self.clock.seconds()):
+        # more than its network's cookie rate: no amplification, and a flood
+        # from one network (spoofed or not) spends only that network's rate.
+        if (len(answer) > request_size
+                or not self._cookie_rates.take(address[0], self.clock.seconds())):
             self.counters["cookies_withheld"] += 1
             return
         if self._send(answer, address):
@@ -238,6 +241,11 @@ class Notifier:
                 1 / self.limits.max_send_rate, self._heartbeat_to, subscription)
 
     def _heartbeat_to(self, subscription: Subscription) -> None:
+        # Heartbeats count against the address's send rate as events do; one
+        # skipped is sent again at the next tick (or catch-up).
+        if not subscription.bucket.take(self.clock.seconds()):
+            self.counters["heartbeats_skipped"] += 1
+            return
         message = heartbeat(subscription.id, subscription.seq, subscription.rev,
                             self.store.revision)
         if self._send(self.sealer.seal(message), subscription.address):

@@ -398,12 +398,19 @@ class Session:
         """Make (or renew) a UDP subscription to *prefix* for this client's
         host at *port*; returns what a subscriber is told of it."""
         subscriptions, address = self._udp_address(port)
-        return subscriptions.description(subscriptions.subscribe_peer(address, prefix))
+        return subscriptions.description(
+            subscriptions.subscribe_peer(address, prefix, self.identity))
 
     def unsubscribe(self, port: Any, prefix: Any) -> bool:
-        """End this client's host's subscription at *port*; False if none."""
+        """End this client's subscription at *port* of its host; False if
+        none.  (PermissionDenied for one another client made.)"""
         subscriptions, address = self._udp_address(port)
-        return subscriptions.unsubscribe(address, prefix) is not None
+        return subscriptions.unsubscribe(address, prefix, self.identity) is not None
+
+    @property
+    def identity(self) -> str:
+        """Who this client is, to own what it makes (its subscriptions)."""
+        return "tcp"
 
     def _udp_address(self, port: Any) -> tuple[Subscriptions, tuple[str, Any]]:
         if self.subscriptions is None:

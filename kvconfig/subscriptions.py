@@ -11,13 +11,21 @@ no well-known ports over TCP) and each address's send rate.  The notifier
 (kvconfig.notifier) only sends: it fans each change out to the
 subscriptions under its key and sends their heartbeats.
 
+A subscription belongs to whoever made it: one made over UDP to its
+address (which proves itself with its cookie), one made over TCP to that
+caller (its host; with users, its user).  Only its owner renews or cancels
+it, so another process on the host cannot end an agent's subscription.
+Each host holds at most --max-subscriptions-per-host of them.
+
 ``TokenBucket`` is the one rate limit kvconfig uses wherever a rate is
-limited.
+limited; ``NetworkRates`` keeps one per source network (/24, /64).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +63,54 @@ class TokenBucket:
         return True
 
 
+def network_of(host: str) -> str:
+    """The /24 of an IPv4 host, the /64 of an IPv6 one: what one site (or
+    one spoofer) is likely to send from."""
+    if ":" not in host:
+        return host.rpartition(".")[0]
+    try:
+        return ipaddress.IPv6Address(host).exploded[:19]
+    except ValueError:
+        return host
+
+
+class NetworkRates:
+    """A TokenBucket per source network, for the most recent *networks* of
+    them: a flood from one network (spoofed or not) spends its own rate,
+    not everyone's.  Past *networks*, a network idle long enough for its
+    bucket to be full again makes room; if none is, new networks share one
+    overflow bucket, so that the table stays bounded and no stream of new
+    networks earns fresh tokens."""
+
+    def __init__(self, rate: float, now: float, networks: int = 4096) -> None:
+        self.rate = rate
+        self.networks = networks
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._overflow = TokenBucket(rate, now)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, host: str, now: float) -> bool:
+        network = network_of(host)
+        buckets = self._buckets
+        bucket = buckets.get(network)
+        if bucket is not None:
+            buckets.move_to_end(network)
+            return bucket.take(now)
+        if len(buckets) >= self.networks:
+            oldest = next(iter(buckets.values()))
+            if now - oldest.refilled_at < oldest.burst / oldest.rate:
+                return self._overflow.take(now)
+            buckets.popitem(last=False)
+        bucket = buckets[network] = TokenBucket(self.rate, now)
+        return bucket.take(now)
+
+
+#: Who made a subscription over UDP: its address itself.
+BY_ADDRESS = "udp"
+
+
 @dataclass(eq=False)
 class Subscription:
     """A lease on a key prefix held by one UDP address."""
@@ -70,6 +126,9 @@ class Subscription:
     #: The last sequence number used, and the revision of the last event.
     seq: int = 0
     rev: int = 0
+    #: Who made it, and so may renew or cancel it: BY_ADDRESS, or the TCP
+    #: caller's identity.
+    owner: str = BY_ADDRESS
     #: The notifier's catch-up heartbeat timer, while one is due.
     behind: Any = field(default=None, repr=False)
     #: An unsigned event datagram up to its seq number, made once.
@@ -98,6 +157,7 @@ class Subscriptions:
         # address -> its send rate, and how many subscriptions share it
         self._buckets: dict[Address, TokenBucket] = {}
         self._bucket_users: dict[Address, int] = {}
+        self._per_host: dict[str, int] = {}
         self.counters = dict.fromkeys(("subscribes", "renewals", "unsubscribes", "expired"), 0)
 
     def __len__(self) -> int:
@@ -106,21 +166,33 @@ class Subscriptions:
     def __iter__(self) -> Iterator[Subscription]:
         return iter(list(self._subscriptions.values()))
 
-    def subscribe(self, address: Address, prefix: Any) -> Subscription:
-        """Create *address*'s subscription to *prefix*, or renew its lease;
-        the address must be proven to receive (a UDP cookie round trip)."""
+    def subscribe(self, address: Address, prefix: Any,
+                  owner: str = BY_ADDRESS) -> Subscription:
+        """Create *address*'s subscription to *prefix*, or renew its lease.
+
+        *owner* is who asks: BY_ADDRESS when the address itself proved it
+        receives (a UDP cookie round trip), which may renew any of its
+        subscriptions; a TCP caller's identity, which may renew only what it
+        made (PermissionDenied otherwise).
+        """
         values.check_prefix(prefix, self.limits.max_key_bytes)
         host, port = self._check_address(address)
         now = self.clock.seconds()
         index = (host, port, prefix)
         subscription = self._subscriptions.get(index)
         if subscription is not None:
+            self._check_owner(subscription, owner, "renew")
             subscription.expires_at = now + self.limits.lease_seconds
             self.counters["renewals"] += 1
             return subscription
-        if len(self._subscriptions) >= self.limits.max_subscriptions:
+        limits = self.limits
+        if len(self._subscriptions) >= limits.max_subscriptions:
             raise errors.LimitExceeded(
-                f"{self.limits.max_subscriptions} subscriptions is the limit")
+                f"{limits.max_subscriptions} subscriptions is the limit")
+        if self._per_host.get(host, 0) >= limits.max_subscriptions_per_host:
+            raise errors.LimitExceeded(
+                f"{host} holds {limits.max_subscriptions_per_host} subscriptions, the most "
+                "one host may")
         same_prefix = self.by_prefix.get(prefix, {})
         if len(same_prefix) >= self.limits.max_subscriptions_per_prefix:
             raise errors.LimitExceeded(
@@ -132,29 +204,47 @@ class Subscriptions:
         self._bucket_users[(host, port)] = self._bucket_users.get((host, port), 0) + 1
         subscription = Subscription(
             id=os.urandom(8).hex(), address=(host, port), prefix=prefix,
-            expires_at=now + self.limits.lease_seconds, bucket=bucket)
+            expires_at=now + self.limits.lease_seconds, bucket=bucket, owner=owner)
+        self._per_host[host] = self._per_host.get(host, 0) + 1
         self._subscriptions[index] = subscription
         self.by_prefix.setdefault(prefix, {})[index] = subscription
         self.counters["subscribes"] += 1
         return subscription
 
-    def subscribe_peer(self, address: Address, prefix: Any) -> Subscription:
-        """subscribe() for a TCP caller: its host is proven by the TCP
-        handshake, but its port is not, so the well-known ports (DNS, NTP,
-        syslog ...) that a caller could aim datagrams at are refused."""
+    def subscribe_peer(self, address: Address, prefix: Any, caller: str) -> Subscription:
+        """subscribe() for the TCP caller *caller* (an identity, "tcp" or
+        "tcp:<user>"): its host is proven by the TCP handshake, but its port
+        is not, so the well-known ports (DNS, NTP, syslog ...) that a caller
+        could aim datagrams at are refused."""
         if type(address[1]) is int and address[1] < 1024:
             raise errors.InvalidArgument(
                 f"port {address[1]} is below 1024; subscribe over UDP to use it")
-        return self.subscribe(address, prefix)
+        return self.subscribe(address, prefix, caller)
 
-    def unsubscribe(self, address: Address, prefix: Any) -> Subscription | None:
-        """End *address*'s subscription to *prefix*; returns it, or None."""
+    def unsubscribe(self, address: Address, prefix: Any,
+                    owner: str = BY_ADDRESS) -> Subscription | None:
+        """End *address*'s subscription to *prefix*, for *owner* (as in
+        subscribe: the address itself may end any of its own, a TCP caller
+        only what it made); returns it, or None if there was none."""
         values.check_prefix(prefix, self.limits.max_key_bytes)
         host, port = self._check_address(address)
-        subscription = self._remove((host, port, prefix))
-        if subscription is not None:
-            self.counters["unsubscribes"] += 1
+        index = (host, port, prefix)
+        subscription = self._subscriptions.get(index)
+        if subscription is None:
+            return None
+        self._check_owner(subscription, owner, "cancel")
+        self._remove(index)
+        self.counters["unsubscribes"] += 1
         return subscription
+
+    @staticmethod
+    def _check_owner(subscription: Subscription, asker: str, doing: str) -> None:
+        if asker != BY_ADDRESS and asker != subscription.owner:
+            made = ("over UDP by its address" if subscription.owner == BY_ADDRESS
+                    else "by another client")
+            raise errors.PermissionDenied(
+                f"the subscription of {subscription.address[0]}:{subscription.address[1]} "
+                f"to {subscription.prefix!r} was made {made}; only its maker may {doing} it")
 
     def expire(self) -> None:
         """End every subscription whose lease has run out."""
@@ -195,6 +285,11 @@ class Subscriptions:
         if not same_prefix:
             del self.by_prefix[subscription.prefix]
         address = subscription.address
+        left = self._per_host[address[0]] - 1
+        if left:
+            self._per_host[address[0]] = left
+        else:
+            del self._per_host[address[0]]
         self._bucket_users[address] -= 1
         if not self._bucket_users[address]:
             del self._buckets[address], self._bucket_users[address]

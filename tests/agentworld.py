@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 
 from kvconfig.agent import Agent, Change
@@ -67,16 +68,22 @@ class _Transport:
     def write(self, datagram: bytes, address) -> None:
         self.network.carry(datagram, self.source, address)
 
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", *self.source)
+
 
 class StoreSource:
     """The agent's pulls, answered from the store after *latency* seconds
     (what the server's changes() and list() return), or failing while
     ``up`` is False."""
 
-    def __init__(self, store, clock, latency=0.002) -> None:
+    def __init__(self, store, clock, latency=0.002, subscriptions=None) -> None:
         self.store, self.clock, self.latency = store, clock, latency
         self.up = True
         self.calls = 0
+        #: The server's subscription registry, for subscribes over TCP (a
+        #: function: the world replaces it when the server restarts).
+        self.subscriptions = subscriptions
 
     def _later(self, answer) -> Deferred:
         self.calls += 1
@@ -103,6 +110,14 @@ class StoreSource:
                 Change(e.type, e.key, e.revision,
                        None if e.kv is None else json.loads(e.kv.raw))
                 for e in events]
+        return self._later(answer)
+
+    def subscribe(self, prefix: str, udp_port: int) -> Deferred:
+        """subscribe() over TCP, from the agent's host."""
+        def answer():
+            registry = self.subscriptions()
+            return registry.description(
+                registry.subscribe_peer((AGENT[0], udp_port), prefix, "tcp"))
         return self._later(answer)
 
     def snapshot(self, prefix: str) -> Deferred:
@@ -139,7 +154,7 @@ class World:
         self.network = Network(self.clock, self.rng, **network)
         self.secret = secret
         self.notifier = self.start_notifier()
-        self.source = StoreSource(store, self.clock)
+        self.source = StoreSource(store, self.clock, subscriptions=lambda: self.subscriptions)
         self.listener = listener or Recorder()
         self.agent = Agent(prefix, SERVER, self.source, self.listener, self.clock,
                            Sealer(secret, self.clock))

@@ -343,3 +343,21 @@ def test_the_first_compacted_history_is_news_and_the_next_a_warning():
                  if "taking a snapshot" in formatEvent(event)]
     assert [level for level, _ in snapshots] == [LogLevel.info, LogLevel.warn], snapshots
     assert "normal" in snapshots[0][1] and "compacted" not in snapshots[0][1]
+
+
+def test_an_agent_whose_udp_subscribes_are_lost_subscribes_over_tcp():
+    """Every subscribe datagram from the agent is lost (a filter; or the
+    cookie answers shut out by a flood from its network): it subscribes
+    over TCP instead, and follows the prefix by datagrams all the same."""
+    store = clocked_store()
+    world = World(store)
+    world.network.drop_if = lambda datagram: b'"t":"subscribe"' in datagram
+    world.run(10)
+    assert world.agent.cycle.sub is not None
+    assert world.agent.counters["tcp_subscribes"] >= 1
+    store.put("app/x", "over tcp")
+    world.run(0.1)
+    assert world.agent.local_copy.items == {"app/x": "over tcp"}
+    assert world.agent.counters["applied"] == 1   # by datagram, not a pull
+    world.run(60)                                 # renewed over TCP: still held
+    assert len(world.subscriptions) == 1 and world.subscriptions.counters["expired"] == 0

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from kvconfig.agent import TICK, Agent
@@ -36,11 +37,13 @@ def cycle_in(state: State, nodes: int = 2) -> tuple[SubscriptionCycle, Clock]:
     if state is S.UNSUBSCRIBED:
         return cycle, clock
     cycle.start(clock.seconds())
-    if state is S.NEXT_NODE:
-        while cycle.state is not S.NEXT_NODE:
+    if state in (S.OVER_TCP, S.NEXT_NODE):
+        while cycle.state is not S.OVER_TCP:
             clock.advance(cycle.renew_at - clock.seconds())
             cycle.tick(clock.seconds(), can_poll=False)
-    if state in (S.AWAITING_COOKIE, S.NEXT_NODE):
+        if state is S.NEXT_NODE:
+            cycle.tcp_failed(clock.seconds())
+    if state in (S.AWAITING_COOKIE, S.OVER_TCP, S.NEXT_NODE):
         return cycle, clock
     cycle.cookie_arrived("cookie-1", clock.seconds())
     if state is S.SUBSCRIBING:
@@ -81,8 +84,11 @@ def provoke(cycle: SubscriptionCycle, clock: Clock, event: Event) -> list[Action
         return cycle.tick(now(), can_poll=False)
     if event is E.UNANSWERED:
         cycle.unanswered = SWITCH_AFTER       # the attempts before went unanswered
+        cycle.over_tcp = False
         until(cycle.renew_at)
         return cycle.tick(now(), can_poll=False)
+    if event is E.TCP_FAILED:
+        return cycle.tcp_failed(now())
     if event is E.POLL_DUE:
         if cycle.renew_at <= cycle.next_poll:
             # An attempt first, so that the poll is all that is due.
@@ -124,16 +130,24 @@ def test_events_without_a_line_change_nothing(state):
 
 
 def test_unanswered_subscribes_back_off_from_one_second_to_the_maximum():
+    """Unanswered subscribes back off; after SWITCH_AFTER of them over UDP,
+    the agent subscribes over TCP as well, and goes on backing off."""
     cycle, clock = cycle_in(S.AWAITING_COOKIE, nodes=1)
     attempts = []
     for _ in range(400):
         clock.advance(TICK)
-        if cycle.tick(clock.seconds(), can_poll=False) == [A.SUBSCRIBE]:
-            attempts.append(clock.seconds())
-    gaps = [round(b - a, 1) for a, b in zip([100.0, *attempts], attempts, strict=False)]
+        actions = cycle.tick(clock.seconds(), can_poll=False)
+        if actions in ([A.SUBSCRIBE], [A.SUBSCRIBE_OVER_TCP]):
+            attempts.append((clock.seconds(), actions[0]))
+    moments = [moment for moment, _ in attempts]
+    gaps = [round(b - a, 1) for a, b in zip([100.0, *moments], moments, strict=False)]
     assert gaps[:7] == [1, 1, 2, 4, 8, 16, 30]
     assert set(gaps[6:]) == {30}
-    assert cycle.state is S.AWAITING_COOKIE      # one node: nowhere to move
+    # The first went out at start; the third after it is SWITCH_AFTER + 1.
+    assert [action for _, action in attempts[:5]] == [A.SUBSCRIBE] * 2 + [
+        A.SUBSCRIBE_OVER_TCP, A.SUBSCRIBE, A.SUBSCRIBE]
+    assert cycle.state is S.OVER_TCP and cycle.over_tcp    # one node: nowhere to move
+    assert cycle.tcp_failed(clock.seconds()) == []         # ... even if TCP fails too
 
 
 def test_a_subscription_is_renewed_every_third_of_its_lease_and_answers_reset_it():
@@ -165,19 +179,30 @@ def test_silence_is_three_heartbeats_and_a_second_without_a_word():
     assert cycle.subscribed("sub-1", LEASE, HEARTBEAT, clock.seconds()) == [A.RESYNC]
 
 
-def test_the_agent_moves_to_the_next_node_after_unanswered_subscribes():
+def test_the_agent_asks_over_tcp_then_moves_to_the_next_node():
+    """Unanswered UDP subscribes make the agent subscribe over TCP; when that
+    fails too, it moves to the next node (without the old node's cookie),
+    and round the nodes while none answers."""
     cycle, clock = cycle_in(S.SUBSCRIBING)
-    moves = []
+    over_tcp = []
     for _ in range(40):
         clock.advance(TICK)
         actions = cycle.tick(clock.seconds(), can_poll=False)
-        if A.FOLLOW_NEXT_NODE in actions:
-            moves.append((clock.seconds(), cycle.unanswered, actions))
-    assert moves[0] == (104.0, 0, [A.FOLLOW_NEXT_NODE, A.SUBSCRIBE])
-    assert cycle.state is S.NEXT_NODE
+        if A.SUBSCRIBE_OVER_TCP in actions:
+            over_tcp.append((clock.seconds(), actions))
+            assert cycle.tcp_failed(clock.seconds()) == [A.FOLLOW_NEXT_NODE, A.SUBSCRIBE]
+            assert cycle.state is S.NEXT_NODE and not cycle.over_tcp
+    assert over_tcp[0] == (104.0, [A.SUBSCRIBE_OVER_TCP])
     assert cycle.cookie is None                  # the next node never issued it
-    # It keeps moving round the nodes while none answers.
-    assert len(moves) >= 2
+    assert len(over_tcp) >= 2
+
+
+def test_a_cookie_after_subscribing_over_tcp_goes_back_to_udp():
+    cycle, clock = cycle_in(S.OVER_TCP, nodes=1)
+    assert cycle.subscribed("sub-t", LEASE, HEARTBEAT, clock.seconds()) == [A.RESYNC]
+    assert cycle.state is S.SUBSCRIBED and cycle.over_tcp   # renewals over TCP too
+    assert cycle.cookie_arrived("cookie-3", clock.seconds()) == [A.SUBSCRIBE]
+    assert not cycle.over_tcp
 
 
 def test_polls_only_when_the_copy_can_be_pulled_and_at_the_subscribe_backoff():
@@ -221,6 +246,9 @@ class Transport:
     def __init__(self) -> None:
         self.sent: list[tuple[dict, tuple[str, int]]] = []
 
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", "10.0.0.9", 40000)
+
     def write(self, datagram: bytes, address: tuple[str, int]) -> None:
         self.sent.append((json.loads(datagram), address))
 
@@ -228,8 +256,10 @@ class Transport:
 class Source:
     """Answers snapshots at once; counts the calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: dict | None = None) -> None:
         self.snapshots = self.changes_calls = 0
+        self.tcp_subscribes: list[tuple[str, int]] = []
+        self.answer = answer
 
     def snapshot(self, prefix: str) -> Deferred:
         self.snapshots += 1
@@ -239,11 +269,17 @@ class Source:
         self.changes_calls += 1
         return succeed((7, []))
 
+    def subscribe(self, prefix: str, udp_port: int) -> Deferred:
+        self.tcp_subscribes.append((prefix, udp_port))
+        if self.answer is None:
+            return fail(ConnectionRefusedError("the node is down"))
+        return succeed(self.answer)
+
 
 def test_the_agent_follows_the_next_node_when_its_node_does_not_answer():
-    """Two nodes, the first silent: after the unanswered subscribes the
-    agent subscribes to the second (without the first's cookie) and pulls
-    from it from then on."""
+    """Two nodes, the first silent: after the unanswered subscribes (and a
+    subscribe over TCP that fails) the agent subscribes to the second
+    (without the first's cookie) and pulls from it from then on."""
     clock = Clock()
     first, second = ("10.0.0.1", 15002), ("10.0.0.2", 15002)
     sources = Source(), Source()
@@ -260,6 +296,7 @@ def test_the_agent_follows_the_next_node_when_its_node_does_not_answer():
         clock.advance(TICK)
         assert clock.seconds() < 10
     assert agent.cycle.state is S.NEXT_NODE and agent.counters["node_switches"] == 1
+    assert sources[0].tcp_subscribes == [("app/", 40000)]
     message, address = transport.sent[-1]
     assert address == second and message["t"] == "subscribe" and "cookie" not in message
     assert sources[1].changes_calls == 1         # caught up from the next node
@@ -275,3 +312,27 @@ def test_the_agent_follows_the_next_node_when_its_node_does_not_answer():
     assert transport.sent[-1][0]["t"] == "unsubscribe" and transport.sent[-1][1] == second
     assert agent.cycle.state is S.UNSUBSCRIBED
     assert not clock.getDelayedCalls()
+
+
+def test_the_agent_subscribes_over_tcp_when_its_udp_handshake_goes_unanswered():
+    """One node whose cookie answers never come (a filter, a cookie flood
+    from the agent's network): after SWITCH_AFTER subscribes the agent
+    calls subscribe() over TCP for its own UDP port, takes the subscription
+    it answers, and renews over TCP (and UDP) from then on."""
+    clock = Clock()
+    node = ("10.0.0.1", 15002)
+    source = Source({"sub": "t1", "prefix": "app/", "seq": 0, "rev": 7, "head": 7,
+                     "lease": 30, "heartbeat": 2})
+    agent = Agent("app/", node, source, Recorder(), clock, Sealer(None, clock))
+    agent.transport = transport = Transport()
+    agent.start()
+    while agent.cycle.state is not S.SUBSCRIBED:
+        clock.advance(TICK)
+        assert clock.seconds() < 10
+    assert source.tcp_subscribes == [("app/", 40000)] and agent.cycle.sub == "t1"
+    assert agent.counters["tcp_subscribes"] == 1
+    clock.advance(10.01)                         # a third of the lease
+    agent.received(json.dumps({"v": 1, "t": "heartbeat", "sub": "t1", "seq": 0, "rev": 7,
+                               "head": 7}).encode(), node)
+    assert len(source.tcp_subscribes) == 2 and transport.sent[-1][0]["t"] == "subscribe"
+    agent.stop()

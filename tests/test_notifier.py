@@ -792,7 +792,8 @@ def test_no_subscriptions_no_datagrams():
 def test_events_past_the_send_rate_are_skipped_and_caught_up():
     """Past max_send_rate (also the burst) events are skipped but still
     take a seq; a heartbeat with the latest seq follows 1/rate seconds
-    later, and sending resumes as the rate refills."""
+    later (within the rate, like events), and sending resumes as the rate
+    refills."""
     udp = UDP(max_send_rate=2, heartbeat_seconds=10, lease_seconds=100)
     sub = udp.subscribe("app/")["sub"]
     other = udp.subscribe("app/", OTHER)["sub"]
@@ -811,6 +812,9 @@ def test_events_past_the_send_rate_are_skipped_and_caught_up():
     assert caught_up == sorted([(ADDRESS, heartbeat(sub, 5, 5, 5)),
                                 (OTHER, heartbeat(other, 5, 5, 5))])
     assert udp.stats()["heartbeats_sent"] == 2
+    # The catch-up heartbeats spent the token that had come back:
+    # heartbeats count against the send rate as events do.
+    udp.clock.advance(0.5)
     udp.put("app/k", 6)
     assert len(udp.take()) == 2
     udp.put("app/k", 7)
@@ -1135,3 +1139,19 @@ def test_stop_ends_heartbeats_events_and_catch_ups():
     udp.wait(10)
     assert udp.take() == []
     assert udp.store.feed.consumers == 0
+
+
+def test_heartbeats_keep_within_the_addresss_send_rate():
+    """Heartbeats to an address's many subscriptions count against its one
+    send rate (one address got 2,500 a second); the ones over it wait for a
+    later tick."""
+    udp = UDP(max_send_rate=5, heartbeat_seconds=2, lease_seconds=100,
+              max_subscriptions_per_host=50)
+    for i in range(20):
+        udp.subscriptions.subscribe(ADDRESS, f"p{i}/")
+    udp.take()
+    udp.clock.advance(2)
+    assert len(udp.take()) == 5  # the burst: one second's worth
+    assert udp.stats()["heartbeats_skipped"] == 15
+    udp.clock.advance(2)
+    assert len(udp.take()) == 5

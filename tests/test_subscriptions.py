@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from kvconfig import errors
 from kvconfig.limits import Limits
-from kvconfig.subscriptions import Subscriptions, TokenBucket
+from kvconfig.subscriptions import NetworkRates, Subscriptions, TokenBucket
 
 
 def registry(**limits) -> Subscriptions:
@@ -101,5 +101,63 @@ def test_bad_ports_are_refused(port):
 def test_tcp_subscriptions_to_well_known_ports_are_refused():
     subs = registry()
     with pytest.raises(errors.InvalidArgument, match="below 1024"):
-        subs.subscribe_peer(("192.0.2.1", 53), "")
+        subs.subscribe_peer(("192.0.2.1", 53), "", "tcp")
     assert subs.subscribe(("192.0.2.1", 53), "").address == ("192.0.2.1", 53)  # over UDP
+
+
+def test_each_host_holds_at_most_its_quota():
+    """One host gets at most max_subscriptions_per_host (one TCP connection
+    took 9,998 of 10,000 slots); other hosts still get theirs; an ended one
+    frees its host's place."""
+    subs = registry(max_subscriptions_per_host=3)
+    for port in (1001, 1002, 1003):
+        subs.subscribe(("192.0.2.1", port), "a/")
+    with pytest.raises(errors.LimitExceeded, match="192.0.2.1 holds 3"):
+        subs.subscribe(("192.0.2.1", 1004), "a/")
+    assert subs.subscribe(("192.0.2.2", 1001), "a/")
+    subs.unsubscribe(("192.0.2.1", 1001), "a/")
+    assert subs.subscribe(("192.0.2.1", 1004), "a/")
+
+
+def test_only_its_maker_renews_or_cancels_a_subscription():
+    """A subscription made over UDP (its address proved by a cookie) cannot
+    be renewed or cancelled over TCP: another process on the host could
+    otherwise end an agent's; one made over TCP by one caller not by
+    another; the address itself may always do both."""
+    subs = registry()
+    agent = subs.subscribe(("192.0.2.1", 4000), "app/")
+    with pytest.raises(errors.PermissionDenied, match="made over UDP"):
+        subs.unsubscribe(("192.0.2.1", 4000), "app/", "tcp")
+    with pytest.raises(errors.PermissionDenied):
+        subs.subscribe_peer(("192.0.2.1", 4000), "app/", "tcp")
+    assert list(subs) == [agent]
+    mine = subs.subscribe_peer(("192.0.2.1", 5000), "app/", "tcp:alice")
+    with pytest.raises(errors.PermissionDenied, match="another client"):
+        subs.unsubscribe(("192.0.2.1", 5000), "app/", "tcp:mallory")
+    assert subs.subscribe_peer(("192.0.2.1", 5000), "app/", "tcp:alice") is mine
+    assert subs.subscribe(("192.0.2.1", 5000), "app/") is mine  # the address itself
+    assert subs.unsubscribe(("192.0.2.1", 5000), "app/", "tcp:alice") is mine
+    assert subs.unsubscribe(("192.0.2.1", 4000), "app/") is agent
+
+
+def test_cookie_rates_are_per_source_network():
+    """A flood from one /24 spends that network's rate only: another
+    network still gets its answers; IPv6 hosts of one /64 share one."""
+    rates = NetworkRates(10, now=0.0)
+    flood = sum(rates.take(f"127.0.0.{i % 254 + 1}", 0.0) for i in range(1000))
+    assert flood == 10
+    assert rates.take("127.0.1.1", 0.0) and rates.take("10.0.0.1", 0.0)
+    assert sum(rates.take(f"2001:db8::{i:x}", 0.0) for i in range(50)) == 10
+    assert rates.take("2001:db8:0:1::1", 0.0)
+
+
+def test_the_network_table_is_bounded_and_new_networks_earn_no_fresh_tokens():
+    """Past its size, new networks share one overflow bucket unless an old
+    one has been idle long enough to be full again."""
+    rates = NetworkRates(5, now=0.0, networks=3)
+    for net in range(3):
+        assert rates.take(f"10.0.{net}.1", 0.0)
+    spoofed = sum(rates.take(f"10.1.{net}.1", 0.0) for net in range(100))
+    assert spoofed == 5  # the overflow bucket's burst, not 5 per network
+    assert len(rates) == 3
+    assert rates.take("10.9.9.9", 10.0)  # an idle old network made room
