@@ -2,6 +2,14 @@
 The server's UDP notifier: the UDP port's handshake, and the fan-out of
 every change to the subscriptions whose prefix it falls under.
 
+The fan-out never holds up a write's acknowledgement: a change is queued
+when it is published and sent in slices of FAN_OUT_SLICE datagrams, one per
+reactor turn, so that the acknowledgements (and every other client) are
+served between them; changes go out in revision order, and each
+subscription's sequence numbers count what was actually processed.
+Heartbeats are spread over the interval the same way once there are many
+subscriptions.
+
 The wire format (datagram shapes, sealing, the cookie handshake) is
 documented and implemented in kvconfig.udpwire, which the agent shares.
 Subscriptions can also be made over TCP, for the caller's own peer address:
@@ -16,6 +24,7 @@ import hashlib
 import hmac
 import os
 import re
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +50,13 @@ from kvconfig.udpwire import (
 
 #: Seconds in one cookie period; a cookie is good for this one and the next.
 COOKIE_PERIOD = 60
+#: Datagrams (events or heartbeats) sent in one turn of the reactor.
+FAN_OUT_SLICE = 500
+#: Changes waiting to be sent past which the oldest is skipped for every
+#: subscription (each sees the gap and pulls) rather than held for ever.
+MAX_OUTBOX = 10_000
+#: Slices, at most, a round of heartbeats is spread over.
+HEARTBEAT_SLICES = 20
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -72,6 +88,12 @@ class Notifier:
         self._unsubscribe_feed: Callable[[], None] | None = None
         self._heartbeat = LoopingCall(self.tick)
         self._heartbeat.clock = clock
+        self._heartbeat_call: Any = None
+        # Changes queued for the fan-out, and the group being sent: (its
+        # revision, the datagram tail, the subscriptions, how many are done).
+        self._outbox: deque[Event] = deque()
+        self._groups: deque[list] = deque()
+        self._slice_call: Any = None
         self.counters = dict.fromkeys(
             ("datagrams_sent", "events_skipped", "send_errors", "heartbeats_sent",
              "heartbeats_skipped",
@@ -90,6 +112,12 @@ class Notifier:
             self._unsubscribe_feed = None
         if self._heartbeat.running:
             self._heartbeat.stop()
+        for call in (self._slice_call, self._heartbeat_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._slice_call = self._heartbeat_call = None
+        self._outbox.clear()
+        self._groups.clear()
         for subscription in self.subscriptions:
             self._forget(subscription)
 
@@ -171,24 +199,65 @@ class Notifier:
     # Sending
 
     def notify(self, event: Event) -> None:
-        """The change feed's consumer: one datagram per subscription whose
-        prefix the key is under."""
-        try:
-            self._fan_out_event(event)
-        except Exception:
-            # The feed drops a consumer that raises; one bad event must not
-            # end every notification.  Subscribers see the gap and pull.
-            self.log.failure("cannot notify revision {revision}", revision=event.revision)
+        """The change feed's consumer: queue the change, to be sent (one
+        datagram per subscription whose prefix the key is under) once the
+        writes of this turn are acknowledged."""
+        outbox = self._outbox
+        outbox.append(event)
+        if len(outbox) > MAX_OUTBOX:
+            self._skip(outbox.popleft())
+        if self._slice_call is None:
+            self._slice_call = self.clock.callLater(0, self._fan_out_slice)
 
-    def _fan_out_event(self, event: Event) -> None:
-        key = event.key
-        tail = None
+    def _fan_out_slice(self) -> None:
+        """Send up to FAN_OUT_SLICE datagrams of the queued changes, in
+        order; the rest in the next turn."""
+        self._slice_call = None
+        left = FAN_OUT_SLICE
+        groups = self._groups
+        try:
+            while left > 0:
+                if not groups:
+                    if not self._outbox:
+                        return
+                    self._group(self._outbox.popleft())
+                    continue
+                group = groups[0]
+                left -= self._fan_out(group, left)
+                if group[3] == len(group[2]):
+                    groups.popleft()
+        except Exception:
+            # One bad change must not end every notification: subscribers
+            # see the gap and pull.
+            self.log.failure("the fan-out failed; its change is skipped")
+            groups.clear()
+        finally:
+            if (groups or self._outbox) and self._slice_call is None:
+                self._slice_call = self.clock.callLater(0, self._fan_out_slice)
+
+    def _group(self, event: Event) -> None:
+        """Queue the groups of *event*: the subscriptions under each prefix
+        it falls under, taken now (one that ends meanwhile gets one datagram
+        more; one made meanwhile waits for the next change)."""
+        key, tail = event.key, None
         for prefix, subscriptions in self.subscriptions.by_prefix.items():
-            if not key.startswith(prefix):
-                continue
-            if tail is None:
-                tail = self._tail(event)
-            self._fan_out(event.revision, tail, subscriptions)
+            if key.startswith(prefix):
+                if tail is None:
+                    tail = self._tail(event)
+                self._groups.append([event.revision, tail, list(subscriptions.values()), 0])
+
+    def _skip(self, event: Event) -> None:
+        """A change the fan-out is too far behind to send: it takes a seq
+        number from each subscription all the same, so that each sees the
+        gap and pulls."""
+        key = event.key
+        for prefix, subscriptions in self.subscriptions.by_prefix.items():
+            if key.startswith(prefix):
+                for subscription in subscriptions.values():
+                    subscription.seq += 1
+                    subscription.rev = event.revision
+                    self._catch_up_later(subscription)
+                self.counters["events_skipped"] += len(subscriptions)
 
     def _tail(self, event: Event) -> bytes:
         """The part of an event datagram after ``seq`` (the same for every
@@ -199,22 +268,27 @@ class Notifier:
                             None if kv is None else kv.raw, event.expired)
         return next(form for form in forms if len(form) <= room)
 
-    def _fan_out(self, revision: int, tail: bytes,
-                 subscriptions: dict[Any, Subscription]) -> None:
-        # The hot loop: at 1,000 subscribers it runs 1,000 times per change,
-        # so it does little besides formatting and sendto.
+    def _fan_out(self, group: list, most: int) -> int:
+        """Send *group*'s next datagrams, at most *most*; how many it did."""
+        revision, tail, subscriptions, done = group
+        batch = subscriptions[done:done + most]
+        group[3] = done + len(batch)
+        # The hot loop: at 10,000 subscribers it runs 10,000 times per
+        # change, so it does little besides formatting and sendto.
         sendto = self._sendto()
         if sendto is None:
-            for subscription in subscriptions.values():
+            for subscription in batch:
                 subscription.seq += 1
                 subscription.rev = revision
-            self.counters["send_errors"] += len(subscriptions)
-            return
+            self.counters["send_errors"] += len(batch)
+            return len(batch)
         sealer = self.sealer
         signing = bool(sealer.secret)
         now = self.clock.seconds()
         sent = 0
-        for subscription in subscriptions.values():
+        for subscription in batch:
+            if subscription.ended:
+                continue
             seq = subscription.seq = subscription.seq + 1
             subscription.rev = revision
             if not subscription.bucket.take(now):
@@ -234,6 +308,7 @@ class Notifier:
             else:
                 sent += 1
         self.counters["datagrams_sent"] += sent
+        return len(batch)
 
     def _catch_up_later(self, subscription: Subscription) -> None:
         if subscription.behind is None or not subscription.behind.active():
@@ -252,10 +327,25 @@ class Notifier:
             self.counters["heartbeats_sent"] += 1
 
     def tick(self) -> None:
-        """Every heartbeat interval: expire leases, send heartbeats."""
+        """Every heartbeat interval: expire leases, send heartbeats, spread
+        over the interval in slices when there are many."""
         self.subscriptions.expire()
-        for subscription in self.subscriptions:
-            self._heartbeat_to(subscription)
+        if self._heartbeat_call is not None and self._heartbeat_call.active():
+            self._heartbeat_call.cancel()   # a round still under way: this one replaces it
+        round_ = list(self.subscriptions)
+        slices = max(1, min(HEARTBEAT_SLICES, -(-len(round_) // FAN_OUT_SLICE)))
+        self._heartbeat_slice(round_, 0, -(-len(round_) // slices),
+                              self.limits.heartbeat_seconds / slices)
+
+    def _heartbeat_slice(self, round_: list[Subscription], start: int, size: int,
+                         every: float) -> None:
+        self._heartbeat_call = None
+        for subscription in round_[start:start + size]:
+            if not subscription.ended:
+                self._heartbeat_to(subscription)
+        if start + size < len(round_):
+            self._heartbeat_call = self.clock.callLater(
+                every, self._heartbeat_slice, round_, start + size, size, every)
 
     def _sendto(self) -> Callable[[bytes, tuple[str, int]], Any] | None:
         """The UDP socket's own sendto, or None before the port is bound.

@@ -131,6 +131,8 @@ class Subscription:
     owner: str = BY_ADDRESS
     #: The notifier's catch-up heartbeat timer, while one is due.
     behind: Any = field(default=None, repr=False)
+    #: Set when it ends: a fan-out or heartbeat round under way skips it.
+    ended: bool = False
     #: An unsigned event datagram up to its seq number, made once.
     event_head: bytes = field(default=b"", repr=False)
 
@@ -293,6 +295,7 @@ class Subscriptions:
         self._bucket_users[address] -= 1
         if not self._bucket_users[address]:
             del self._buckets[address], self._bucket_users[address]
+        subscription.ended = True
         if self.on_removed is not None:
             self.on_removed(subscription)
         return subscription

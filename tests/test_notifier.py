@@ -19,7 +19,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
 from kvconfig import errors, values
-from kvconfig.notifier import COOKIE_PERIOD, Notifier, NotifierProtocol
+from kvconfig.notifier import COOKIE_PERIOD, FAN_OUT_SLICE, Notifier, NotifierProtocol
 from kvconfig.subscriptions import Subscriptions
 from kvconfig.udpwire import DROP_REASONS, MAX_REQUEST_BYTES, BadDatagram, Sealer
 
@@ -1155,3 +1155,87 @@ def test_heartbeats_keep_within_the_addresss_send_rate():
     assert udp.stats()["heartbeats_skipped"] == 15
     udp.clock.advance(2)
     assert len(udp.take()) == 5
+
+
+# The fan-out after the acknowledgement, in slices
+
+
+def many(udp: UDP, count: int, prefix: str = "app/") -> None:
+    """*count* subscriptions (proven addresses: registered directly)."""
+    for port in range(1, count + 1):
+        udp.subscriptions.subscribe((f"192.0.{port // 250}.{port % 250 + 1}", 5000 + port),
+                                    prefix)
+
+
+def run_one_turn(clock: Clock) -> None:
+    """Run the calls due now once, as one turn of a reactor does (a Clock's
+    advance(0) would also run what they schedule for now)."""
+    for call in [c for c in clock.getDelayedCalls() if c.getTime() <= clock.seconds()]:
+        if call.active():
+            call.func(*call.args, **call.kw)
+            call.cancelled = True  # ran: the Clock must not run it again
+
+
+def test_a_write_is_acknowledged_before_its_fan_out():
+    """The change's datagrams go out after the write's Deferred has fired:
+    an acknowledgement never waits for the fan-out."""
+    udp = UDP(max_subscriptions_per_host=10)
+    udp.subscribe("app/")
+    udp.take()
+    acknowledged = []
+    udp.store.put("app/k", 1).addCallback(acknowledged.append)
+    assert acknowledged and udp.take() == []
+    udp.clock.advance(0)
+    assert [udp.open(d)["t"] for d, _ in udp.take()] == ["event"]
+
+
+def test_the_fan_out_goes_in_slices_one_turn_each_and_in_order():
+    """1,200 subscriptions and three changes: each turn sends at most
+    FAN_OUT_SLICE datagrams; every subscription gets the three in order."""
+    udp = UDP(max_subscriptions=5000, max_subscriptions_per_prefix=5000)
+    many(udp, 1200)
+    for n in range(3):
+        udp.store.put("app/k", n)
+    per_turn = []
+    while udp.clock.getDelayedCalls() and len(per_turn) < 20:
+        run_one_turn(udp.clock)
+        per_turn.append(len(udp.take()))
+        if not per_turn[-1]:
+            break
+    assert max(per_turn) <= FAN_OUT_SLICE and sum(per_turn) == 3600
+    assert len([turn for turn in per_turn if turn]) == 8  # 3600 / 500, rounded up
+    seqs = {s.id: s.seq for s in udp.subscriptions}
+    assert set(seqs.values()) == {3}
+
+
+def test_a_fan_out_far_behind_skips_the_oldest_change_as_a_gap(monkeypatch):
+    """Past MAX_OUTBOX waiting changes, the oldest is not sent but still
+    takes a seq from each subscription: a gap its subscriber pulls."""
+    monkeypatch.setattr("kvconfig.notifier.MAX_OUTBOX", 2)
+    udp = UDP()
+    udp.subscribe("app/")
+    udp.take()
+    for n in range(4):
+        udp.store.put("app/k", n)  # nothing sent between them
+    udp.clock.advance(0)
+    events = [udp.open(d) for d, _ in udp.take() if udp.open(d)["t"] == "event"]
+    assert [e["seq"] for e in events] == [3, 4]       # 1 and 2 skipped: a gap
+    assert udp.stats()["events_skipped"] == 2
+
+
+def test_heartbeats_to_many_are_spread_over_the_interval():
+    """With many subscriptions a round of heartbeats goes in slices spread
+    over the interval, every subscription once a round."""
+    udp = UDP(max_subscriptions=5000, max_subscriptions_per_prefix=5000, heartbeat_seconds=2,
+              lease_seconds=100)
+    many(udp, 2000)
+    udp.take()
+    udp.clock.advance(2)
+    assert len(udp.take()) == FAN_OUT_SLICE  # the first of four slices
+    sent = []
+    for _ in range(39):                      # the rest of the interval
+        udp.clock.advance(0.05)
+        sent.append(len(udp.take()))
+    assert sum(sent) == 2000 - FAN_OUT_SLICE and max(sent) == FAN_OUT_SLICE
+    assert [n for n in sent if n] == [FAN_OUT_SLICE] * 3
+    assert udp.stats()["heartbeats_sent"] == 2000

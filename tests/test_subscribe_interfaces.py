@@ -92,6 +92,7 @@ class Notified:
     def put(self, key: str, value) -> None:
         failures: list = []
         self.store.put(key, value).addErrback(failures.append)
+        self.clock.advance(0)   # the fan-out's turn, after the acknowledgement
         assert failures == []
 
     def subscriptions(self) -> int:
