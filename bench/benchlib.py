@@ -110,6 +110,14 @@ def twistd_of(name: str, args: argparse.Namespace) -> str:
     return args.baseline_twistd if name == BASELINE else twistd_path()
 
 
+def known_options(twistd: str, options: dict[str, object]) -> list[str]:
+    """``--name=value`` for each of *options* that this twistd's kvconfig
+    takes (an older install, the baseline, may not know a newer limit)."""
+    usage = subprocess.run([twistd, "kvconfig", "--help"], capture_output=True, text=True,
+                           timeout=60).stdout
+    return [f"{name}={value}" for name, value in options.items() if f"{name}=" in usage]
+
+
 def kvconfig_command(directory: Path, *, twistd: str | None = None, store: str | None = None,
                      xmlrpc_port: int = 0, line_port: int = 0, udp_port: int = 0,
                      options: Iterable[str] = ()) -> list[str]:

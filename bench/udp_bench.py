@@ -597,12 +597,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(header(args, directory)), flush=True)
         with ExitStack() as stack:
             servers, udp_ports, writers = [], {}, {}
+            # Every subscriber is on one host and prefix: the limits must
+            # allow the most measured.
+            most = max(args.subscribers) + 100
+            limits = {"--max-subscriptions": most, "--max-subscriptions-per-prefix": most,
+                      "--max-subscriptions-per-host": most}
             for side in names:
                 udp_ports[side] = benchlib.free_port(socket.SOCK_DGRAM)
                 line_port = benchlib.free_port()
+                twistd = benchlib.twistd_of(side, args)
                 command = benchlib.kvconfig_command(
-                    directory / side, twistd=benchlib.twistd_of(side, args),
-                    line_port=line_port, udp_port=udp_ports[side])
+                    directory / side, twistd=twistd, line_port=line_port,
+                    udp_port=udp_ports[side], options=benchlib.known_options(twistd, limits))
                 servers.append(stack.enter_context(benchlib.running_server(
                     side, directory / side, command, line_port)))
                 writers[side] = benchlatency.LineWriter(line_port, KEY)

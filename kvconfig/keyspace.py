@@ -4,23 +4,56 @@ The in-memory keyspace: current keys in order, and a bounded window of history.
 Every backend keeps one.  The local backends (memory, sqlite) decide each
 change here; a remote backend (etcd) applies the events its watch delivers.
 Either way reads are served from it without I/O.
+
+It is built for a million keys: each key is one entry of a dict, its
+metadata packed with its encoded value in one bytes object (no per-key
+Python objects but the key and that entry, none of which the garbage
+collector has to visit), and the key once in a SortedList (an insert costs
+a few microseconds, not a copy of the whole key list).  A KeyValue is made
+for each key read.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
+import math
+import struct
 from collections import deque
+from collections.abc import Iterable, Iterator
+
+from sortedcontainers import SortedList
 
 from kvconfig.errors import Compacted
 from kvconfig.model import DELETE, PUT, Event, KeyValue
+
+#: A key's entry: version, create_revision, mod_revision, expires_at (NaN for
+#: none), then the value's tagged JSON.
+_META = struct.Struct("<QQQd")
+_pack_meta, _unpack_meta, _META_SIZE = _META.pack, _META.unpack_from, _META.size
+_NONE = math.nan
+
+#: (key, raw, version, create_revision, mod_revision, expires_at): a key as
+#: backends load it.
+Row = tuple[str, bytes, int, int, int, "float | None"]
+
+
+def _entry(raw: bytes, version: int, create: int, mod: int, expires: float | None) -> bytes:
+    return _pack_meta(version, create, mod, _NONE if expires is None else expires) + raw
+
+
+def _key_value(key: str, entry: bytes) -> KeyValue:
+    version, create, mod, expires = _unpack_meta(entry)
+    return KeyValue(key, entry[_META_SIZE:], version, create, mod,
+                    None if expires != expires else expires)
 
 
 class Keyspace:
     """Keys, their metadata, the current revision and recent history."""
 
     def __init__(self, history_events: int, history_bytes: int) -> None:
-        self._kvs: dict[str, KeyValue] = {}
-        self._sorted_keys: list[str] = []
+        self._entries: dict[str, bytes] = {}
+        self._keys = SortedList()
+        #: key -> expires_at of the keys with a time to live.
+        self._expiring: dict[str, float] = {}
         self._history: deque[Event] = deque()
         self._history_bytes = 0
         self._max_events = history_events
@@ -31,10 +64,16 @@ class Keyspace:
         self.compact_revision = 0
 
     def __len__(self) -> int:
-        return len(self._kvs)
+        return len(self._entries)
 
     def get(self, key: str) -> KeyValue | None:
-        return self._kvs.get(key)
+        entry = self._entries.get(key)
+        return None if entry is None else _key_value(key, entry)
+
+    def raw(self, key: str) -> bytes | None:
+        """The key's encoded value alone, or None."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry[_META_SIZE:]
 
     def range(self, prefix: str, limit: int | None = None) -> list[KeyValue]:
         """Keys starting with *prefix*, in key order, at most *limit* of them."""
@@ -45,25 +84,29 @@ class Keyspace:
         """(keys starting with *prefix* and after the key *after*, in key
         order; whether more follow), at most *limit* of them and, past the
         first, no more than *max_bytes* of keys and values in all."""
-        keys, kvs = self._sorted_keys, self._kvs
-        start = bisect_left(keys, prefix)
+        keys, entries = self._keys, self._entries
+        start = keys.bisect_left(prefix)
         if after is not None and after >= prefix:
-            start = max(start, bisect_right(keys, after))
+            start = max(start, keys.bisect_right(after))
         found: list[KeyValue] = []
         size = 0
-        for index in range(start, len(keys)):
-            key = keys[index]
+        for key in keys.islice(start):
             if not key.startswith(prefix):
                 return found, False
             if limit is not None and len(found) >= limit:
                 return found, True
-            kv = kvs[key]
+            entry = entries[key]
             if max_bytes is not None:
-                size += len(key) + len(kv.raw)
+                size += len(key) + len(entry) - _META_SIZE
                 if size > max_bytes and found:
                     return found, True
-            found.append(kv)
+            found.append(_key_value(key, entry))
         return found, False
+
+    def expiring(self) -> Iterator[KeyValue]:
+        """The keys with a time to live."""
+        for key in list(self._expiring):
+            yield _key_value(key, self._entries[key])
 
     def changes(self, prefix: str, since: int) -> list[Event]:
         """Events after revision *since* on keys starting with *prefix*.
@@ -94,23 +137,35 @@ class Keyspace:
         """Make *event* the latest change."""
         key = event.key
         if event.type == PUT:
-            if key not in self._kvs:
-                insort(self._sorted_keys, key)
-            self._kvs[key] = event.kv
+            kv = event.kv
+            if key not in self._entries:
+                self._keys.add(key)
+            self._entries[key] = _entry(kv.raw, kv.version, kv.create_revision,
+                                        kv.mod_revision, kv.expires_at)
+            if kv.expires_at is not None:
+                self._expiring[key] = kv.expires_at
+            else:
+                self._expiring.pop(key, None)
         elif event.type == DELETE:
-            if self._kvs.pop(key, None) is not None:
-                keys = self._sorted_keys
-                del keys[bisect_left(keys, key)]
+            if self._entries.pop(key, None) is not None:
+                self._keys.remove(key)
+                self._expiring.pop(key, None)
         else:
             raise ValueError(f"unknown event type {event.type!r}")
         self.revision = event.revision
         self._remember(event)
 
-    def load(self, kvs: list[KeyValue], history: list[Event], revision: int,
+    def load(self, rows: Iterable[Row], history: list[Event], revision: int,
              compact_revision: int) -> None:
         """Replace everything with a snapshot (from disk, or from etcd)."""
-        self._kvs = {kv.key: kv for kv in kvs}
-        self._sorted_keys = sorted(self._kvs)
+        entries: dict[str, bytes] = {}
+        expiring: dict[str, float] = {}
+        for key, raw, version, create, mod, expires in rows:
+            entries[key] = _entry(raw, version, create, mod, expires)
+            if expires is not None:
+                expiring[key] = expires
+        self._entries, self._expiring = entries, expiring
+        self._keys = SortedList(entries)
         self._history.clear()
         self._history_bytes = 0
         self.revision = revision
@@ -128,3 +183,8 @@ class Keyspace:
             dropped = history.popleft()
             self._history_bytes -= dropped.size
             self.compact_revision = dropped.revision
+
+
+def row_of(kv: KeyValue) -> Row:
+    """A KeyValue as a row to load."""
+    return kv.key, kv.raw, kv.version, kv.create_revision, kv.mod_revision, kv.expires_at

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kvconfig import values
+
 PUT = "put"
 DELETE = "delete"
 
@@ -13,12 +15,13 @@ DELETE = "delete"
 class KeyValue:
     """A key's current value and its metadata, as in etcd.
 
-    ``raw`` is the value's tagged JSON encoding (what backends persist);
-    ``value`` the decoded value (what clients read).
+    ``raw`` is the value's tagged JSON encoding: what backends persist, the
+    line protocol and datagrams carry, and the keyspace holds (a million
+    decoded values would take several times the memory); ``value`` decodes
+    it, for the interfaces that hand out values themselves.
     """
 
     key: str
-    value: Any
     raw: bytes
     #: Writes to this key since it was (last) created, starting at 1.
     version: int
@@ -28,6 +31,11 @@ class KeyValue:
     mod_revision: int
     #: Wall-clock time (clock.seconds()) at which the key expires, or None.
     expires_at: float | None = None
+
+    @property
+    def value(self) -> Any:
+        """The value (decoded afresh: each reader gets a copy of its own)."""
+        return values.decode(self.raw)
 
     def metadata(self) -> dict[str, Any]:
         """The metadata fields, as the interfaces report them."""

@@ -51,7 +51,7 @@ from kvconfig.udpwire import (
 #: Seconds in one cookie period; a cookie is good for this one and the next.
 COOKIE_PERIOD = 60
 #: Datagrams (events or heartbeats) sent in one turn of the reactor.
-FAN_OUT_SLICE = 500
+FAN_OUT_SLICE = 100
 #: Changes waiting to be sent past which the oldest is skipped for every
 #: subscription (each sees the gap and pulls) rather than held for ever.
 MAX_OUTBOX = 10_000

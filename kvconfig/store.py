@@ -168,15 +168,14 @@ class Store:
         try:
             limits = self.limits
             values.check_key(key, limits.max_key_bytes)
-            # Stored: a private, canonical copy, so that reads return what
-            # any other interface would.
-            value, raw = values.canonical(value, limits.max_value_bytes,
-                                          limits.max_value_depth)
+            # Only the encoding is kept: every reader decodes a copy of its
+            # own, the same whichever interface wrote it.
+            raw = values.encode(value, limits.max_value_bytes, limits.max_value_depth)
             if prev_revision is not None:
                 _check_int(prev_revision, "prev_revision", minimum=0)
             if ttl is not None:
                 _check_ttl(ttl)
-            d = self.backend.put(key, value, raw, prev_revision, ttl)
+            d = self.backend.put(key, raw, prev_revision, ttl)
         except KVConfigError as e:
             return self._rejected(e)
         self.counters["puts"] += 1

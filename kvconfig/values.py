@@ -68,21 +68,10 @@ def encode(value: Any, max_bytes: int, max_depth: int) -> bytes:
     Raises InvalidValue for anything XML-RPC cannot carry and ValueTooLarge
     when the encoding is longer than *max_bytes*.
     """
-    return canonical(value, max_bytes, max_depth)[1]
-
-
-def canonical(value: Any, max_bytes: int, max_depth: int) -> tuple[Any, bytes]:
-    """Check *value*, in one pass: (a private canonical copy of it, its tagged
-    JSON encoding).  The copy is what every interface reads back (lists, not
-    tuples; bytes, not bytearray; dicts and lists of its own).
-
-    Raises as encode() does.
-    """
-    tagged, copy = _tag(value, max_depth)
-    raw = _dumps(tagged).encode("utf-8")
+    raw = _dumps(to_tagged(value, max_depth)).encode("utf-8")
     if len(raw) > max_bytes:
         raise ValueTooLarge(f"value encodes to {len(raw)} bytes; the limit is {max_bytes}")
-    return copy, raw
+    return raw
 
 
 def decode(raw: bytes) -> Any:
@@ -97,50 +86,44 @@ def _check_text(text: str, what: str) -> None:
 
 def to_tagged(value: Any, max_depth: int) -> Any:
     """Check *value* and return it as plain JSON data, tags included."""
-    return _tag(value, max_depth)[0]
-
-
-def _tag(value: Any, max_depth: int) -> tuple[Any, Any]:
-    """(*value* as plain JSON data with tags, a canonical copy of it)."""
     kind = type(value)
     if kind is str:
         _check_text(value, "a string")
-        return value, value
+        return value
     if kind is int:
         if not INT_MIN <= value <= INT_MAX:
             raise InvalidValue(f"int {value} does not fit XML-RPC's 32-bit <int>")
-        return value, value
+        return value
     if value is None or kind is bool:
-        return value, value
+        return value
     if kind is float:
         if not math.isfinite(value):
             raise InvalidValue(f"{value} is not a number XML-RPC's <double> or JSON can carry")
-        return value, value
+        return value
     if kind is list or kind is tuple:
         if max_depth <= 0:
             raise InvalidValue("value is nested too deeply")
-        pairs = [_tag(item, max_depth - 1) for item in value]
-        return [tagged for tagged, _ in pairs], [copy for _, copy in pairs]
+        return [to_tagged(item, max_depth - 1) for item in value]
     if kind is dict:
         if max_depth <= 0:
             raise InvalidValue("value is nested too deeply")
-        tagged, copy = {}, {}
+        tagged = {}
         for name, item in value.items():
             if type(name) is not str:
                 raise InvalidValue(f"dict keys must be strings, not {type(name).__name__}")
             _check_text(name, "a dict key")
-            tagged[name], copy[name] = _tag(item, max_depth - 1)
+            tagged[name] = to_tagged(item, max_depth - 1)
         if len(tagged) == 1 and next(iter(tagged)).startswith("$"):
-            return {"$dict": tagged}, copy
-        return tagged, copy
+            return {"$dict": tagged}
+        return tagged
     if kind is bytes or kind is bytearray:
-        return {"$bytes": base64.b64encode(value).decode("ascii")}, bytes(value)
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
     if kind is datetime:
         if value.tzinfo is not None or value.microsecond:
             raise InvalidValue(
                 "a datetime must be naive and whole seconds, as XML-RPC carries it"
             )
-        return {"$datetime": format_datetime(value)}, value
+        return {"$datetime": format_datetime(value)}
     raise InvalidValue(f"values of type {kind.__name__} cannot be stored")
 
 

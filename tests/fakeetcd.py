@@ -233,7 +233,7 @@ def started(clock: Clock | None = None, client: FakeClient | None = None, revisi
 def put(backend: EtcdBackend, key: str, value: Any, prev_revision: int | None = None,
         ttl: float | None = None) -> Deferred:
     """backend.put as the store calls it (the value encoded)."""
-    return backend.put(key, value, raw(value), prev_revision, ttl)
+    return backend.put(key, raw(value), prev_revision, ttl)
 
 
 def fired(d: Deferred) -> bool:

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from kvconfig.backends.etcd import EtcdBackend
 from kvconfig.backends.etcd.client import MessageTooLarge, b64, unb64
 from kvconfig.backends.etcd.replica import PAGE_SIZE, differences
-from kvconfig.keyspace import Keyspace
+from kvconfig.keyspace import Keyspace, row_of
 from kvconfig.limits import Limits
 from kvconfig.model import DELETE, PUT, Event, KeyValue
 
@@ -215,11 +215,11 @@ def test_a_write_is_acknowledged_by_a_resync_when_its_event_was_compacted_away()
 
 def test_differences_are_puts_in_revision_order_then_deletes():
     keyspace = Keyspace(100, 1 << 20)
-    old = [KeyValue("a", 1, b"1", 1, 1, 1), KeyValue("b", 2, b"2", 1, 2, 2),
-           KeyValue("c", 3, b"3", 1, 3, 3)]
-    keyspace.load(old, [], 3, 3)
-    new = [KeyValue("a", 1, b"1", 1, 1, 1), KeyValue("b", 5, b"5", 2, 2, 9),
-           KeyValue("d", 4, b"4", 1, 7, 7)]
+    old = [KeyValue("a", b"1", 1, 1, 1), KeyValue("b", b"2", 1, 2, 2),
+           KeyValue("c", b"3", 1, 3, 3)]
+    keyspace.load(map(row_of, old), [], 3, 3)
+    new = [KeyValue("a", b"1", 1, 1, 1), KeyValue("b", b"5", 2, 2, 9),
+           KeyValue("d", b"4", 1, 7, 7)]
     assert differences(keyspace, new, 10) == [
         Event(PUT, "d", 7, new[2]), Event(PUT, "b", 9, new[1]), Event(DELETE, "c", 10)]
 

@@ -219,21 +219,26 @@ def test_each_put_is_acknowledged_with_its_own_event_while_others_to_its_key_arr
     assert backend.keyspace.get("k").version == 3
     clock.advance(0)
     assert backend.writes.in_flight["k"].applied == []
-    assert backend.writes.in_flight["k"].put == (raw("next"), "next")
+    assert backend.writes.in_flight["k"].put == raw("next")
     assert not fired(next_)
 
 
-def test_the_node_s_own_put_is_not_decoded_again():
-    """The value a put's watch event carries is the one checked when the
-    put was made (the very object), not a decoding of etcd's bytes."""
+def test_the_node_s_own_put_is_not_checked_again(monkeypatch):
+    """A put's watch event carrying the bytes the node sent is not checked
+    again as another program's value would be (the node checked them when
+    the put was made), while a foreign value is."""
     backend, client, clock = started()
+    checked = []
+    real = backend.codec.value
+    monkeypatch.setattr(backend.codec, "value", lambda raw: checked.append(raw) or real(raw))
     value = {"list": [1, 2], "text": "é"}
     d = put(backend, "k", value)
     clock.advance(0)
     client.txns()[0].answer_batch(11)
     client.watch_.events(11, put_event("k", value, 11))
-    assert result_of(d).kv.value is value
-    assert backend.keyspace.get("k").value is value
+    assert result_of(d).kv.value == value and checked == []
+    client.watch_.events(12, put_event("other", "from etcdctl", 12))
+    assert len(checked) == 1
 
 
 # Compare-and-set

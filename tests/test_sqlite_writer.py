@@ -17,7 +17,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 from kvconfig.backends.sqlite import SQLiteBackend
-from kvconfig.backends.sqlitefile import open_db, write_batches
+from kvconfig.backends.sqlitefile import SCHEMA, CorruptStore, open_db, read_state, write_batches
 from kvconfig.errors import CompareFailed, Unavailable
 from kvconfig.limits import Limits
 from kvconfig.store import Store
@@ -287,3 +287,19 @@ def test_a_stray_acknowledgement_is_ignored(fake_writer):
     d = store.put("k", 1)
     clock.advance(0)
     assert not d.called
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"1,2", b"1],[2", b"", b'"\xff"'])
+def test_a_corrupt_value_among_many_is_named(tmp_path, raw):
+    """Values are checked thousands at a time when a store is read; a
+    corrupt one among them (even one that would pass as part of a JSON
+    array, like "1,2") stops the read naming its key."""
+    db = sqlite3.connect(tmp_path / "kv.db")
+    db.executescript(SCHEMA)
+    db.executemany("INSERT INTO kv VALUES (?, ?, 1, 1, 1, NULL)",
+                   [(f"k/{i:05d}", b"%d" % i) for i in range(10_000)])
+    db.execute("UPDATE kv SET raw = ? WHERE key = 'k/05000'", (raw,))
+    db.commit()
+    rows, *_ = read_state(db)
+    with pytest.raises(CorruptStore, match="'k/05000'"):
+        list(rows)

@@ -9,8 +9,6 @@ encodes what clients send; the backend trusts what it gets.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -42,7 +40,7 @@ class IBackend(Interface):
     def stop() -> Deferred:
         """Finish pending writes and close storage."""
 
-    def put(key: str, value: Any, raw: bytes, prev_revision: int | None,
+    def put(key: str, raw: bytes, prev_revision: int | None,
             ttl: float | None) -> Deferred:
         """Write *key*; fires with the put Event once durable.
 
@@ -101,7 +99,7 @@ class LocalBackend:
         self._cancel_all_expiry()
         return succeed(None)
 
-    def put(self, key: str, value: Any, raw: bytes, prev_revision: int | None = None,
+    def put(self, key: str, raw: bytes, prev_revision: int | None = None,
             ttl: float | None = None) -> Deferred:
         self._check_writable()
         current = self._decided(key)
@@ -111,7 +109,6 @@ class LocalBackend:
         revision = self._decided_revision + 1
         kv = KeyValue(
             key=key,
-            value=value,
             raw=raw,
             version=current.version + 1 if current else 1,
             create_revision=current.create_revision if current else revision,
@@ -228,9 +225,8 @@ class LocalBackend:
 
     def _schedule_all_expiry(self) -> None:
         self._cancel_all_expiry()
-        for kv in self.keyspace.range(""):
-            if kv.expires_at is not None:
-                self._schedule_expiry(kv.key, kv)
+        for kv in self.keyspace.expiring():
+            self._schedule_expiry(kv.key, kv)
 
     def _cancel_all_expiry(self) -> None:
         for call in self._expiry.values():

@@ -13,10 +13,14 @@ was a delete) and ``meta`` (compact_revision).
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Iterable, Iterator
+from itertools import islice
 
 from kvconfig import values
 from kvconfig.errors import KVConfigError
+from kvconfig.keyspace import Row
 from kvconfig.model import PUT, Event, KeyValue
 
 SCHEMA = """
@@ -63,18 +67,15 @@ class CorruptStore(Exception):
     table and the key."""
 
 
-def read_state(db: sqlite3.Connection) -> tuple[list[KeyValue], list[Event], int, int]:
-    """(keys, history, revision, compact_revision) as last committed.
+def read_state(db: sqlite3.Connection) -> tuple[Iterator[Row], list[Event], int, int]:
+    """(keys as rows, history, revision, compact_revision) as last committed.
 
-    Raises CorruptStore when a row does not hold what kvconfig wrote.
+    The keys come in key order, as Keyspace.load takes them, read as they
+    are consumed (while *db* is open): a million of them are never all in
+    memory as rows at once.  Raises CorruptStore when a row does not hold
+    what kvconfig wrote (while the rows are read, for those).
     """
     meta = dict(db.execute("SELECT name, value FROM meta"))
-    kvs = [
-        KeyValue(key, _value(raw, "kv", key), raw, version, create, mod, expires)
-        for key, raw, version, create, mod, expires in db.execute(
-            "SELECT key, raw, version, create_revision, mod_revision, expires_at FROM kv"
-        )
-    ]
     history = [
         _event_from_row(*row)
         for row in db.execute(
@@ -84,20 +85,45 @@ def read_state(db: sqlite3.Connection) -> tuple[list[KeyValue], list[Event], int
     ]
     compact_revision = meta.get("compact_revision", 0)
     revision = history[-1].revision if history else compact_revision
-    return kvs, history, revision, compact_revision
+    rows = db.execute("SELECT key, raw, version, create_revision, mod_revision, expires_at"
+                      " FROM kv ORDER BY key")
+    return _checked(rows), history, revision, compact_revision
+
+
+#: Rows whose values are checked together at start-up.
+_CHECKED_TOGETHER = 4096
+
+
+def _checked(rows: Iterable[Row]) -> Iterator[Row]:
+    """The rows, each value checked to be what kvconfig wrote: JSON, a few
+    thousand at a time in one parse (a value at a time would be a third of
+    a start-up at a million keys); a chunk that fails is checked value by
+    value, to name the key."""
+    rows = iter(rows)
+    while chunk := list(islice(rows, _CHECKED_TOGETHER)):
+        try:
+            # As many as there are rows: a corrupt "1,2" would pass as two.
+            whole = len(json.loads(b"[" + b",".join(row[1] for row in chunk) + b"]")) \
+                == len(chunk)
+        except (ValueError, TypeError, RecursionError):
+            whole = False
+        if not whole:
+            for key, raw, *_ in chunk:
+                _check_value(raw, "kv", key)
+        yield from chunk
 
 
 def _event_from_row(revision, type_, key, raw, version, create, expires, expired) -> Event:
     kv = None
     if type_ == PUT:
-        kv = KeyValue(key, _value(raw, f"events (revision {revision})", key), raw, version,
-                      create, revision, expires)
+        _check_value(raw, f"events (revision {revision})", key)
+        kv = KeyValue(key, raw, version, create, revision, expires)
     return Event(type_, key, revision, kv, bool(expired))
 
 
-def _value(raw: object, where: str, key: object) -> object:
+def _check_value(raw: object, where: str, key: object) -> None:
     try:
-        return values.decode(raw)
+        values.decode(raw)
     except (ValueError, TypeError, AttributeError, RecursionError, KVConfigError) as e:
         raise CorruptStore(f"the value of key {key!r} in table {where} cannot be read: "
                            f"{e}") from None

@@ -94,9 +94,9 @@ class EtcdBackend:
         self.replica.close()
         yield self.client.close()
 
-    def put(self, key: str, value: Any, raw: bytes, prev_revision: int | None = None,
+    def put(self, key: str, raw: bytes, prev_revision: int | None = None,
             ttl: float | None = None) -> Deferred:
-        return self.writes.put(key, value, raw, prev_revision, ttl)
+        return self.writes.put(key, raw, prev_revision, ttl)
 
     def delete(self, key: str, prev_revision: int | None = None) -> Deferred:
         return self.writes.delete(key, prev_revision)

@@ -14,8 +14,6 @@ anything under the prefix, and kvconfig still serves what it can:
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.logger import Logger
 
 from kvconfig import values
@@ -52,30 +50,30 @@ class Codec:
             self.log.warn("skipped etcd key {key!r}: not a valid kvconfig key", key=etcd_key)
             return None
 
-    def key_value(self, key: str, kv: dict, own: tuple[bytes, Any] | None = None) -> KeyValue:
+    def key_value(self, key: str, kv: dict, own: bytes | None = None) -> KeyValue:
         """The KeyValue of *key*, from etcd's key-value *kv*.  *own* is the
-        (raw, value) of this node's put of the key in flight: when etcd holds
-        that same raw, the value checked when the put was made is served
-        without decoding it again."""
+        encoded value of this node's put of the key in flight: when etcd
+        holds that same value, checked when the put was made, it is not
+        checked again."""
         raw = unb64(kv.get("value", ""))
-        if own is not None and own[0] == raw:
-            value = own[1]
-        else:
-            value, raw = self.value(raw)
-        return KeyValue(key=key, value=value, raw=raw, version=int(kv.get("version", 0)),
+        if own is None or own != raw:
+            raw = self.value(raw)
+        return KeyValue(key=key, raw=raw, version=int(kv.get("version", 0)),
                         create_revision=int(kv.get("create_revision", 0)),
                         mod_revision=int(kv.get("mod_revision", 0)))
 
-    def value(self, raw: bytes) -> tuple[Any, bytes]:
-        """(value, its tagged JSON) of an etcd value under the prefix."""
+    def value(self, raw: bytes) -> bytes:
+        """The tagged JSON kvconfig serves for an etcd value under the prefix:
+        the value itself if it is one every interface carries, else (a value
+        another program wrote) its text, or its bytes."""
         limits = self.limits
         try:
-            value = values.decode(raw)
             # kvconfig's own values are canonical; a JSON value another
             # writer put there must still be one every interface carries
             # (a 32-bit int, no NaN, no lone surrogate ...).
-            values.encode(value, max(len(raw), limits.max_value_bytes), limits.max_value_depth)
-            return value, raw
+            values.encode(values.decode(raw), max(len(raw), limits.max_value_bytes),
+                          limits.max_value_depth)
+            return raw
         except (ValueError, RecursionError, KVConfigError):
             pass
         # Written by something other than kvconfig: served as its text (or
@@ -84,6 +82,6 @@ class Codec:
         self.foreign_values += 1
         try:
             text = raw.decode("utf-8")
-            return text, values.encode(text, len(raw) * 8 + 64, limits.max_value_depth)
+            return values.encode(text, len(raw) * 8 + 64, limits.max_value_depth)
         except (UnicodeDecodeError, KVConfigError):
-            return raw, values.encode(raw, len(raw) * 2 + 64, limits.max_value_depth)
+            return values.encode(raw, len(raw) * 2 + 64, limits.max_value_depth)

@@ -47,7 +47,7 @@ from kvconfig.backends.etcd.client import (
 from kvconfig.backends.etcd.codec import Codec
 from kvconfig.backends.etcd.health import LOADING, Health
 from kvconfig.feed import ChangeFeed
-from kvconfig.keyspace import Keyspace
+from kvconfig.keyspace import Keyspace, row_of
 from kvconfig.limits import Limits
 from kvconfig.model import DELETE, PUT, Event, KeyValue
 
@@ -168,7 +168,7 @@ class Replica:
         if self._stopping:
             return
         if self.health.state == LOADING:
-            self.keyspace.load(kvs, [], revision, revision)
+            self.keyspace.load(map(row_of, kvs), [], revision, revision)
             # WATCH answers with the feed's revision: the revision the replica
             # is at, not 0, before the first event arrives.
             self.feed.revision = revision

@@ -78,8 +78,8 @@ class KeyWrites:
     def __init__(self) -> None:
         #: Writes waiting for the one in flight to be answered, oldest first.
         self.queued: deque[tuple[Send, Deferred]] | None = None
-        #: (raw, value) of the put in flight; None while a delete is.
-        self.put: tuple[bytes, Any] | None = None
+        #: The encoded value of the put in flight; None while a delete is.
+        self.put: bytes | None = None
         #: The puts of the key the watch applied while that put was in flight.
         self.applied: list[KeyValue] = []
 
@@ -88,10 +88,10 @@ class KeyWrites:
             self.queued = deque()
         self.queued.append((send, d))
 
-    def sending_put(self, raw: bytes, value: Any) -> None:
+    def sending_put(self, raw: bytes) -> None:
         # Every put applied before this one is sent has an older revision
         # than it will get, so none of them is of use to it.
-        self.put = (raw, value)
+        self.put = raw
         if self.applied:
             self.applied.clear()
 
@@ -130,7 +130,7 @@ class Writes:
         self._too_late_for_write = self._write_not_seen
         self._too_late_for_answer = self._answer_not_seen
 
-    def put(self, key: str, value: Any, raw: bytes, prev_revision: int | None = None,
+    def put(self, key: str, raw: bytes, prev_revision: int | None = None,
             ttl: float | None = None) -> Deferred:
         """Write *key*; fires with its put Event once the replica has it."""
         self._check_writable()
@@ -138,7 +138,7 @@ class Writes:
         request: dict[str, Any] = {"key": etcd_key, "value": b64(raw)}
 
         def send(writes: KeyWrites) -> Deferred:
-            writes.sending_put(raw, value)
+            writes.sending_put(raw)
             if ttl:
                 d = self.client.call("/v3/lease/grant", {"TTL": str(math.ceil(ttl))})
                 d.addCallback(lambda answer: request.update(lease=answer["ID"]))
@@ -148,7 +148,7 @@ class Writes:
                 d = self._txn(key, etcd_key, prev_revision, {"request_put": request})
             else:
                 d = self._batched({"request_put": request}, len(raw))
-            d.addCallback(self._put_done, key, value, raw)
+            d.addCallback(self._put_done, key, raw)
             return d.addErrback(self._failed)
 
         return self._track(self._in_order(key, send))
@@ -324,21 +324,21 @@ class Writes:
 
     # Acknowledgements, once the replica agrees.
 
-    def _put_done(self, result, key: str, value: Any, raw: bytes) -> Deferred:
+    def _put_done(self, result, key: str, raw: bytes) -> Deferred:
         revision, _, meta = result
         if meta is None:
             # A batched put: its metadata comes with its watch event.
             return self._when(lambda: self.keyspace.revision >= revision,
                               lambda: Event(PUT, key, revision,
-                                            self._written(key, revision, value, raw)),
+                                            self._written(key, revision, raw)),
                               wrote=True)
-        kv = KeyValue(key=key, value=value, raw=raw, version=int(meta["version"]),
+        kv = KeyValue(key=key, raw=raw, version=int(meta["version"]),
                       create_revision=int(meta["create_revision"]),
                       mod_revision=revision)
         return self._when(lambda: self.keyspace.revision >= revision,
                           Event(PUT, key, revision, kv), wrote=True)
 
-    def _written(self, key: str, revision: int, value: Any, raw: bytes) -> KeyValue:
+    def _written(self, key: str, revision: int, raw: bytes) -> KeyValue:
         """The KeyValue this node's put of *key* at *revision* made, as its
         watch event (already applied) gave it."""
         for kv in self.in_flight[key].applied:
@@ -350,7 +350,7 @@ class Writes:
         # Only if etcd compacted the event away before the watch delivered
         # it, and the key changed again: a resync publishes only the latest
         # state, so this write's version is no longer known (0).
-        return KeyValue(key=key, value=value, raw=raw, version=0, create_revision=0,
+        return KeyValue(key=key, raw=raw, version=0, create_revision=0,
                         mod_revision=revision)
 
     def _delete_done(self, result, key: str) -> Deferred:
