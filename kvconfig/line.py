@@ -123,7 +123,7 @@ from twisted.protocols.policies import TimeoutMixin
 from kvconfig import __version__, errors, values
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
-from kvconfig.session import Deadline, Session, Sessions, budget_full, is_deferred
+from kvconfig.session import LATER, Deadline, Session, Sessions, budget_full, is_deferred
 from kvconfig.store import Store
 from kvconfig.subscriptions import Subscriptions
 from kvconfig.telnet import ERASE_CHAR, ERASE_LINE, TelnetFilter
@@ -136,6 +136,7 @@ def _no_constants(name: str) -> Any:
 # Strict JSON: NaN and Infinity are bare words, not numbers.
 _decoder = json.JSONDecoder(parse_constant=_no_constants)
 _WORD_SEPARATORS = re.compile(r"[ \t]+")
+_SEPARATOR = re.compile(r"[ \t]")
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -171,8 +172,19 @@ def split_words(text: str, most: int = 0) -> list[str]:
     return _WORD_SEPARATORS.split(text, most) if text else []
 
 
+#: What a JSON value starts with; any other first character is a bare word,
+#: taken without asking the JSON decoder (whose error costs more than the
+#: rest of the command).
+_JSON_START = frozenset('{["-0123456789tfn')
+
+
 def parse_value(text: str) -> tuple[Any, str]:
     """(value, rest of the line) from the start of *text*."""
+    if text[:1] not in _JSON_START:
+        end = _SEPARATOR.search(text)
+        if end is None:
+            return text, ""
+        return text[:end.start()], text[end.start():]
     try:
         data, end = _decoder.raw_decode(text)
     except ValueError:
@@ -453,7 +465,7 @@ class LineProtocol(Protocol, TimeoutMixin):
         if command.name == "quit" and not split_words(rest):
             self._closing = True  # read nothing after it
         self._reply(self.session.submit(lambda: self._execute(command, rest),
-                                        command.writes, len(rest)))
+                                        command.writes, len(rest), self._answered))
 
     def _execute(self, command: Command, rest: str) -> Any:
         """Run a command: its reply lines, or a Deferred of them."""
@@ -468,6 +480,8 @@ class LineProtocol(Protocol, TimeoutMixin):
     # that order, at once or through a Deferred.
 
     def _reply(self, outcome: Any) -> None:
+        if outcome is LATER:
+            return  # the session calls _answered with it, in its turn
         if is_deferred(outcome):
             outcome.addCallback(self._answered)
         else:

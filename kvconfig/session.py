@@ -93,8 +93,9 @@ def outcome_of(result: Any) -> Any:
     return result
 
 
-def run(operation: Callable[[], Any]) -> Any:
-    """Run *operation*: its outcome, or a Deferred that fires with it."""
+def _call(operation: Callable[[], Any]) -> Any:
+    """Run *operation*: its outcome if it is ready, else its Deferred (which
+    may fail: the caller makes the outcome of its result)."""
     try:
         result = operation()
     except errors.KVConfigError as e:
@@ -105,20 +106,33 @@ def run(operation: Callable[[], Any]) -> Any:
         return result
     result = settled(result)
     if isinstance(result, Deferred):
-        return result.addBoth(outcome_of)
+        return result
     return outcome_of(result)
 
 
-class _Request:
-    __slots__ = ("operation", "writes", "size", "state", "outcome", "answer")
+def run(operation: Callable[[], Any]) -> Any:
+    """Run *operation*: its outcome, or a Deferred that fires with it."""
+    result = _call(operation)
+    if is_deferred(result):
+        return result.addBoth(outcome_of)
+    return result
 
-    def __init__(self, operation: Callable[[], Any], writes: bool, size: int) -> None:
+
+#: What submit() returns when the outcome comes later, to its *deliver*.
+LATER = object()
+
+
+class _Request:
+    __slots__ = ("operation", "writes", "size", "state", "outcome", "deliver")
+
+    def __init__(self, operation: Callable[[], Any], writes: bool, size: int,
+                 deliver: Callable[[Any], None]) -> None:
         self.operation = operation
         self.writes = writes
         self.size = size
         self.state = _QUEUED
         self.outcome: Any = None
-        self.answer: Deferred = Deferred()
+        self.deliver = deliver
 
 
 class Session:
@@ -183,24 +197,26 @@ class Session:
         self._held[what] = size
         return True
 
-    def submit(self, operation: Callable[[], Any], writes: bool = False, size: int = 0) -> Any:
+    def submit(self, operation: Callable[[], Any], writes: bool = False, size: int = 0,
+               deliver: Callable[[Any], None] | None = None) -> Any:
         """Run *operation* in this client's order.
 
         Returns its outcome at once when it is ready and nothing before it
-        is unanswered, else a Deferred that fires with the outcome (never
-        fails), after the answers of every earlier request.  *size* is the
-        request's size in bytes, for the session's bounds.
+        is unanswered.  Else the outcome comes later, after the answers of
+        every earlier request: to *deliver* if given (submit returns LATER),
+        else through the Deferred returned (which never fails).  *size* is
+        the request's size in bytes, for the session's bounds.
         """
         requests = self._requests
         if not requests and (not writes or self._write_room(size)):
-            outcome = run(operation)
-            if not is_deferred(outcome):
-                return outcome
-            request = _Request(operation, writes, size)
-            self._started(request, outcome)
+            result = _call(operation)
+            if not is_deferred(result):
+                return result
+            request, answer = self._request(operation, writes, size, deliver)
+            self._started(request, result)
             requests.append(request)
-            return request.answer
-        request = _Request(operation, writes, size)
+            return answer
+        request, answer = self._request(operation, writes, size, deliver)
         requests.append(request)
         if (writes and not self._waiting and not self._reads_running
                 and self._write_room(size)):
@@ -211,7 +227,15 @@ class Session:
             self._waiting.append(request)
             self._waiting_bytes += size
             self._hold_waiting()
-        return request.answer
+        return answer
+
+    @staticmethod
+    def _request(operation: Callable[[], Any], writes: bool, size: int,
+                 deliver: Callable[[Any], None] | None) -> tuple[_Request, Any]:
+        if deliver is not None:
+            return _Request(operation, writes, size, deliver), LATER
+        answer: Deferred = Deferred()
+        return _Request(operation, writes, size, answer.callback), answer
 
     def _hold_waiting(self) -> None:
         """What waits changed: hold its bytes of the budget, and say whether
@@ -239,12 +263,12 @@ class Session:
         return True
 
     def _start(self, request: _Request) -> None:
-        outcome = run(request.operation)
+        result = _call(request.operation)
         request.operation = None
-        if is_deferred(outcome):
-            self._started(request, outcome)
+        if is_deferred(result):
+            self._started(request, result)
         else:
-            request.state, request.outcome = _DONE, outcome
+            request.state, request.outcome = _DONE, result
 
     def _started(self, request: _Request, outcome: Deferred) -> None:
         request.state = _RUNNING
@@ -253,15 +277,16 @@ class Session:
             self._write_bytes_running += request.size
         else:
             self._reads_running += 1
-        outcome.addCallback(self._finished, request)
+        outcome.addBoth(self._finished, request)
 
-    def _finished(self, outcome: Any, request: _Request) -> None:
+    def _finished(self, result: Any, request: _Request) -> None:
         if request.writes:
             self._writes_running -= 1
             self._write_bytes_running -= request.size
         else:
             self._reads_running -= 1
-        request.state, request.outcome = _DONE, outcome
+        request.state = _DONE
+        request.outcome = outcome_of(result) if isinstance(result, Failure) else result
         self._advance()
 
     def _advance(self) -> None:
@@ -282,7 +307,7 @@ class Session:
                     self._hold_waiting()
                 if head.state == _DONE:
                     requests.popleft()
-                    head.answer.callback(head.outcome)
+                    head.deliver(head.outcome)
                     continue
                 break
             # A run of waiting writes with only writes before it starts

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
 
 from kvconfig import __version__, values
 from kvconfig.backends import IBackend
@@ -179,8 +180,7 @@ class Store:
         except KVConfigError as e:
             return self._rejected(e)
         self.counters["puts"] += 1
-        return self._in_flight(d, len(raw) + len(key)).addCallbacks(
-            _event_kv, self._count_failure)
+        return self._in_flight(d, len(raw) + len(key), _kv_of)
 
     def save(self, key: str, value: Any) -> Deferred:
         """The classic save: fires with None once durable."""
@@ -196,28 +196,35 @@ class Store:
         except KVConfigError as e:
             return self._rejected(e)
         self.counters["deletes"] += 1
-        return self._in_flight(d, len(key)).addCallbacks(
-            lambda event: None if event is None else event.revision, self._count_failure)
+        return self._in_flight(d, len(key), _revision_of)
 
     # The bound on writes waiting for their commit, in total (each client's
     # own is kept by its Session).
 
-    def _in_flight(self, d: Deferred, size: int) -> Deferred:
+    def _in_flight(self, d: Deferred, size: int, answer: Callable[[Any], Any]) -> Deferred:
+        """*d*, the backend's Deferred of a write of *size* bytes, counted in
+        flight until it fires; it fires with what *answer* makes of the
+        event, or fails (counted) as the write did."""
         if d.called:
-            return d  # answered at once: never in flight
+            return d.addBoth(self._answered, 0, answer)  # at once: never in flight
         self.writes_in_flight += 1
         self.write_bytes_in_flight += size
+        return d.addBoth(self._answered, size, answer)
 
-        def answered(result: Any) -> Any:
+    def _answered(self, result: Any, size: int, answer: Callable[[Any], Any]) -> Any:
+        # One callback for all a write's answer needs: it runs for every write.
+        if size:
             self.writes_in_flight -= 1
             self.write_bytes_in_flight -= size
             if self._waiting_for_room and self.has_write_room(0):
                 waiting, self._waiting_for_room = self._waiting_for_room, []
                 for wake in waiting:
                     wake()
+        if isinstance(result, Failure):
+            if result.check(CompareFailed):
+                self.counters["compare_failures"] += 1
             return result
-
-        return d.addBoth(answered)
+        return answer(result)
 
     def has_write_room(self, size: int) -> bool:
         """Whether a write of *size* bytes fits under --max-write-bytes with
@@ -229,11 +236,6 @@ class Store:
         """Call *wake* (once) when writes in flight have made room."""
         if wake not in self._waiting_for_room:
             self._waiting_for_room.append(wake)
-
-    def _count_failure(self, failure):
-        if failure.check(CompareFailed):
-            self.counters["compare_failures"] += 1
-        return failure
 
     def _rejected(self, error: KVConfigError) -> Deferred:
         self.counters["compare_failures" if isinstance(error, CompareFailed) else "rejected"] += 1
@@ -269,8 +271,12 @@ class Store:
         return stats
 
 
-def _event_kv(event: Event) -> KeyValue:
+def _kv_of(event: Event) -> KeyValue:
     return event.kv
+
+
+def _revision_of(event: Event | None) -> int | None:
+    return None if event is None else event.revision
 
 
 def _check_int(number: Any, name: str, minimum: int) -> None:
