@@ -234,6 +234,8 @@ class Command:
     most: int
     raw_rest: bool = False  # SET: the value is parsed from the raw text
     writes: bool = False    # changes the store
+    #: LineProtocol's do_<name>, which runs it.
+    run: Callable[..., Any] | None = None
 
 
 #: An empty input buffer larger than this is replaced, so that memory taken
@@ -452,10 +454,12 @@ class LineProtocol(Protocol, TimeoutMixin):
             self._reply(self.session.submit(_raiser(errors.BadEncoding(
                 "line is not valid UTF-8"))))
             return
-        words = split_words(text, 1)
-        if not words:
+        text = text.strip(" \t")
+        if not text:
             return
-        name, rest = words[0], words[1] if len(words) > 1 else ""
+        name, _, rest = text.partition(" ")
+        if "\t" in name:  # the rarer separator: the full rule
+            name, rest = (_WORD_SEPARATORS.split(text, 1) + [""])[:2]
         command = COMMANDS.get(name.upper())
         if command is None:
             self._reply(self.session.submit(_raiser(errors.NoSuchMethod(
@@ -470,19 +474,24 @@ class LineProtocol(Protocol, TimeoutMixin):
     def _execute(self, command: Command, rest: str) -> Any:
         """Run a command: its reply lines, or a Deferred of them."""
         if command.raw_rest:
-            return getattr(self, "do_" + command.name)(rest.strip(" \t"))
-        args = split_words(rest)
+            return command.run(self, rest.strip(" \t"))
+        if " " in rest or "\t" in rest or not rest:
+            args = split_words(rest)
+        else:
+            args = [rest]  # one word: the common case, without the regex
         if not command.least <= len(args) <= command.most:
             raise errors.WrongArguments(f"usage: {command.usage}")
-        return getattr(self, "do_" + command.name)(*args)
+        return command.run(self, *args)
 
     # Replying, in request order: the session hands each outcome back in
     # that order, at once or through a Deferred.
 
     def _reply(self, outcome: Any) -> None:
-        if outcome is LATER:
+        if type(outcome) is bytes:  # one line, ready: the common case
+            self._send(outcome + b"\r\n")
+        elif outcome is LATER:
             return  # the session calls _answered with it, in its turn
-        if is_deferred(outcome):
+        elif is_deferred(outcome):
             outcome.addCallback(self._answered)
         else:
             self._emit(outcome)
@@ -756,7 +765,8 @@ _ARITY = {"GET": (1, 1), "SET": None, "TTL": (1, 1), "DEL": (1, 3), "KEYS": (0, 
           "PING": None, "HELP": (0, 1), "QUIT": (0, 0)}
 COMMANDS = {
     name: Command(name.lower(), usage, text, *(_ARITY[name] or (0, 0)),
-                  raw_rest=_ARITY[name] is None, writes=name in ("SET", "DEL"))
+                  raw_rest=_ARITY[name] is None, writes=name in ("SET", "DEL"),
+                  run=getattr(LineProtocol, "do_" + name.lower()))
     for name, (usage, text) in _HELP.items()
 }
 

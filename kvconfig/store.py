@@ -94,9 +94,11 @@ class Store:
     def get(self, key: str) -> KeyValue | None:
         """The key's value and metadata, or None."""
         values.check_key(key, self.limits.max_key_bytes)
-        self._check_ready()
+        backend = self.backend
+        if not backend.ready:
+            self._check_ready()
         self.counters["reads"] += 1
-        return self.backend.keyspace.get(key)
+        return backend.keyspace.get(key)
 
     def load(self, key: str) -> Any:
         """The key's value, or None."""
