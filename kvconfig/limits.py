@@ -80,6 +80,10 @@ class Limits:
     heartbeat_seconds: int = limit(2, "Seconds between heartbeats to a subscriber.")
     max_clock_skew: int = limit(
         30, "Seconds a signed datagram's timestamp may be off (the replay window).")
+    # Past it, the writer (sqlite) is deemed stalled, and replaced.
+    commit_timeout: int = limit(
+        10, "Seconds a write waits for its commit before it fails unavailable "
+            "(it may or may not have been applied).")
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

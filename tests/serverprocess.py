@@ -31,11 +31,38 @@ def twistd_path() -> str:
     return str(candidate) if candidate.exists() else shutil.which("twistd")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is *pid*."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def is_running(pid: int) -> bool:
+    """True if *pid* is a process that has not exited (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] != "Z"
+
+
 class KVConfigProcess:
     """One ``twistd -n kvconfig`` process; restartable on the same store."""
 
-    def __init__(self, directory: Path, store: str | None = None, *extra: str) -> None:
+    def __init__(self, directory: Path, store: str | None = None, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.directory = directory
+        #: Set in the server's environment, beside the test's own.
+        self.env = env or {}
         self.store = store or f"sqlite:{directory / 'kvconfig.db'}"
         self.extra = list(extra)
         self.port = free_port()
@@ -61,7 +88,8 @@ class KVConfigProcess:
             f"--line=tcp:{self.line_port}:interface=127.0.0.1",
             f"--udp=udp:{self.udp_port}:interface=127.0.0.1", *self.extra,
         ]
-        self.process = subprocess.Popen(args, cwd=self.directory, env=dict(os.environ))
+        self.process = subprocess.Popen(args, cwd=self.directory,
+                                        env=dict(os.environ, **self.env))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -74,6 +102,19 @@ class KVConfigProcess:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError("twistd kvconfig did not start listening:\n" + self.log())
+
+    def writer_pid(self, timeout: float = 20.0) -> int:
+        """The pid of the server's sqlite writer process (waiting for one)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pid in child_pids(self.process.pid):
+                try:
+                    if b"sqlitewriter" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        return pid
+                except OSError:
+                    continue
+            time.sleep(0.02)
+        raise AssertionError("the server has no sqlite writer process")
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""

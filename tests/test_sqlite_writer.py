@@ -1,4 +1,6 @@
-"""The sqlite writer process: group commit off the reactor, and its failures."""
+"""The sqlite writer process: group commit off the reactor, and its failures:
+the store's lock, batch identities, the commit timeout, recovery from the
+tail of the file, and the bounded write-ahead log."""
 
 from __future__ import annotations
 
@@ -16,10 +18,24 @@ from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
+from kvconfig import values
+from kvconfig.backends import sqlitefile
 from kvconfig.backends.sqlite import SQLiteBackend
-from kvconfig.backends.sqlitefile import SCHEMA, CorruptStore, open_db, read_state, write_batches
+from kvconfig.backends.sqlitefile import (
+    EVERYTHING,
+    SCHEMA,
+    CorruptStore,
+    make_batch,
+    open_db,
+    read_state,
+    read_tail,
+    write_batches,
+)
+from kvconfig.backends.sqlitelock import StoreLock, StoreLocked, check_held
+from kvconfig.backends.sqlitewriter import serve, tail_message
 from kvconfig.errors import CompareFailed, Unavailable
 from kvconfig.limits import Limits
+from kvconfig.model import PUT, Event, KeyValue
 from kvconfig.store import Store
 
 POISON_TRIGGER = """
@@ -128,12 +144,16 @@ class FakeWriterTransport:
     def __init__(self) -> None:
         self.data = bytearray()
         self.stdin_closed = False
+        self.signals: list[str] = []
 
     def write(self, data: bytes) -> None:
         self.data += data
 
     def closeStdin(self) -> None:
         self.stdin_closed = True
+
+    def signalProcess(self, signal_name: str) -> None:
+        self.signals.append(signal_name)
 
     def frames(self) -> list:
         """The batches sent, decoded as the writer decodes them."""
@@ -146,28 +166,44 @@ class FakeWriterTransport:
 
 
 class FakeSpawner:
-    """Spawns no process: hands the backend's protocol a FakeWriterTransport."""
+    """Spawns no process: hands the backend's protocol a FakeWriterTransport.
+
+    A writer started to recover (``--recover SINCE``) answers at once with
+    what the real one reads from the file (its ``tail``); the test says
+    ``ready`` and ``ok`` for it.
+    """
 
     def __init__(self) -> None:
         self.writers: list[tuple] = []
+        #: The command line of each writer.
+        self.args: list[list[str]] = []
 
     def spawnProcess(self, protocol, executable, args, env, childFDs):
         transport = FakeWriterTransport()
         protocol.makeConnection(transport)
         self.writers.append((protocol, transport))
+        self.args.append(args)
+        if "--recover" in args:
+            path, since = args[3], int(args[args.index("--recover") + 1])
+            with closing(open_db(path)) as db:
+                protocol.outReceived(tail_message(db, since))
         return transport
 
 
-@pytest.fixture
-def fake_writer(tmp_path):
+def start_with_fake_writer(path) -> tuple[Store, Clock, FakeSpawner]:
+    """A started Store on the sqlite file *path*, on a Clock, its writers fake."""
     clock, spawner = Clock(), FakeSpawner()
     limits = Limits()
-    store = Store(SQLiteBackend(str(tmp_path / "kv.db"), clock, limits, spawner=spawner),
-                  limits)
+    store = Store(SQLiteBackend(str(path), clock, limits, spawner=spawner), limits)
     store.start()
     protocol, _ = spawner.writers[0]
     protocol.outReceived(b"ready\n")
     return store, clock, spawner
+
+
+@pytest.fixture
+def fake_writer(tmp_path):
+    return start_with_fake_writer(tmp_path / "kv.db")
 
 
 def ended(protocol) -> None:
@@ -303,3 +339,271 @@ def test_a_corrupt_value_among_many_is_named(tmp_path, raw):
     rows, *_ = read_state(db)
     with pytest.raises(CorruptStore, match="'k/05000'"):
         list(rows)
+
+
+# Batch identity, the commit timeout and recovery from the tail, with a fake writer.
+
+
+def put_event(key: str, value, revision: int, version: int = 1) -> Event:
+    raw = values.encode(value, 1 << 20, 64)
+    return Event(PUT, key, revision, KeyValue(key, raw, version, revision, revision))
+
+
+def commit_foreign(path, events: list[Event], compact: int = 0) -> None:
+    """Commit *events* as another server's writer would."""
+    with closing(open_db(str(path))) as db:
+        write_batches(db, [make_batch(events, compact, writer=12345, sequence=1)])
+
+
+def test_a_revision_another_writer_wrote_is_not_acknowledged(fake_writer, tmp_path):
+    """When the file holds a revision at or after a batch in flight, but
+    committed under another writer's identity, recovery does not take it
+    for the batch: the write fails, and the keyspace shows what the file
+    holds."""
+    store, clock, spawner = fake_writer
+    published = []
+    store.feed.subscribe(published.append)
+    mine = store.put("a", "mine")
+    clock.advance(0)
+    theirs = put_event("a", "theirs", 1)
+    commit_foreign(tmp_path / "kv.db", [theirs])
+    ended(spawner.writers[0][0])
+    failure = fired(mine)
+    assert failure.check(Unavailable) and "changed by another process" in str(failure.value)
+    assert store.load("a") == "theirs" and store.revision == 1
+    assert published == [theirs]
+
+
+def test_recovery_reads_only_what_follows_the_last_acknowledged_revision(tmp_path):
+    """After a writer dies, the next one is asked for what follows the last
+    acknowledged revision, and the recovery reads those rows only: the
+    events of the batch in flight and the kv rows of their keys, not the
+    300 keys before them."""
+    with closing(open_db(str(tmp_path / "kv.db"))) as db:
+        write_batches(db, [make_batch([put_event(f"k{i}", i, i + 1) for i in range(300)], 0)])
+    store, clock, spawner = start_with_fake_writer(tmp_path / "kv.db")
+    protocol, transport = spawner.writers[0]
+    ds = [store.put("a", 1), store.put("b", 2)]
+    clock.advance(0)
+    (batch,) = transport.frames()
+    with closing(open_db(str(tmp_path / "kv.db"))) as db:
+        write_batches(db, [batch])
+    ended(protocol)
+    assert spawner.args[1][-2:] == ["--recover", "300"]
+    assert [fired(d).mod_revision for d in ds] == [301, 302]
+    assert store.stats()["recovery_rows"] == 4
+    assert store.load("k0") == 0 and store.revision == 302
+
+
+def test_read_tail_asks_only_for_rows_after_the_revision(tmp_path):
+    """read_tail queries the events after the revision and the kv rows of
+    their keys, and nothing else of kv; a file whose history was trimmed
+    past that revision is read whole."""
+    with closing(open_db(str(tmp_path / "kv.db"))) as db:
+        write_batches(db, [make_batch([put_event(f"k{i}", i, i + 1) for i in range(300)], 0)])
+        statements = []
+        db.set_trace_callback(statements.append)
+        tail = read_tail(db, 298)
+        db.set_trace_callback(None)
+        assert not tail["full"] and len(tail["events"]) == 2
+        assert [row[0] for row in tail["kvs"]] == ["k298", "k299"]
+        assert any("FROM events WHERE revision > 298" in s for s in statements)
+        assert all("WHERE" in s for s in statements if "FROM kv" in s)
+        assert read_tail(db, EVERYTHING)["full"]
+        write_batches(db, [make_batch([put_event("k0", 0, 301, 2)], 250)])
+        trimmed = read_tail(db, 200)
+        assert trimmed["full"] and len(trimmed["kvs"]) == 300
+
+
+def test_in_process_recovery_reads_only_the_tail(tmp_path):
+    """With commits in process (on a Clock), a failed commit re-reads only
+    what follows the last acknowledged revision, not the whole file."""
+    clock = Clock()
+    limits = Limits()
+    store = Store(SQLiteBackend(str(tmp_path / "kv.db"), clock, limits), limits)
+    store.start()
+    for i in range(300):
+        store.put(f"k{i}", i)
+    clock.advance(0)
+    assert store.revision == 300
+    db = store.backend._db
+    statements = []
+    db.set_trace_callback(statements.append)
+    db.execute("PRAGMA query_only = 1")  # a real sqlite write failure
+    failed = store.put("k0", "new")
+    clock.advance(0)
+    db.set_trace_callback(None)
+    assert fired(failed).check(Unavailable)
+    assert any("FROM events WHERE revision > 300" in s for s in statements)
+    assert all("WHERE" in s for s in statements if "FROM kv" in s)
+    assert store.stats()["recovery_rows"] == 0 and store.load("k0") == 0
+    store.stop()
+
+
+def test_a_tail_that_contradicts_the_keyspace_makes_the_next_writer_read_everything(
+        fake_writer, tmp_path):
+    """If the kv rows of the tail disagree with its events (the file was
+    changed by hand), the writer is replaced by one that reads the whole
+    file, which decides."""
+    store, clock, spawner = fake_writer
+    protocol, transport = spawner.writers[0]
+    d = store.put("a", 1)
+    clock.advance(0)
+    (batch,) = transport.frames()
+    with closing(open_db(str(tmp_path / "kv.db"))) as db:
+        write_batches(db, [batch])
+        db.execute("UPDATE kv SET raw = x'32' WHERE key = 'a'")  # 2
+    ended(protocol)
+    recovering, recovering_transport = spawner.writers[1]
+    assert recovering_transport.signals == ["KILL"] and not d.called
+    ended(recovering)
+    clock.advance(1)
+    assert [args[-2:] for args in spawner.args[1:]] == [["--recover", "0"],
+                                                        ["--recover", str(EVERYTHING)]]
+    assert fired(d).mod_revision == 1
+    assert store.load("a") == 2
+
+
+def test_a_corrupt_row_found_by_recovery_stops_writes_naming_it(fake_writer, tmp_path):
+    """A row recovery cannot read fails the write in flight (may or may not
+    have been applied) and every write after it, naming the file and key."""
+    store, clock, spawner = fake_writer
+    protocol, transport = spawner.writers[0]
+    d = store.put("a", 1)
+    clock.advance(0)
+    with closing(open_db(str(tmp_path / "kv.db"))) as db:
+        write_batches(db, transport.frames())
+        db.execute("UPDATE events SET raw = x'7b' WHERE key = 'a'")
+    ended(protocol)
+    assert "may or may not have been applied" in str(fired(d).value)
+    spawner.writers[1][0].outReceived(b"ready\n")
+    refused = fired(store.put("b", 1))
+    assert refused.check(Unavailable)
+    assert "kv.db" in str(refused.value) and "'a'" in str(refused.value)
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not committed"])
+def test_commit_timeout_fails_the_waiting_writes_and_replaces_the_writer(
+        fake_writer, tmp_path, committed):
+    """A write whose commit takes longer than commit_timeout fails with
+    Unavailable (may or may not have been applied), the writer is killed,
+    writes fail fast until its successor is ready, and the keyspace then
+    shows what the file holds, whether the stalled commit happened or not."""
+    store, clock, spawner = fake_writer
+    published = []
+    store.feed.subscribe(published.append)
+    protocol, transport = spawner.writers[0]
+    d = store.put("a", 1)
+    clock.advance(0)
+    clock.advance(store.limits.commit_timeout - 0.1)
+    assert not d.called and store.get("a") is None
+    clock.advance(0.1)
+    failure = fired(d)
+    assert failure.check(Unavailable)
+    assert "may or may not have been applied" in str(failure.value)
+    assert transport.signals == ["KILL"] and store.stats()["commit_timeouts"] == 1
+    assert fired(store.put("b", 1)).check(Unavailable)
+    if committed:
+        with closing(open_db(str(tmp_path / "kv.db"))) as db:
+            write_batches(db, transport.frames())
+    ended(protocol)
+    assert (store.load("a"), store.revision) == ((1, 1) if committed else (None, 0))
+    assert [e.key for e in published] == (["a"] if committed else [])
+    successor, successor_transport = spawner.writers[1]
+    successor.outReceived(b"ready\n")
+    d = store.put("c", 1)
+    clock.advance(0)
+    successor.outReceived(b"ok\n")
+    assert fired(d).mod_revision == store.revision
+
+
+def test_stop_gives_up_on_a_stalled_writer_after_the_commit_timeout(fake_writer):
+    """stop() waits for the writer at most commit_timeout, then kills it and
+    fails what it had not committed."""
+    store, clock, spawner = fake_writer
+    protocol, transport = spawner.writers[0]
+    d = store.put("a", 1)
+    clock.advance(0)
+    stopped = store.stop()
+    assert transport.stdin_closed and not stopped.called
+    clock.advance(store.limits.commit_timeout)
+    assert transport.signals == ["KILL"]
+    assert fired(d).check(Unavailable) and fired(stopped) is None
+
+
+# The store's lock, and the writer's side of it.
+
+
+def test_a_second_backend_on_a_locked_store_refuses_to_start(tmp_path):
+    """While a store is open, opening it again fails with Unavailable naming
+    the process holding it and the lock file; once closed, it opens."""
+    path = str(tmp_path / "kv.db")
+    first = Store(SQLiteBackend(path, Clock(), Limits()))
+    first.start()
+    with pytest.raises(Unavailable) as refused:
+        Store(SQLiteBackend(path, Clock(), Limits())).start()
+    assert f"in use by kvconfig server process {os.getpid()}" in str(refused.value)
+    assert f"{path}-lock" in str(refused.value)
+    first.stop()
+    again = Store(SQLiteBackend(path, Clock(), Limits()))
+    again.start()
+    again.stop()
+
+
+def test_the_writer_refuses_a_lock_it_does_not_hold(tmp_path):
+    """A writer given a descriptor on the lock file that does not hold the
+    lock (another process does) refuses to serve."""
+    path = str(tmp_path / "kv.db")
+    lock = StoreLock(path)
+    other = os.open(f"{path}-lock", os.O_RDWR)
+    try:
+        check_held(lock.fd, path)
+        with pytest.raises(StoreLocked):
+            check_held(other, path)
+    finally:
+        os.close(other)
+        lock.release()
+
+
+@pytest.mark.parametrize("parent, code, revisions", [
+    ("ours", 0, [1]), ("another", 3, []),
+], ids=["its server alive", "orphaned"])
+def test_an_orphaned_writer_commits_nothing(tmp_path, parent, code, revisions):
+    """The writer commits a batch only while its parent is the server that
+    started it; orphaned, it exits without committing."""
+    path = str(tmp_path / "kv.db")
+    lock = StoreLock(path)
+    commands, replies = os.pipe(), os.pipe()
+    payload = marshal.dumps(make_batch([put_event("k", 1, 1)], 0, writer=7, sequence=1))
+    os.write(commands[1], len(payload).to_bytes(4, "big") + payload)
+    os.close(commands[1])
+    server = os.getppid() if parent == "ours" else os.getpid()
+    try:
+        assert serve(path, server, stdin=commands[0], stdout=replies[1], lock_fd=lock.fd) == code
+    finally:
+        os.close(commands[0])
+        os.close(replies[1])
+        os.close(replies[0])
+        lock.release()
+    with closing(sqlite3.connect(path)) as db:
+        assert [r for (r,) in db.execute("SELECT revision FROM events")] == revisions
+
+
+def test_the_write_ahead_log_is_truncated_once_no_reader_needs_it(tmp_path, monkeypatch):
+    """A -wal file grown past WAL_SIZE_LIMIT while a reader held an old
+    snapshot is checkpointed and truncated by the first commit after it
+    let go."""
+    monkeypatch.setattr(sqlitefile, "WAL_SIZE_LIMIT", 1 << 20)
+    path = str(tmp_path / "kv.db")
+    wal = f"{path}-wal"
+    with closing(open_db(path)) as db, closing(sqlite3.connect(path)) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM kv").fetchone()
+        big = [put_event(f"big{i}", "x" * 100_000, i + 1) for i in range(30)]
+        write_batches(db, [make_batch(big, 0)])
+        sqlitefile.bound_wal(db, path)
+        assert os.stat(wal).st_size > 3 << 20
+        reader.rollback()
+        write_batches(db, [make_batch([put_event("small", 1, 31)], 0)])
+        sqlitefile.bound_wal(db, path)
+        assert os.stat(wal).st_size <= 1 << 20

@@ -8,15 +8,27 @@ there is one way to write the file.
 Tables: ``kv`` (the current keys), ``events`` (the history window, trimmed
 in the same transaction that adds to it; it always holds the newest event,
 so revisions never go backwards across restarts, even when the newest change
-was a delete) and ``meta`` (compact_revision).
+was a delete) and ``meta``: compact_revision, and the identity of the last
+batch committed (``commit_writer``, the committing server's random nonce,
+and ``commit_batch``, its sequence number), written in the same transaction
+as the batch, so that a server recovering from a failed writer can tell
+from the file which of its batches committed: revisions alone cannot say
+who wrote them.
+
+The write-ahead log is bounded: ``journal_size_limit`` truncates it when
+sqlite restarts it, and a commit that leaves it over WAL_SIZE_LIMIT
+checkpoints it and truncates it at once (unless a reader outside kvconfig,
+a backup say, still needs it: then at a later commit).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from typing import Any
 
 from kvconfig import values
 from kvconfig.errors import KVConfigError
@@ -49,17 +61,44 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 #: A batch as it travels to the writer process (marshal-able plain data):
-#: (kv rows to upsert, keys to delete, event rows, compact_revision or 0).
-Batch = tuple[list[tuple], list[tuple[str]], list[tuple], int]
+#: (kv rows to upsert, keys to delete, event rows, compact_revision or 0,
+#: writer nonce, batch sequence).
+Batch = tuple[list[tuple], list[tuple[str]], list[tuple], int, int, int]
+
+#: Bytes the -wal file may keep between checkpoints (it can pass this only by
+#: one transaction, or while a reader outside kvconfig holds an old snapshot).
+WAL_SIZE_LIMIT = 64 << 20
+
+#: Milliseconds a connection waits for a lock held by another connection.
+BUSY_TIMEOUT_MS = 30_000
 
 
 def open_db(path: str) -> sqlite3.Connection:
     """Open (creating if need be) a store file: WAL, fsync on every commit."""
-    db = sqlite3.connect(path, isolation_level=None, timeout=30)
+    db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
+    db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     db.executescript(SCHEMA)
     return db
+
+
+def bound_wal(db: sqlite3.Connection, path: str) -> None:
+    """After a commit: if the -wal file has grown past WAL_SIZE_LIMIT,
+    checkpoint it and truncate it, without waiting for other readers."""
+    try:
+        size = os.stat(f"{path}-wal").st_size
+    except OSError:
+        return
+    if size <= WAL_SIZE_LIMIT:
+        return
+    # A reader outside kvconfig (a backup) may still need the log: then the
+    # checkpoint does what it can and a later commit tries again.
+    db.execute("PRAGMA busy_timeout=0")
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 class CorruptStore(Exception):
@@ -77,7 +116,7 @@ def read_state(db: sqlite3.Connection) -> tuple[Iterator[Row], list[Event], int,
     """
     meta = dict(db.execute("SELECT name, value FROM meta"))
     history = [
-        _event_from_row(*row)
+        event_from_row(*row)
         for row in db.execute(
             "SELECT revision, type, key, raw, version, create_revision, expires_at, expired"
             " FROM events ORDER BY revision"
@@ -113,7 +152,7 @@ def _checked(rows: Iterable[Row]) -> Iterator[Row]:
         yield from chunk
 
 
-def _event_from_row(revision, type_, key, raw, version, create, expires, expired) -> Event:
+def event_from_row(revision, type_, key, raw, version, create, expires, expired) -> Event:
     kv = None
     if type_ == PUT:
         _check_value(raw, f"events (revision {revision})", key)
@@ -129,9 +168,11 @@ def _check_value(raw: object, where: str, key: object) -> None:
                            f"{e}") from None
 
 
-def make_batch(events: list[Event], compact_revision: int) -> Batch:
+def make_batch(events: list[Event], compact_revision: int, writer: int = 0,
+               sequence: int = 0) -> Batch:
     """The rows that make *events* durable; *compact_revision* (if not 0)
-    trims the history up to it."""
+    trims the history up to it.  (*writer*, *sequence*) is the batch's
+    identity, recorded in the file with it."""
     # Only each key's last change in the batch decides its row in kv.
     last = {event.key: event for event in events}
     upserts = [
@@ -149,18 +190,19 @@ def make_batch(events: list[Event], compact_revision: int) -> Batch:
         else:
             rows.append((event.revision, event.type, event.key, kv.raw, kv.version,
                          kv.create_revision, kv.expires_at, 0))
-    return upserts, deletes, rows, compact_revision
+    return upserts, deletes, rows, compact_revision, writer, sequence
 
 
 def write_batches(db: sqlite3.Connection, batches: list[Batch]) -> None:
-    """Commit *batches*, in order, in one transaction (one fsync).
+    """Commit *batches*, in order, in one transaction (one fsync), with the
+    identity of the last one.
 
     Raises sqlite3.Error, having rolled back, if they cannot be committed.
     """
     try:
         db.execute("BEGIN IMMEDIATE")
         compact_revision = 0
-        for upserts, deletes, rows, compact in batches:
+        for upserts, deletes, rows, compact, _, _ in batches:
             db.executemany("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?, ?)", upserts)
             db.executemany("DELETE FROM kv WHERE key = ?", deletes)
             db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -169,8 +211,65 @@ def write_batches(db: sqlite3.Connection, batches: list[Batch]) -> None:
             db.execute("DELETE FROM events WHERE revision <= ?", (compact_revision,))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('compact_revision', ?)",
                        (compact_revision,))
+        *_, writer, sequence = batches[-1]
+        db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                       [("commit_writer", writer), ("commit_batch", sequence)])
         db.execute("COMMIT")
     except sqlite3.Error:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+
+
+#: A Tail's ``since`` asking for everything (a full re-read).
+EVERYTHING = -1
+
+_KV_COLUMNS = "key, raw, version, create_revision, mod_revision, expires_at"
+_EVENT_COLUMNS = "revision, type, key, raw, version, create_revision, expires_at, expired"
+
+
+def read_tail(db: sqlite3.Connection, since: int) -> dict[str, Any]:
+    """What the file holds after revision *since* (the last one a server
+    acknowledged), as marshal-able rows: the events after it, the kv rows
+    of their keys, the identity of the last batch committed, and the
+    compact revision.  Reads only that much, unless the file does not go
+    on from *since* (its history was trimmed past it, or it ends before
+    it, as only another process could make it): then it holds every row
+    and ``full`` is true, as with *since* = EVERYTHING.  tail_contents
+    checks and decodes it.
+
+    Raises sqlite3.Error if the file cannot be read.
+    """
+    db.execute("BEGIN")  # one snapshot
+    try:
+        meta = dict(db.execute("SELECT name, value FROM meta"))
+        compact = meta.get("compact_revision", 0)
+        (newest,) = db.execute("SELECT max(revision) FROM events").fetchone()
+        newest = compact if newest is None else newest
+        full = since == EVERYTHING or compact > since or newest < since
+        if full:
+            events = db.execute(f"SELECT {_EVENT_COLUMNS} FROM events"
+                                " ORDER BY revision").fetchall()
+            kvs = db.execute(f"SELECT {_KV_COLUMNS} FROM kv ORDER BY key").fetchall()
+        else:
+            events = db.execute(f"SELECT {_EVENT_COLUMNS} FROM events WHERE revision > ?"
+                                " ORDER BY revision", (since,)).fetchall()
+            keys = sorted({row[2] for row in events})
+            kvs = []
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                kvs += db.execute(f"SELECT {_KV_COLUMNS} FROM kv WHERE key IN"
+                                  f" ({', '.join('?' * len(chunk))})", chunk).fetchall()
+    finally:
+        db.execute("COMMIT")
+    return {"since": since, "full": full, "compact_revision": compact, "revision": newest,
+            "writer": meta.get("commit_writer", 0), "batch": meta.get("commit_batch", 0),
+            "events": events, "kvs": kvs}
+
+
+def tail_contents(tail: dict[str, Any]) -> tuple[list[Event], list[Row]]:
+    """The events and kv rows of a read_tail, checked.
+
+    Raises CorruptStore when a row does not hold what kvconfig wrote.
+    """
+    return [event_from_row(*row) for row in tail["events"]], list(_checked(tail["kvs"]))
