@@ -17,6 +17,7 @@ import hmac
 import os
 import re
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -77,6 +78,8 @@ class Notifier:
              "heartbeats_skipped",
              "cookies_sent", "cookies_withheld", "refused"), 0)
         store.add_stats("udp", self.stats)
+        #: Called with the seconds each change's fan-out took (metrics).
+        self.fan_out_observer: Callable[[float], None] | None = None
 
     # Life
 
@@ -128,7 +131,7 @@ class Notifier:
         try:
             if kind == "subscribe":
                 answer = {"t": "subscribed", **subscriptions.description(
-                    subscriptions.subscribe(address, prefix))}
+                    subscriptions.subscribe(address, prefix, applied=message.get("applied")))}
             else:
                 subscription = subscriptions.unsubscribe(address, prefix)
                 answer = {"t": "unsubscribed", "prefix": prefix,
@@ -173,8 +176,11 @@ class Notifier:
     def notify(self, event: Event) -> None:
         """The change feed's consumer: one datagram per subscription whose
         prefix the key is under."""
+        started = perf_counter()
         try:
             self._fan_out_event(event)
+            if self.fan_out_observer is not None:
+                self.fan_out_observer(perf_counter() - started)
         except Exception:
             # The feed drops a consumer that raises; one bad event must not
             # end every notification.  Subscribers see the gap and pull.
@@ -287,6 +293,8 @@ class Notifier:
 
 class NotifierProtocol(DatagramProtocol):
     """The UDP port: hands datagrams to the notifier and lends it the port."""
+
+    noisy = False  # no "Starting protocol" line: start-up logs the address
 
     def __init__(self, notifier: Notifier) -> None:
         self.notifier = notifier

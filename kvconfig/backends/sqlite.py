@@ -35,6 +35,7 @@ import os
 import sqlite3
 import sys
 from collections import deque
+from collections.abc import Callable
 from contextlib import closing
 
 from twisted.internet.defer import Deferred, succeed
@@ -91,6 +92,11 @@ class SQLiteBackend(LocalBackend):
         self._stopped: Deferred | None = None
         self.commits = 0
         self.commit_failures = 0
+        #: Called with (seconds from a batch's flush to its commit, writes in
+        #: it) for each batch committed (metrics), and the flush times of the
+        #: batches not yet committed.
+        self.commit_observer: Callable[[float, int], None] | None = None
+        self._flushed_at: deque[float] = deque()
 
     # Life
 
@@ -157,6 +163,7 @@ class SQLiteBackend(LocalBackend):
         batch = make_batch([event for event, _ in pending],
                            compact if compact > self._trimmed_revision else 0)
         self._trimmed_revision = compact
+        self._flushed_at.append(self.clock.seconds())
         if self.use_writer:
             # A writer is running: _check_writable refused the writes
             # otherwise, and _recover failed the ones decided before it died.
@@ -172,6 +179,10 @@ class SQLiteBackend(LocalBackend):
 
     def _committed(self, pending: Pending, reread: bool = False) -> None:
         self.commits += 1
+        if self._flushed_at:
+            flushed_at = self._flushed_at.popleft()
+            if self.commit_observer is not None:
+                self.commit_observer(self.clock.seconds() - flushed_at, len(pending))
         events = [event for event, _ in pending]
         if reread:
             self._publish(events)  # the keyspace re-read from the file holds them
@@ -196,6 +207,7 @@ class SQLiteBackend(LocalBackend):
             self.log.error("sqlite store unreadable after a failed commit: {error}", error=e)
         self._forget_undecided()
         durable = self.keyspace.revision
+        self._flushed_at.clear()  # what recovery acknowledges is not timed
         failure = Unavailable(f"the write could not be committed: {error}")
         for pending in undecided:
             if pending and pending[-1][0].revision <= durable:
