@@ -444,3 +444,22 @@ def test_http_none_serves_no_http_port(tmp_path):
             call(process, "GET", "/healthz")
     finally:
         process.stop()
+
+
+def test_a_tcp_subscribe_reports_its_applied_revision(server):
+    """XML-RPC subscribe(prefix, port, {applied}) (the agent's way when UDP
+    goes unanswered) keeps the revision, shown in /v1/subscriptions."""
+    proxy = server.proxy()
+    proxy.save("tcpsub/a", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        proxy.subscribe("tcpsub/", port, {"applied": 1})
+        [listed] = [s for s in call(server, "GET", "/v1/subscriptions").json["subscriptions"]
+                    if s["prefix"] == "tcpsub/"]
+        assert (listed["applied"], listed["owner"], listed["port"]) == (1, "tcp", port)
+        assert listed["lag"] == proxy.stats()["revision"] - 1
+        with pytest.raises(Fault, match="applied must be a revision"):
+            proxy.subscribe("tcpsub/", port, {"applied": -1})
+        with pytest.raises(Fault, match="unknown option"):
+            proxy.subscribe("tcpsub/", port, {"applied_at": 1})
