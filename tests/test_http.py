@@ -401,7 +401,7 @@ def test_metrics_carry_every_family_and_move_with_writes(server):
             proxy.save(f"metrics/k{n}", n)
         proxy.load("metrics/k0")
         with pytest.raises(Fault):
-            proxy.put("metrics/k0", 1, {"prev_revision": 1})
+            proxy.put("metrics/k0", 1, {"prev_revision": 0})   # it exists
         call(server, "GET", "/v1/kv/metrics/none")
         after = scrape(server)
     finally:
