@@ -63,14 +63,19 @@ class Source(Protocol):
     def snapshot(self, prefix: str) -> Deferred:
         """Fires with (revision, {key: tagged value})."""
 
-    def subscribe(self, prefix: str, udp_port: int) -> Deferred:
-        """Subscribes this host's *udp_port* over TCP; fires with what the
-        server says of the subscription (the fields of "subscribed")."""
+    def subscribe(self, prefix: str, udp_port: int, applied: int | None = None) -> Deferred:
+        """Subscribes this host's *udp_port* over TCP, reporting the revision
+        *applied* if given; fires with what the server says of the
+        subscription (the fields of "subscribed")."""
 
 
 class Listener(Protocol):
     def copy_changed(self, local_copy: LocalCopy, changes: list[Change]) -> None:
         """*changes* were applied; *local_copy* is complete at its revision."""
+
+    # A listener may also say which revision it has made its own (FileOutput:
+    # the one its file holds), with ``applied(local_copy) -> int``; without
+    # it, the copy's revision is what the agent reports as applied.
 
 
 class Agent:
@@ -105,6 +110,16 @@ class Agent:
         self._pull_again = False
         self._pulling: Deferred | None = None
         self._tick_call = self._gap_timer = self._retry_call = None
+
+    @property
+    def applied_revision(self) -> int | None:
+        """The revision the agent has applied (and its listener written:
+        its file holds it), which it reports when it renews; None before
+        its first snapshot."""
+        if not self.local_copy.synced:
+            return None
+        applied = getattr(self.listener, "applied", None)
+        return self.local_copy.revision if applied is None else applied(self.local_copy)
 
     @property
     def server(self) -> tuple[str, int]:
@@ -172,6 +187,9 @@ class Agent:
         message = {"t": "subscribe", "prefix": self.prefix}
         if self.cycle.cookie is not None:
             message["cookie"] = self.cycle.cookie
+        applied = self.applied_revision
+        if applied is not None:
+            message["applied"] = applied
         self.counters["subscribes"] += 1
         self._send(message, padded=True)
         if self.cycle.over_tcp and self.transport is not None:
@@ -182,7 +200,8 @@ class Agent:
         connection, and the port is the agent's UDP socket's."""
         self.counters["tcp_subscribes"] += 1
         node = self._node
-        d = self.source.subscribe(self.prefix, self.transport.getHost().port)
+        d = self.source.subscribe(self.prefix, self.transport.getHost().port,
+                                  self.applied_revision)
 
         def answered(description: dict[str, Any]) -> None:
             if node == self._node:
@@ -259,6 +278,14 @@ class Agent:
         if ours:
             self._do(actions, seq, "heartbeat")
             self._announced(seq)
+            head = message.get("head")
+            sequence = self.sequence
+            if (type(head) is int and self.local_copy.synced and not sequence.pulling
+                    and not sequence.held and sequence.last_seq >= seq):
+                # Every change up to the store's revision has a number up to
+                # seq, and all of those are applied: the copy is complete
+                # at that revision, which is what the agent reports applied.
+                self.local_copy.revision = max(self.local_copy.revision, head)
 
     def _on_event(self, message: dict[str, Any]) -> None:
         sub, seq = message["sub"], _seq(message["seq"])
@@ -452,6 +479,8 @@ class _Resnapshot(Exception):
 
 class AgentProtocol(DatagramProtocol):
     """The agent's UDP socket."""
+
+    noisy = False
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent

@@ -171,12 +171,17 @@ class FileOutput:
         self._reloading = False
         self._failed: bytes | None = None
         self.synced = False
+        #: The copy's revision when it last changed, and the one the file
+        #: last held after a good write (and reload).
+        self._revision = 0
+        self.applied_revision = 0
 
     def copy_changed(self, local_copy: LocalCopy, changes: list[Change]) -> None:
         if not changes and self.synced:
             return
         self.synced = True
         self._items = dict(local_copy.items)
+        self._revision = local_copy.revision
         if self._retry is not None and self._retry.active():
             return      # the retry writes the latest items, when its backoff is over
         now = self.clock.seconds()
@@ -195,7 +200,11 @@ class FileOutput:
         if self._items is None:
             return
         content = render(self._items)
-        if content == self.written or content == self._failed:
+        revision = self._revision
+        if content == self.written:
+            self.applied_revision = revision
+            return
+        if content == self._failed:
             return
         try:
             write_atomically(self.path, content)
@@ -211,21 +220,32 @@ class FileOutput:
         self.log.info("wrote {path} ({size} bytes)", path=self.path, size=len(content))
         if not self.command or self.run is None:
             self.known_good = content
+            self.applied_revision = revision
             return
         self._reloading = True
         self.counters["reloads"] += 1
         try:
             running = self.run(self.command)
         except Exception as e:      # fork failed: EAGAIN, ENOMEM ...
-            self._reloaded(f"cannot run it: {e}", content)
+            self._reloaded(f"cannot run it: {e}", content, revision)
             return
         running.addErrback(lambda failure: failure.getErrorMessage())
-        running.addCallback(self._reloaded, content)
+        running.addCallback(self._reloaded, content, revision)
 
-    def _reloaded(self, failure: str | None, content: bytes) -> None:
+    def applied(self, local_copy: LocalCopy) -> int:
+        """The revision the file holds: the copy's own while nothing waits to
+        be written (and the last reload did not fail), else the copy's
+        revision at the last good write."""
+        waiting = any(call is not None and call.active() for call in (self._timer, self._retry))
+        if self.synced and not waiting and not self._reloading and self._failed is None:
+            return local_copy.revision
+        return self.applied_revision
+
+    def _reloaded(self, failure: str | None, content: bytes, revision: int) -> None:
         self._reloading = False
         if failure is None:
             self.known_good = content
+            self.applied_revision = revision
             self._failed = None
         else:
             self._failed = content

@@ -82,10 +82,12 @@ class XMLRPCSource:
 
         return self._call("list", prefix).addCallback(page)
 
-    def subscribe(self, prefix: str, udp_port: int) -> Deferred:
-        """subscribe(prefix, udp_port) over XML-RPC: the server takes this
-        host from the TCP connection."""
-        return self._call("subscribe", prefix, udp_port)
+    def subscribe(self, prefix: str, udp_port: int, applied: int | None = None) -> Deferred:
+        """subscribe(prefix, udp_port[, {applied}]) over XML-RPC: the server
+        takes this host from the TCP connection."""
+        if applied is None:
+            return self._call("subscribe", prefix, udp_port)
+        return self._call("subscribe", prefix, udp_port, {"applied": applied})
 
     def close(self) -> Deferred:
         """Close the kept-alive connection."""

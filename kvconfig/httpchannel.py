@@ -445,6 +445,8 @@ class XMLRPCChannelFactory(Factory):
     """Builds channels, each with a session of its own (None past the
     connection limit: *sessions* refuses it)."""
 
+    noisy = False  # no "Starting factory" line: start-up logs the address
+
     def __init__(self, handler: Handler, limits: Limits, clock: IReactorTime,
                  sessions: Sessions) -> None:
         self.handler = handler

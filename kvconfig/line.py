@@ -466,6 +466,7 @@ class LineProtocol(Protocol, TimeoutMixin):
                 f"unknown command {errors.brief(name)}; type HELP"))))
             return
         self.factory.counters["commands"] += 1
+        self.factory.sessions.requests[command.name] += 1
         if command.name == "quit" and not split_words(rest):
             self._closing = True  # read nothing after it
         self._reply(self.session.submit(lambda: self._execute(command, rest),
@@ -545,6 +546,7 @@ class LineProtocol(Protocol, TimeoutMixin):
     def _lines(self, outcome: Any) -> list[bytes]:
         if isinstance(outcome, errors.KVConfigError):
             self.factory.counters["errors"] += 1
+            self.factory.sessions.errors[outcome.name] += 1
             return [error_line(outcome)]
         return [outcome] if isinstance(outcome, bytes) else outcome
 
@@ -774,6 +776,8 @@ COMMANDS = {
 class LineFactory(Factory):
     """Builds line-protocol connections, each with a session of its own,
     over one store (and the subscription registry SUBSCRIBE uses, if any)."""
+
+    noisy = False  # no "Starting factory" line: start-up logs the address
 
     def __init__(self, store: Store, limits: Limits, clock: IReactorTime,
                  subscriptions: Subscriptions | None = None) -> None:

@@ -26,6 +26,7 @@ import os
 import re
 from collections import deque
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -90,7 +91,8 @@ class Notifier:
         self._heartbeat.clock = clock
         self._heartbeat_call: Any = None
         # Changes queued for the fan-out, and the group being sent: (its
-        # revision, the datagram tail, the subscriptions, how many are done).
+        # revision, the datagram tail, the subscriptions, how many are done, when it
+        # started, for metrics).
         self._outbox: deque[Event] = deque()
         self._groups: deque[list] = deque()
         self._slice_call: Any = None
@@ -99,6 +101,9 @@ class Notifier:
              "heartbeats_skipped",
              "cookies_sent", "cookies_withheld", "refused"), 0)
         store.add_stats("udp", self.stats)
+        #: Called with the seconds each change's fan-out took, from its first
+        #: datagram's slice to its last (metrics).
+        self.fan_out_observer: Callable[[float], None] | None = None
 
     # Life
 
@@ -156,7 +161,7 @@ class Notifier:
         try:
             if kind == "subscribe":
                 answer = {"t": "subscribed", **subscriptions.description(
-                    subscriptions.subscribe(address, prefix))}
+                    subscriptions.subscribe(address, prefix, applied=message.get("applied")))}
             else:
                 subscription = subscriptions.unsubscribe(address, prefix)
                 answer = {"t": "unsubscribed", "prefix": prefix,
@@ -226,6 +231,8 @@ class Notifier:
                 left -= self._fan_out(group, left)
                 if group[3] == len(group[2]):
                     groups.popleft()
+                    if self.fan_out_observer is not None:
+                        self.fan_out_observer(perf_counter() - group[4])
         except Exception:
             # One bad change must not end every notification: subscribers
             # see the gap and pull.
@@ -244,7 +251,8 @@ class Notifier:
             if key.startswith(prefix):
                 if tail is None:
                     tail = self._tail(event)
-                self._groups.append([event.revision, tail, list(subscriptions.values()), 0])
+                self._groups.append([event.revision, tail, list(subscriptions.values()), 0,
+                                     perf_counter()])
 
     def _skip(self, event: Event) -> None:
         """A change the fan-out is too far behind to send: it takes a seq
@@ -270,7 +278,7 @@ class Notifier:
 
     def _fan_out(self, group: list, most: int) -> int:
         """Send *group*'s next datagrams, at most *most*; how many it did."""
-        revision, tail, subscriptions, done = group
+        revision, tail, subscriptions, done, _ = group
         batch = subscriptions[done:done + most]
         group[3] = done + len(batch)
         # The hot loop: at 10,000 subscribers it runs 10,000 times per
@@ -377,6 +385,8 @@ class Notifier:
 
 class NotifierProtocol(DatagramProtocol):
     """The UDP port: hands datagrams to the notifier and lends it the port."""
+
+    noisy = False  # no "Starting protocol" line: start-up logs the address
 
     def __init__(self, notifier: Notifier) -> None:
         self.notifier = notifier

@@ -24,7 +24,7 @@ no I/O: the protocols read and write their wire, the store decides.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvconfig import errors, values
+from kvconfig.changelog import log_change
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
 from kvconfig.store import Budget, Store
@@ -356,13 +357,25 @@ class Session:
 
     def put(self, key: str, value: Any, prev_revision: int | None = None,
             ttl: float | None = None) -> Deferred:
-        return self.store.put(key, value, prev_revision, ttl)
+        return self.store.put(key, value, prev_revision, ttl).addCallback(self._put_logged)
 
     def save(self, key: str, value: Any) -> Deferred:
-        return self.store.save(key, value)
+        return self.store.put(key, value).addCallback(self._put_logged).addCallback(_nothing)
 
     def delete(self, key: str, prev_revision: int | None = None) -> Deferred:
-        return self.store.delete(key, prev_revision)
+        return self.store.delete(key, prev_revision).addCallback(self._delete_logged, key)
+
+    # Each change is logged once acknowledged, with who made it: the store
+    # and its backends do not know the client.
+
+    def _put_logged(self, kv: KeyValue) -> KeyValue:
+        log_change(self.client, "put", kv.key, kv.mod_revision)
+        return kv
+
+    def _delete_logged(self, revision: int | None, key: str) -> int | None:
+        if revision is not None:
+            log_change(self.client, "delete", key, revision)
+        return revision
 
     def stats(self) -> dict[str, Any]:
         return self.store.stats()
@@ -419,12 +432,13 @@ class Session:
 
     # UDP subscriptions, for this client's own host
 
-    def subscribe(self, port: Any, prefix: Any) -> dict[str, Any]:
+    def subscribe(self, port: Any, prefix: Any, applied: Any = None) -> dict[str, Any]:
         """Make (or renew) a UDP subscription to *prefix* for this client's
-        host at *port*; returns what a subscriber is told of it."""
+        host at *port*; returns what a subscriber is told of it.  *applied*:
+        the revision the subscriber reports it has applied, if it does."""
         subscriptions, address = self._udp_address(port)
         return subscriptions.description(
-            subscriptions.subscribe_peer(address, prefix, self.identity))
+            subscriptions.subscribe_peer(address, prefix, self.identity, applied))
 
     def unsubscribe(self, port: Any, prefix: Any) -> bool:
         """End this client's subscription at *port* of its host; False if
@@ -443,6 +457,10 @@ class Session:
         if self.client.host is None:
             raise errors.Unavailable("UDP subscriptions need a client with an IP address")
         return self.subscriptions, (self.client.host, port)
+
+
+def _nothing(_: Any) -> None:
+    return None
 
 
 def budget_full(what: str, limit: int) -> errors.LimitExceeded:
@@ -493,10 +511,15 @@ class Sessions:
         self.subscriptions = subscriptions
         self.connections = 0
         self._per_host: dict[str, int] = {}
-        self._hosts: dict[Session, str] = {}
+        #: Every open session, and its host (None: a peer without one).
+        self._hosts: dict[Session, str | None] = {}
         #: The interface's own counters (the protocol counts in them), and
         #: the connections refused past the limits.
         self.counters = dict.fromkeys((*counters, "refused"), 0)
+        #: Requests by operation, and errors answered by name (the protocol
+        #: counts them; kvconfig.metrics reads them).
+        self.requests: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
         store.add_stats(interface, self.stats)
 
     def open(self, host: str | None = None) -> Session:
@@ -521,7 +544,7 @@ class Sessions:
                           self.subscriptions, self._closed)
         if host is not None:
             self._per_host[host] = self._per_host.get(host, 0) + 1
-            self._hosts[session] = host
+        self._hosts[session] = host
         return session
 
     def _closed(self, session: Session) -> None:
@@ -536,3 +559,7 @@ class Sessions:
 
     def stats(self) -> dict[str, int]:
         return dict(self.counters, connections=self.connections)
+
+    def watchers(self) -> int:
+        """Open sessions with a watch."""
+        return sum(1 for session in self._hosts if session.watching)

@@ -129,6 +129,10 @@ class Subscription:
     #: Who made it, and so may renew or cancel it: BY_ADDRESS, or the TCP
     #: caller's identity.
     owner: str = BY_ADDRESS
+    #: The revision the subscriber last reported it has applied (None: it
+    #: does not report), and when it was last heard from (made or renewed).
+    applied: int | None = None
+    last_heard: float = 0.0
     #: The notifier's catch-up heartbeat timer, while one is due.
     behind: Any = field(default=None, repr=False)
     #: Set when it ends: a fan-out or heartbeat round under way skips it.
@@ -169,22 +173,29 @@ class Subscriptions:
         return iter(list(self._subscriptions.values()))
 
     def subscribe(self, address: Address, prefix: Any,
-                  owner: str = BY_ADDRESS) -> Subscription:
+                  owner: str = BY_ADDRESS, applied: Any = None) -> Subscription:
         """Create *address*'s subscription to *prefix*, or renew its lease.
 
         *owner* is who asks: BY_ADDRESS when the address itself proved it
         receives (a UDP cookie round trip), which may renew any of its
         subscriptions; a TCP caller's identity, which may renew only what it
-        made (PermissionDenied otherwise).
+        made (PermissionDenied otherwise).  *applied*: the revision the
+        subscriber reports it has applied (kept, to show its lag), if given.
         """
         values.check_prefix(prefix, self.limits.max_key_bytes)
         host, port = self._check_address(address)
+        if applied is not None and (type(applied) is not int or applied < 0):
+            raise errors.InvalidArgument(
+                f"applied must be a revision (an integer >= 0), not {errors.brief(applied)}")
         now = self.clock.seconds()
         index = (host, port, prefix)
         subscription = self._subscriptions.get(index)
         if subscription is not None:
             self._check_owner(subscription, owner, "renew")
             subscription.expires_at = now + self.limits.lease_seconds
+            subscription.last_heard = now
+            if applied is not None:
+                subscription.applied = applied
             self.counters["renewals"] += 1
             return subscription
         limits = self.limits
@@ -206,14 +217,16 @@ class Subscriptions:
         self._bucket_users[(host, port)] = self._bucket_users.get((host, port), 0) + 1
         subscription = Subscription(
             id=os.urandom(8).hex(), address=(host, port), prefix=prefix,
-            expires_at=now + self.limits.lease_seconds, bucket=bucket, owner=owner)
+            expires_at=now + self.limits.lease_seconds, bucket=bucket, owner=owner,
+            applied=applied, last_heard=now)
         self._per_host[host] = self._per_host.get(host, 0) + 1
         self._subscriptions[index] = subscription
         self.by_prefix.setdefault(prefix, {})[index] = subscription
         self.counters["subscribes"] += 1
         return subscription
 
-    def subscribe_peer(self, address: Address, prefix: Any, caller: str) -> Subscription:
+    def subscribe_peer(self, address: Address, prefix: Any, caller: str,
+                       applied: Any = None) -> Subscription:
         """subscribe() for the TCP caller *caller* (an identity, "tcp" or
         "tcp:<user>"): its host is proven by the TCP handshake, but its port
         is not, so the well-known ports (DNS, NTP, syslog ...) that a caller
@@ -221,7 +234,7 @@ class Subscriptions:
         if type(address[1]) is int and address[1] < 1024:
             raise errors.InvalidArgument(
                 f"port {address[1]} is below 1024; subscribe over UDP to use it")
-        return self.subscribe(address, prefix, caller)
+        return self.subscribe(address, prefix, caller, applied)
 
     def unsubscribe(self, address: Address, prefix: Any,
                     owner: str = BY_ADDRESS) -> Subscription | None:
@@ -262,6 +275,20 @@ class Subscriptions:
                 "seq": subscription.seq, "rev": subscription.rev,
                 "head": self._revision(), "lease": self.limits.lease_seconds,
                 "heartbeat": self.limits.heartbeat_seconds}
+
+    def lag(self, subscription: Subscription) -> int | None:
+        """How many revisions the subscriber is behind the store (the
+        store's revision minus the one it applied), or None if it does not
+        say what it applied."""
+        if subscription.applied is None:
+            return None
+        return max(0, self._revision() - subscription.applied)
+
+    def stats(self) -> dict[str, int]:
+        """How far behind the subscribers that report are: the most
+        revisions any is behind, and how many report."""
+        lags = [lag for lag in map(self.lag, self._subscriptions.values()) if lag is not None]
+        return {"reporting": len(lags), "max_lag": max(lags, default=0)}
 
     def _check_address(self, address: Address) -> Address:
         """*address*, if datagrams can be sent to it from the UDP port."""

@@ -8,6 +8,7 @@ reactor, the store, the limits), so that each can be tested alone.
 from __future__ import annotations
 
 import gc
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -18,14 +19,20 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
+from zope.interface import implementer
 
 from kvconfig import __version__
 from kvconfig.backends import backend_from_string, check_etcd_prefix, parse_store
+from kvconfig.changelog import log_expired
 from kvconfig.errors import KVConfigError
+from kvconfig.http import make_site
 from kvconfig.limits import Limits, limit_options
 from kvconfig.line import LineFactory
+from kvconfig.metrics import Metrics
 from kvconfig.notifier import Notifier, NotifierProtocol
 from kvconfig.store import Store
 from kvconfig.subscriptions import Subscriptions
@@ -61,6 +68,9 @@ class Options(usage.Options):
         ["line", None, "tcp:15001:interface=127.0.0.1", "Line protocol (telnet) endpoint."],
         ["udp", None, "udp:15002:interface=127.0.0.1",
          "UDP notification port: udp:PORT[:interface=ADDR]."],
+        ["http", None, "tcp:15003:interface=127.0.0.1",
+         "HTTP endpoint: /metrics, /healthz, /readyz, the JSON API (/v1/) and the web "
+         "console (/ui/); none: no HTTP port."],
         ["store", None, "sqlite:kvconfig.db",
          "Store: sqlite:PATH, memory:, or etcd:URL[,URL...] (cluster mode)."],
         ["etcd-prefix", None, "kvconfig/",
@@ -96,6 +106,8 @@ class Options(usage.Options):
             raise usage.UsageError(str(e).replace("_", "-")) from None
         _check_endpoint(self["xmlrpc"], "--xmlrpc")
         _check_endpoint(self["line"], "--line")
+        if self["http"] != "none":
+            _check_endpoint(self["http"], "--http")
         self["udp_port"], self["udp_interface"] = parse_udp(self["udp"])
         self["secret"] = None
         if self["secret-file"] is not None:
@@ -179,7 +191,10 @@ class ServerService(service.MultiService):
 
 
 class StoreService(service.Service):
-    """Opens the store before the interfaces serve, closes it after they stop."""
+    """Opens the store before the interfaces serve, closes it after they
+    stop; logs the store, its keys and revision once it is loaded."""
+
+    log = Logger()
 
     def __init__(self, store: Store, spec: str) -> None:
         self.store = store
@@ -192,8 +207,16 @@ class StoreService(service.Service):
         # bound earlier, but nothing is served before the reactor runs, by
         # which time the store is open; one that cannot be opened stops
         # twistd with the error.
-        self.store.start().addCallback(_freeze_what_was_loaded)
+        self.store.start().addCallback(self._loaded).addCallback(_freeze_what_was_loaded)
         super().startService()
+
+    def _loaded(self, result: object) -> object:
+        store = self.store
+        path = getattr(store.backend, "path", None)
+        where = f"sqlite {os.path.abspath(path)}" if path is not None else self.spec
+        self.log.info("store {where}: {keys} keys at revision {revision}", where=where,
+                      keys=len(store.backend.keyspace), revision=store.revision)
+        return result
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -226,13 +249,59 @@ class NotifierService(service.Service):
     def __init__(self, notifier: Notifier) -> None:
         self.notifier = notifier
 
+    log = Logger()
+
     def startService(self) -> None:
         super().startService()
         self.notifier.start()
+        transport = self.notifier.transport
+        if transport is not None:
+            address = transport.getHost()
+            self.log.info("UDP notifications at udp {address}",
+                          address=_host_port(address.host, address.port))
 
     def stopService(self) -> None:
         super().stopService()
         self.notifier.stop()
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+#: What each interface serves, and how to reach it (a URL where it has one).
+_ANNOUNCE = {
+    "xmlrpc": ("XML-RPC", "{scheme}://{address}/RPC2"),
+    "line": ("line protocol", "telnet {host} {port}"),
+    "http": ("HTTP (metrics, health, JSON API, console)", "{scheme}://{address}/ui/"),
+}
+
+
+@implementer(IStreamServerEndpoint)
+class AnnouncedEndpoint:
+    """An endpoint that logs, once listening, which interface it serves and
+    its address: one line per interface at start."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: IStreamServerEndpoint, interface: str, secure: bool) -> None:
+        self.endpoint, self.interface, self.secure = endpoint, interface, secure
+
+    def listen(self, factory: Factory) -> Deferred:
+        return self.endpoint.listen(factory).addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        what, form = _ANNOUNCE[self.interface]
+        address = port.getHost()
+        host = getattr(address, "host", None)
+        if host is None:    # a UNIX socket
+            where = f"unix:{getattr(address, 'name', address)}"
+        else:
+            where = form.format(scheme="https" if self.secure else "http",
+                                address=_host_port(host, address.port), host=host,
+                                port=address.port)
+        self.log.info("{what} at {where}", what=what, where=where)
+        return port
 
 
 def makeService(options: Options, reactor=None) -> service.MultiService:
@@ -245,6 +314,7 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
                                   etcd_prefix=options["etcd-prefix"],
                                   etcd_timeout=options["etcd-timeout"])
     store = Store(backend, limits)
+    store.feed.subscribe(log_expired)
 
     top = ServerService()
     store_service = StoreService(store, options["store"])
@@ -253,6 +323,8 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
 
     subscriptions = Subscriptions(limits, reactor, lambda: store.revision)
     notifier = Notifier(store, subscriptions, limits, reactor, options["secret"])
+    store.add_stats("subscriptions", subscriptions.stats)
+    metrics = Metrics(store, subscriptions, notifier)
     notifier_service = NotifierService(notifier)
     notifier_service.setName("notifier")
     notifier_service.setServiceParent(top)
@@ -262,12 +334,18 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
     udp.setName("udp")
     udp.setServiceParent(top)
 
-    interfaces = [
-        ("xmlrpc", make_factory(store, limits, reactor, subscriptions)),
-        ("line", LineFactory(store, limits, reactor, subscriptions)),
-    ]
+    xmlrpc = make_factory(store, limits, reactor, subscriptions)
+    line = LineFactory(store, limits, reactor, subscriptions)
+    metrics.add_interface(xmlrpc.sessions)
+    metrics.add_interface(line.sessions)
+    interfaces: list[tuple[str, Factory]] = [("xmlrpc", xmlrpc), ("line", line)]
+    if options["http"] != "none":
+        interfaces.append(("http", make_site(store, limits, reactor, metrics, subscriptions)))
     for name, factory in interfaces:
-        endpoint = serverFromString(reactor, with_backlog(options[name], limits.listen_backlog))
+        description = options[name]
+        endpoint = AnnouncedEndpoint(
+            serverFromString(reactor, with_backlog(description, limits.listen_backlog)),
+            name, description.startswith("ssl:"))
         listener = StreamServerEndpointService(endpoint, factory)
         # A port already in use should stop twistd, not be logged and ignored.
         listener._raiseSynchronously = True

@@ -25,10 +25,13 @@ Without a secret, datagrams carry no ``ts``, ``nonce`` or signature.
 
 Subscriber to server::
 
-    {"v":1,"t":"subscribe","prefix":P,"cookie":C,"pad":"..."}
+    {"v":1,"t":"subscribe","prefix":P,"cookie":C[,"applied":A],"pad":"..."}
     {"v":1,"t":"unsubscribe","prefix":P,"cookie":C,"pad":"..."}
 
-Without a valid ``cookie`` the server only answers ``{"v":1,"t":"cookie",
+``applied`` (optional) is the revision the subscriber has applied (the
+agent: the revision its file holds); the server keeps it with the
+subscription and shows the subscriber's lag, the store's revision minus
+``A``.  Without a valid ``cookie`` the server only answers ``{"v":1,"t":"cookie",
 "cookie":C}``, and only if that answer is no larger than the request (so a
 subscriber pads its request with ``pad``; 256 bytes is plenty), at most
 ``--max-cookie-rate`` such answers a second.  The cookie proves the sender

@@ -31,7 +31,7 @@ Richer calls (``options`` is an optional struct)::
     changes(prefix, since)   -> {revision, events: [{type: "put"|"delete", key,
                                  revision, expired, [value, version,
                                  create_revision, mod_revision, expires_at]}]}
-    subscribe(prefix, udp_port)
+    subscribe(prefix, udp_port, {applied?})
                           -> {sub, prefix, seq, rev, head, lease, heartbeat}
     unsubscribe(prefix, udp_port)
                           -> {unsubscribed: bool}
@@ -65,8 +65,9 @@ the call, the UDP port is the caller's choice.  The notifications and the
 struct's fields are those of the UDP wire format (kvconfig.notifier): the
 subscription's name, its last sequence number and event revision, the
 store's revision, the lease and the heartbeat interval in seconds.  Renew
-well within the lease.  A server built without a notifier answers both
-calls with ``unavailable``.
+well within the lease.  ``applied`` reports the revision the subscriber has
+applied (the agent's file holds), which the server shows with its lag.  A
+server built without a notifier answers both calls with ``unavailable``.
 
 Every error is a Fault whose faultCode is the code of a kvconfig.errors type
 and whose faultString starts with that type's name, as in
@@ -81,6 +82,7 @@ import binascii
 import inspect
 import re
 import warnings
+from collections import Counter
 from datetime import datetime
 from typing import Any
 from xml.parsers import expat
@@ -357,11 +359,16 @@ class KVConfigXMLRPC(_Dispatcher):
     log = Logger()
 
     def __init__(self, store: Store, limits: Limits | None = None,
-                 subscriptions: Subscriptions | None = None) -> None:
+                 subscriptions: Subscriptions | None = None,
+                 sessions: Sessions | None = None) -> None:
         super().__init__(allowNone=True, useDateTime=True)
         self.store = store
         self.limits = limits or store.limits
         self.subscriptions = subscriptions
+        #: Calls by method and errors by name, counted in the interface's
+        #: Sessions when there is one (kvconfig.metrics reads them).
+        self.requests: Counter[str] = Counter() if sessions is None else sessions.requests
+        self.errors: Counter[str] = Counter() if sessions is None else sessions.errors
         self.putSubHandler("system", SystemHandler(self))
         self._arity: dict[Any, tuple[int, int]] = {}
 
@@ -382,6 +389,7 @@ class KVConfigXMLRPC(_Dispatcher):
             procedure = self.procedure(method, args)
         except errors.KVConfigError as e:
             return self.marshal(e)
+        self.requests[method] += 1
         if getattr(procedure, "batch", False):
             outcome = run(lambda: procedure(session, *args))
         else:
@@ -445,7 +453,11 @@ class KVConfigXMLRPC(_Dispatcher):
 
     def marshal(self, outcome: Any) -> bytes:
         """The methodResponse body for an outcome: a result, or an error."""
-        result = fault_for(outcome) if isinstance(outcome, errors.KVConfigError) else (outcome,)
+        if isinstance(outcome, errors.KVConfigError):
+            self.errors[outcome.name] += 1
+            result = fault_for(outcome)
+        else:
+            result = (outcome,)
         try:
             return dumps_response(result)
         except Exception as e:
@@ -544,8 +556,8 @@ class KVConfigXMLRPC(_Dispatcher):
         return _say_stale(session, {"revision": revision,
                                     "events": [event_struct(e) for e in events]})
 
-    @signature(["struct", "string", "int"])
-    def xmlrpc_subscribe(self, session, prefix, udp_port):
+    @signature(["struct", "string", "int"], ["struct", "string", "int", "struct"])
+    def xmlrpc_subscribe(self, session, prefix, udp_port, options=None):
         """subscribe(prefix, udp_port): notify the caller's host at udp_port, by
         UDP datagrams, of every change to keys starting with prefix ("" for
         all); calling again renews the lease.  Returns {sub, prefix, seq, rev,
@@ -553,8 +565,11 @@ class KVConfigXMLRPC(_Dispatcher):
         sequence numbers start again), the last sequence number sent and the
         revision of the last event, the store's revision, the lease and the
         heartbeat interval in seconds.  Renew within the lease (every lease/3,
-        say).  The host is always the address this call came from."""
-        return session.subscribe(udp_port, prefix)
+        say).  The host is always the address this call came from.
+        options: {applied}, the revision the subscriber has applied (its
+        lag is shown in stats and /metrics)."""
+        opts = _options(options, ("applied",)) if options is not None else {}
+        return session.subscribe(udp_port, prefix, opts.get("applied"))
 
     @signature(["struct", "string", "int"])
     def xmlrpc_unsubscribe(self, session, prefix, udp_port):
@@ -636,12 +651,14 @@ class SystemHandler(_Dispatcher):
             raise errors.InvalidRequest("system.multicall cannot be nested")
         if type(params) is not list:
             raise errors.WrongArguments("params must be an array")
-        return self.parent.procedure(name, tuple(params))(session, *params)
+        procedure = self.parent.procedure(name, tuple(params))
+        self.parent.requests[name] += 1
+        return procedure(session, *params)
 
-    @staticmethod
-    def _entry(outcome: Any) -> Any:
+    def _entry(self, outcome: Any) -> Any:
         """A multicall result: [result], or the fault as a struct."""
         if isinstance(outcome, errors.KVConfigError):
+            self.parent.errors[outcome.name] += 1
             fault = fault_for(outcome)
             return {"faultCode": fault.faultCode, "faultString": fault.faultString}
         return [outcome]
@@ -654,5 +671,6 @@ def _is_write(method_name: Any) -> bool:
 def make_factory(store: Store, limits: Limits, clock,
                  subscriptions: Subscriptions | None = None) -> XMLRPCChannelFactory:
     """The protocol factory the XML-RPC endpoint listens with."""
-    return XMLRPCChannelFactory(KVConfigXMLRPC(store, limits, subscriptions), limits, clock,
-                                Sessions(store, "xmlrpc", limits, subscriptions))
+    sessions = Sessions(store, "xmlrpc", limits, subscriptions)
+    return XMLRPCChannelFactory(KVConfigXMLRPC(store, limits, subscriptions, sessions), limits,
+                                clock, sessions)

@@ -112,7 +112,7 @@ class StoreSource:
                 for e in events]
         return self._later(answer)
 
-    def subscribe(self, prefix: str, udp_port: int) -> Deferred:
+    def subscribe(self, prefix: str, udp_port: int, applied: int | None = None) -> Deferred:
         """subscribe() over TCP, from the agent's host."""
         def answer():
             registry = self.subscriptions()

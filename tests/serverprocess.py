@@ -70,12 +70,18 @@ class KVConfigProcess:
         # Every server a UDP port of its own: the default (15002) would
         # collide between servers, and with one already running.
         self.udp_port = free_udp_port()
+        self.http_port = free_port()
         self.process: subprocess.Popen | None = None
         self.log_path = directory / "twistd.log"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/RPC2"
+
+    @property
+    def http_url(self) -> str:
+        """The --http port's root (the JSON API, /metrics, the console)."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     def proxy(self) -> ServerProxy:
         return ServerProxy(self.url, allow_none=True)
@@ -86,7 +92,8 @@ class KVConfigProcess:
             "kvconfig", f"--store={self.store}",
             f"--xmlrpc=tcp:{self.port}:interface=127.0.0.1",
             f"--line=tcp:{self.line_port}:interface=127.0.0.1",
-            f"--udp=udp:{self.udp_port}:interface=127.0.0.1", *self.extra,
+            f"--udp=udp:{self.udp_port}:interface=127.0.0.1",
+            f"--http=tcp:{self.http_port}:interface=127.0.0.1", *self.extra,
         ]
         self.process = subprocess.Popen(args, cwd=self.directory,
                                         env=dict(os.environ, **self.env))

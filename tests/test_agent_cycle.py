@@ -269,7 +269,7 @@ class Source:
         self.changes_calls += 1
         return succeed((7, []))
 
-    def subscribe(self, prefix: str, udp_port: int) -> Deferred:
+    def subscribe(self, prefix: str, udp_port: int, applied: int | None = None) -> Deferred:
         self.tcp_subscribes.append((prefix, udp_port))
         if self.answer is None:
             return fail(ConnectionRefusedError("the node is down"))
@@ -290,8 +290,9 @@ def test_the_agent_follows_the_next_node_when_its_node_does_not_answer():
     assert agent.cycle.state is S.AWAITING_COOKIE and sources[0].snapshots == 1
     # The first node answers with a cookie, then nothing more.
     agent.received(json.dumps({"v": 1, "t": "cookie", "cookie": "c1"}).encode(), first)
+    # (The snapshot's revision, 7, is reported as applied.)
     assert transport.sent[-1] == ({"v": 1, "t": "subscribe", "prefix": "app/", "cookie": "c1",
-                                   "pad": transport.sent[-1][0]["pad"]}, first)
+                                   "applied": 7, "pad": transport.sent[-1][0]["pad"]}, first)
     while agent.server == first:
         clock.advance(TICK)
         assert clock.seconds() < 10

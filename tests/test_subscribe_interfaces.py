@@ -492,7 +492,8 @@ def test_make_service_wires_the_notifier_between_the_store_and_the_interfaces():
     counters in stats() as udp_*."""
     options = Options()
     options.parseOptions(["--store", "memory:", "--udp", "udp:4321:interface=127.0.0.2",
-                          "--xmlrpc", "tcp:0", "--line", "tcp:0", "--heartbeat-seconds", "5"])
+                          "--xmlrpc", "tcp:0", "--line", "tcp:0", "--heartbeat-seconds", "5",
+                          "--http", "none"])
     memory = UDPMemoryReactor()
     top = makeService(options, memory)
     names = [child.name for child in top]

@@ -127,7 +127,7 @@ def test_daemon_mode_with_pidfile(tmp_path):
         [twistd_path(), f"--pidfile={pidfile}", f"--logfile={tmp_path / 'log'}",
          "kvconfig", f"--store=sqlite:{tmp_path / 'kv.db'}",
          f"--xmlrpc=tcp:{port}:interface=127.0.0.1", "--line=tcp:0:interface=127.0.0.1",
-         "--udp=udp:0:interface=127.0.0.1"],
+         "--udp=udp:0:interface=127.0.0.1", "--http=tcp:0:interface=127.0.0.1"],
         cwd=tmp_path, check=True, timeout=30,
     )
     deadline = time.monotonic() + 20
@@ -170,7 +170,7 @@ def test_bad_options_are_usage_errors(tmp_path, args, message):
     error that names the problem."""
     # Free ports, so that only the option under test can fail.
     ports = ["--xmlrpc=tcp:0:interface=127.0.0.1", "--line=tcp:0:interface=127.0.0.1",
-             "--udp=udp:0:interface=127.0.0.1"]
+             "--udp=udp:0:interface=127.0.0.1", "--http=tcp:0:interface=127.0.0.1"]
     result = subprocess.run([twistd_path(), "-n", "--pidfile=", "kvconfig", *ports, *args],
                             cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
@@ -258,7 +258,7 @@ def test_world_readable_secret_file_stops_twistd(tmp_path):
     result = subprocess.run(
         [twistd_path(), "-n", "--pidfile=", "kvconfig", "--store=memory:",
          "--xmlrpc=tcp:0:interface=127.0.0.1", "--line=tcp:0:interface=127.0.0.1",
-         "--udp=udp:0:interface=127.0.0.1", f"--secret-file={path}"],
+         "--udp=udp:0:interface=127.0.0.1", "--http=none", f"--secret-file={path}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode != 0
@@ -283,7 +283,8 @@ def cannot_start(tmp_path, *args: str) -> str:
     given); it must exit non-zero with one line saying why and no traceback.
     Returns that line."""
     defaults = {"--store": "memory:", "--xmlrpc": "tcp:0:interface=127.0.0.1",
-                "--line": "tcp:0:interface=127.0.0.1", "--udp": "udp:0:interface=127.0.0.1"}
+                "--line": "tcp:0:interface=127.0.0.1", "--udp": "udp:0:interface=127.0.0.1",
+                "--http": "tcp:0:interface=127.0.0.1"}
     for arg in args:
         defaults.pop(arg.split("=", 1)[0], None)
     result = subprocess.run(

@@ -49,6 +49,7 @@ import secrets
 import sqlite3
 import sys
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -142,6 +143,9 @@ class SQLiteBackend(LocalBackend):
         self.commit_timeouts = 0
         #: Rows the last recovery read from the file.
         self.recovery_rows = 0
+        #: Called with (seconds from a batch's flush to its commit, writes in
+        #: it) for each batch committed (metrics).
+        self.commit_observer: Callable[[float, int], None] | None = None
 
     # Life
 
@@ -267,15 +271,17 @@ class SQLiteBackend(LocalBackend):
             self.commit_failures += 1
             self._recover_in_process(e)
             return
-        self._in_flight.popleft()
-        self._committed(pending)
+        self._committed(self._in_flight.popleft())
         try:
             bound_wal(self._db, self.path)
         except sqlite3.Error as e:
             self.log.error("sqlite checkpoint failed: {error}", error=e)
 
-    def _committed(self, pending: Pending) -> None:
+    def _committed(self, flight: _InFlight) -> None:
         self.commits += 1
+        pending = flight.pending
+        if self.commit_observer is not None:
+            self.commit_observer(self.clock.seconds() - flight.sent_at, len(pending))
         self._make_durable([event for event, _ in pending])
         for event, d in pending:
             d.callback(event)
@@ -527,7 +533,7 @@ class SQLiteBackend(LocalBackend):
             self.log.error("sqlite writer acknowledged a batch it was not sent")
             return
         self._respawn_delay = 0.0
-        self._committed(self._in_flight.popleft().pending)
+        self._committed(self._in_flight.popleft())
 
     def _writer_ended(self, writer: _WriterProtocol, reason: str) -> None:
         if writer is self._dying:

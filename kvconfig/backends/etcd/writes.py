@@ -126,6 +126,11 @@ class Writes:
         self._batch_call: IDelayedCall | None = None
         self._batches_in_flight = 0
         self._stopping = False
+        #: Called (metrics) with (seconds from a batch's send to etcd's
+        #: answer, writes in it), and with the seconds from etcd's answer to
+        #: a write until the watch brought it to the replica (the watch lag).
+        self.commit_observer: Callable[[float, int], None] | None = None
+        self.watch_lag_observer: Callable[[float], None] | None = None
         # Bound once: one is handed with every acknowledgement.
         self._too_late_for_write = self._write_not_seen
         self._too_late_for_answer = self._answer_not_seen
@@ -264,6 +269,7 @@ class Writes:
         # metadata each put left comes with its watch event, which the
         # acknowledgement waits for anyway: reading it in the txn would
         # nearly double etcd's work.
+        sent_at = self.clock.seconds()
         d = self.client.call("/v3/kv/txn", {"success": [operation for operation, _ in batch]})
         self.batches += 1
         self._batches_in_flight += 1
@@ -279,6 +285,8 @@ class Writes:
                 failed(Failure(EtcdError(self.client.endpoint, 200, 14,
                                          f"a txn answer kvconfig cannot read: {e}")))
                 return
+            if self.commit_observer is not None:
+                self.commit_observer(self.clock.seconds() - sent_at, len(batch))
             for (_, waiter), response in zip(batch, responses, strict=True):
                 waiter.callback((revision, response, None))
 
@@ -368,8 +376,15 @@ class Writes:
         return kv.mod_revision if kv is not None else 0
 
     def _when(self, condition: Callable[[], bool], outcome: object, wrote: bool) -> Deferred:
-        return self.replica.answers.when(
+        d = self.replica.answers.when(
             condition, outcome, self._too_late_for_write if wrote else self._too_late_for_answer)
+        if wrote and self.watch_lag_observer is not None:
+            d.addCallback(self._watched, self.clock.seconds())
+        return d
+
+    def _watched(self, result: object, answered_at: float) -> object:
+        self.watch_lag_observer(self.clock.seconds() - answered_at)
+        return result
 
     def _write_not_seen(self) -> Exception:
         return self._too_late("the write was made in etcd, but this node's copy has not "
