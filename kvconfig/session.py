@@ -357,13 +357,17 @@ class Session:
 
     def put(self, key: str, value: Any, prev_revision: int | None = None,
             ttl: float | None = None) -> Deferred:
-        return self.store.put(key, value, prev_revision, ttl).addCallback(self._put_logged)
+        store = self.store
+        written = store.put(key, value, prev_revision, ttl)
+        return written.addCallback(self._put_logged) if store.log_changes else written
 
     def save(self, key: str, value: Any) -> Deferred:
-        return self.store.put(key, value).addCallback(self._put_logged).addCallback(_nothing)
+        return self.put(key, value).addCallback(_nothing)
 
     def delete(self, key: str, prev_revision: int | None = None) -> Deferred:
-        return self.store.delete(key, prev_revision).addCallback(self._delete_logged, key)
+        store = self.store
+        deleted = store.delete(key, prev_revision)
+        return deleted.addCallback(self._delete_logged, key) if store.log_changes else deleted
 
     # Each change is logged once acknowledged, with who made it: the store
     # and its backends do not know the client.

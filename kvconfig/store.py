@@ -68,6 +68,9 @@ class Store:
         self.writes_in_flight = 0
         self.write_bytes_in_flight = 0
         self._waiting_for_room: list[Callable[[], None]] = []
+        #: Whether the sessions log a line per change they make
+        #: (kvconfig.changelog); --no-change-log turns it off.
+        self.log_changes = True
 
     @property
     def feed(self) -> ChangeFeed:

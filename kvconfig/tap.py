@@ -84,6 +84,11 @@ class Options(usage.Options):
         [flag, None, default, help_, number(flag, int)]
         for flag, _, default, help_ in _LIMIT_OPTIONS
     ]
+    optFlags = [
+        ["no-change-log", None,
+         "Log no line per change (for bulk loads: a log line costs about as much "
+         "as the write itself)."],
+    ]
 
     def opt_version(self) -> None:
         """Print the kvconfig version and exit."""
@@ -314,7 +319,9 @@ def makeService(options: Options, reactor=None) -> service.MultiService:
                                   etcd_prefix=options["etcd-prefix"],
                                   etcd_timeout=options["etcd-timeout"])
     store = Store(backend, limits)
-    store.feed.subscribe(log_expired)
+    store.log_changes = not options["no-change-log"]
+    if store.log_changes:
+        store.feed.subscribe(log_expired)
 
     top = ServerService()
     store_service = StoreService(store, options["store"])

@@ -68,6 +68,22 @@ def test_each_change_is_one_line_saying_who_made_it(tmp_path):
         server.stop()
 
 
+def test_no_change_log_logs_no_change(tmp_path):
+    server = KVConfigProcess(tmp_path, "memory:", "--no-change-log")
+    server.start()
+    try:
+        server.proxy().save("quiet", 1)
+        with socket.create_connection(("127.0.0.1", server.line_port)) as line:
+            line.sendall(b"SET quiet 2 EX 1\r\nDEL quiet\r\nSET gone 3 EX 1\r\nQUIT\r\n")
+            while line.recv(4096):
+                pass
+        wait_for(lambda: server.proxy().load("gone") is None, "the TTL key to expire")
+        assert server.proxy().stats()["revision"] == 5
+        assert "[kvconfig.changes#info]" not in server.log()
+    finally:
+        server.stop()
+
+
 def test_an_http_port_in_use_is_one_line(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
