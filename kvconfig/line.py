@@ -114,7 +114,7 @@ from dataclasses import dataclass
 from itertools import chain, islice
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -122,7 +122,7 @@ from twisted.protocols.policies import TimeoutMixin
 
 from kvconfig import __version__, errors, values
 from kvconfig.limits import Limits
-from kvconfig.model import Event, KeyValue
+from kvconfig.model import DELETE, PUT, Absent, Event, KeyValue
 from kvconfig.session import LATER, Deadline, Session, Sessions, budget_full, is_deferred
 from kvconfig.store import Store
 from kvconfig.subscriptions import Subscriptions
@@ -245,6 +245,21 @@ _KEPT_BUFFER_BYTES = 1 << 16
 _STREAM_SLICE = 256
 
 
+#: Consecutive writes made as one run at most: a run's answer waits for its
+#: last write, and holds that many replies.
+_MAX_RUN = 256
+
+#: A write as the session takes it: (PUT or DELETE, key, value, prev, ttl).
+Write = tuple[str, str, Any, "int | None", "float | None"]
+
+
+class Replies(list):
+    """The replies of a run of commands, in order: a line each, or the
+    KVConfigError it failed with."""
+
+    __slots__ = ()
+
+
 class Streamed:
     """A reply (a listing) written as the client reads it, line by line."""
 
@@ -271,6 +286,9 @@ class LineProtocol(Protocol, TimeoutMixin):
     def __init__(self, factory: LineFactory, session: Session) -> None:
         self.factory = factory
         self.session = session
+        #: Writes read and not yet handed to the session, and their bytes.
+        self._run: list[tuple[Command, str]] = []
+        self._run_bytes = 0
         self.limits = factory.limits
         self.callLater = factory.clock.callLater
         self._buffer = bytearray()
@@ -408,6 +426,12 @@ class LineProtocol(Protocol, TimeoutMixin):
             self.transport.write(b"".join(out))
 
     def _read_lines(self) -> None:
+        try:
+            self._read_lines_into_runs()
+        finally:
+            self._submit_run()
+
+    def _read_lines_into_runs(self) -> None:
         buffer, limit = self._buffer, self.factory.max_line_bytes
         session = self.session
         while (not self._paused and not self._closing and not session.backlogged
@@ -423,8 +447,7 @@ class LineProtocol(Protocol, TimeoutMixin):
                     self._line_held = len(buffer)
                 else:
                     # The partial line cannot be kept: skipped, as one too long.
-                    self._reply(session.submit(_raiser(budget_full(
-                        "line skipped", self.limits.max_buffer_bytes))))
+                    self._refuse(budget_full("line skipped", self.limits.max_buffer_bytes))
                     self._discarding = True
                     buffer.clear()
                 return
@@ -443,16 +466,15 @@ class LineProtocol(Protocol, TimeoutMixin):
     def _too_long(self, discarding: bool = True) -> None:
         if not self._discarding:
             self.factory.counters["lines_too_long"] += 1
-            self._reply(self.session.submit(_raiser(errors.RequestTooLarge(
-                f"line is longer than {self.factory.max_line_bytes} bytes; skipped"))))
+            self._refuse(errors.RequestTooLarge(
+                f"line is longer than {self.factory.max_line_bytes} bytes; skipped"))
         self._discarding = discarding
 
     def _line(self, raw: bytes) -> None:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            self._reply(self.session.submit(_raiser(errors.BadEncoding(
-                "line is not valid UTF-8"))))
+            self._refuse(errors.BadEncoding("line is not valid UTF-8"))
             return
         text = text.strip(" \t")
         if not text:
@@ -462,15 +484,74 @@ class LineProtocol(Protocol, TimeoutMixin):
             name, rest = (_WORD_SEPARATORS.split(text, 1) + [""])[:2]
         command = COMMANDS.get(name.upper())
         if command is None:
-            self._reply(self.session.submit(_raiser(errors.NoSuchMethod(
-                f"unknown command {errors.brief(name)}; type HELP"))))
+            self._refuse(errors.NoSuchMethod(
+                f"unknown command {errors.brief(name)}; type HELP"))
             return
-        self.factory.counters["commands"] += 1
-        self.factory.sessions.requests[command.name] += 1
+        factory = self.factory
+        factory.counters["commands"] += 1
+        factory.sessions.requests[command.name] += 1
+        if command.writes:
+            # Consecutive writes go to the session as one run (one request,
+            # one commit, one answer), up to the next other command.
+            run = self._run
+            run.append((command, rest))
+            self._run_bytes += len(rest)
+            if len(run) >= _MAX_RUN:
+                self._submit_run()
+            return
+        if self._run:
+            self._submit_run()
         if command.name == "quit" and not split_words(rest):
             self._closing = True  # read nothing after it
         self._reply(self.session.submit(lambda: self._execute(command, rest),
-                                        command.writes, len(rest), self._answered))
+                                        False, len(rest), self._answered))
+
+    def _refuse(self, error: errors.KVConfigError) -> None:
+        """Answer *error* in its turn."""
+        self._submit_run()
+        self._reply(self.session.submit(_raiser(error)))
+
+    def _submit_run(self) -> None:
+        run = self._run
+        if not run:
+            return
+        self._run, size, self._run_bytes = [], self._run_bytes, 0
+        self._reply(self.session.submit(lambda: self._write_run(run), len(run), size,
+                                        self._answered))
+
+    def _write_run(self, run: list[tuple[Command, str]]) -> Deferred:
+        """Make a run of SET and DEL commands: a Deferred of their replies."""
+        writes, parsed = [], []
+        for command, rest in run:
+            try:
+                write = command.run(self, rest)
+            except errors.KVConfigError as e:
+                parsed.append(e)
+                continue
+            writes.append(write)
+            parsed.append(writes)  # a place for the write's outcome
+        if not writes:
+            return succeed(Replies(parsed))
+        return self.session.write_many(writes).addCallback(self._write_replies, parsed)
+
+    def _write_replies(self, outcomes: list[Any], parsed: list[Any]) -> Replies:
+        """The reply of each command of a run: *parsed*'s errors, and the
+        outcomes of the writes in their places."""
+        made = iter(outcomes)
+        replies = Replies()
+        for place in parsed:
+            if type(place) is list:  # a write: its outcome
+                outcome = next(made)
+                if type(outcome) is KeyValue:
+                    place = b"OK %d %d" % (outcome.mod_revision, outcome.version)
+                elif type(outcome) is int:
+                    place = b"OK %d deleted" % outcome
+                elif type(outcome) is Absent:
+                    place = b"OK %d absent" % outcome.revision
+                else:
+                    place = outcome
+            replies.append(place)
+        return replies
 
     def _execute(self, command: Command, rest: str) -> Any:
         """Run a command: its reply lines, or a Deferred of them."""
@@ -548,6 +629,9 @@ class LineProtocol(Protocol, TimeoutMixin):
             self.factory.counters["errors"] += 1
             self.factory.sessions.errors[outcome.name] += 1
             return [error_line(outcome)]
+        if type(outcome) is Replies:  # a run's: one line each, errors among them
+            return [reply if type(reply) is bytes else self._lines(reply)[0]
+                    for reply in outcome]
         return [outcome] if isinstance(outcome, bytes) else outcome
 
     def _write_lines(self, lines: list[bytes]) -> None:
@@ -568,7 +652,10 @@ class LineProtocol(Protocol, TimeoutMixin):
         kv = self.session.get(key)
         return b"NIL " + key.encode() if kv is None else value_line(kv)
 
-    def do_set(self, rest: str) -> Deferred:
+    # SET and DEL are parsed into writes (the session makes a run of them
+    # at once: _write_run), not run alone.
+
+    def do_set(self, rest: str) -> Write:
         words = split_words(rest, 1)
         if len(words) != 2:
             raise errors.WrongArguments(f"usage: {COMMANDS['SET'].usage}")
@@ -591,8 +678,7 @@ class LineProtocol(Protocol, TimeoutMixin):
             else:
                 raise errors.InvalidArgument(f"unknown option {errors.brief(option)}; "
                                              f"use EX seconds or IF revision{quote}")
-        return self.session.put(key, value, prev, ttl).addCallback(
-            lambda kv: b"OK %d %d" % (kv.mod_revision, kv.version))
+        return PUT, key, value, prev, ttl
 
     def do_ttl(self, key: str) -> bytes:
         left = self.session.ttl(key)
@@ -600,16 +686,11 @@ class LineProtocol(Protocol, TimeoutMixin):
             return b"NIL " + key.encode()
         return b"TTL %s %d" % (key.encode(), -1 if left < 0 else math.ceil(left))
 
-    def do_del(self, key: str, *options: str) -> Deferred:
-        prev = None
-        if options:
-            if len(options) != 2 or options[0].upper() != "IF":
-                raise errors.WrongArguments(f"usage: {COMMANDS['DEL'].usage}")
-            prev = parse_int(options[1], "IF")
-        session = self.session
-        return session.delete(key, prev).addCallback(
-            lambda revision: b"OK %d absent" % session.store.revision if revision is None
-            else b"OK %d deleted" % revision)
+    def do_del(self, rest: str) -> Write:
+        key, *options = split_words(rest) or [""]
+        if not key or options and (len(options) != 2 or options[0].upper() != "IF"):
+            raise errors.WrongArguments(f"usage: {COMMANDS['DEL'].usage}")
+        return DELETE, key, None, parse_int(options[1], "IF") if options else None, None
 
     def _range(self, prefix: str, limit: str | None,
                after: str | None) -> tuple[int, list[KeyValue], bool]:
@@ -760,8 +841,8 @@ _HELP = {
     "HELP": ("HELP [command]", "This help."),
     "QUIT": ("QUIT", "Close the connection."),
 }
-# Word counts; SET and PING parse the raw rest of the line themselves.
-_ARITY = {"GET": (1, 1), "SET": None, "TTL": (1, 1), "DEL": (1, 3), "KEYS": (0, 3), "LIST": (0, 3),
+# Word counts; SET, DEL and PING parse the raw rest of the line themselves.
+_ARITY = {"GET": (1, 1), "SET": None, "TTL": (1, 1), "DEL": None, "KEYS": (0, 3), "LIST": (0, 3),
           "CHANGES": (1, 2), "WATCH": (0, 2), "UNWATCH": (0, 1), "SUBSCRIBE": (1, 2),
           "UNSUBSCRIBE": (1, 2), "STATS": (0, 0),
           "PING": None, "HELP": (0, 1), "QUIT": (0, 0)}

@@ -74,3 +74,10 @@ class Event:
     def size(self) -> int:
         """Approximate bytes this event holds, for bounding history."""
         return len(self.key) + (len(self.kv.raw) if self.kv is not None else 0) + 64
+
+
+@dataclass(slots=True)
+class Absent:
+    """The outcome of deleting a key that was absent: as of ``revision``."""
+
+    revision: int

@@ -38,7 +38,7 @@ from kvconfig import errors, values
 from kvconfig.changelog import log_change
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
-from kvconfig.store import Budget, Store
+from kvconfig.store import Budget, Store, outcome_of
 
 if TYPE_CHECKING:
     from kvconfig.subscriptions import Subscriptions
@@ -83,17 +83,6 @@ def settled(result: Any) -> Any:
     return result
 
 
-def outcome_of(result: Any) -> Any:
-    """An operation's result as an outcome: a Failure becomes the
-    KVConfigError it holds, or (logged) an InternalError."""
-    if isinstance(result, Failure):
-        if isinstance(result.value, errors.KVConfigError):
-            return result.value
-        log.failure("request failed", result)
-        return errors.InternalError(f"internal error: {result.type.__name__}")
-    return result
-
-
 def _call(operation: Callable[[], Any]) -> Any:
     """Run *operation*: its outcome if it is ready, else its Deferred (which
     may fail: the caller makes the outcome of its result)."""
@@ -126,9 +115,10 @@ LATER = object()
 class _Request:
     __slots__ = ("operation", "writes", "size", "state", "outcome", "deliver")
 
-    def __init__(self, operation: Callable[[], Any], writes: bool, size: int,
+    def __init__(self, operation: Callable[[], Any], writes: int, size: int,
                  deliver: Callable[[Any], None]) -> None:
         self.operation = operation
+        #: How many writes it makes (0: a read).
         self.writes = writes
         self.size = size
         self.state = _QUEUED
@@ -198,18 +188,20 @@ class Session:
         self._held[what] = size
         return True
 
-    def submit(self, operation: Callable[[], Any], writes: bool = False, size: int = 0,
+    def submit(self, operation: Callable[[], Any], writes: int = 0, size: int = 0,
                deliver: Callable[[Any], None] | None = None) -> Any:
         """Run *operation* in this client's order.
 
         Returns its outcome at once when it is ready and nothing before it
         is unanswered.  Else the outcome comes later, after the answers of
         every earlier request: to *deliver* if given (submit returns LATER),
-        else through the Deferred returned (which never fails).  *size* is
-        the request's size in bytes, for the session's bounds.
+        else through the Deferred returned (which never fails).  *writes*
+        is how many writes it makes (a run of them counts each; 0 or False:
+        it is a read) and *size* its size in bytes, for the session's
+        bounds.
         """
         requests = self._requests
-        if not requests and (not writes or self._write_room(size)):
+        if not requests and (not writes or self._write_room(size, writes)):
             result = _call(operation)
             if not is_deferred(result):
                 return result
@@ -220,7 +212,7 @@ class Session:
         request, answer = self._request(operation, writes, size, deliver)
         requests.append(request)
         if (writes and not self._waiting and not self._reads_running
-                and self._write_room(size)):
+                and self._write_room(size, writes)):
             # Only writes before it, each already decided: it is decided now,
             # seeing them, and joins their commit.
             self._start(request)
@@ -231,7 +223,7 @@ class Session:
         return answer
 
     @staticmethod
-    def _request(operation: Callable[[], Any], writes: bool, size: int,
+    def _request(operation: Callable[[], Any], writes: int, size: int,
                  deliver: Callable[[Any], None] | None) -> tuple[_Request, Any]:
         if deliver is not None:
             return _Request(operation, writes, size, deliver), LATER
@@ -249,13 +241,13 @@ class Session:
             len(waiting) >= MAX_QUEUED_REQUESTS
             or self._waiting_bytes > self.limits.max_line_bytes or not held)
 
-    def _write_room(self, size: int) -> bool:
-        """Whether a write of *size* may start now: this client's writes in
-        flight, and everyone's, stay within their bounds (one always may
-        when none is in flight)."""
+    def _write_room(self, size: int, count: int = 1) -> bool:
+        """Whether *count* writes of *size* bytes in all may start now: this
+        client's writes in flight, and everyone's, stay within their bounds
+        (a request always may when none is in flight)."""
         limits = self.limits
         if self._writes_running and (
-                self._writes_running >= limits.max_client_writes
+                self._writes_running + count > limits.max_client_writes
                 or self._write_bytes_running + size > limits.max_client_write_bytes):
             return False  # _finished makes room
         if not self.store.has_write_room(size):
@@ -274,7 +266,7 @@ class Session:
     def _started(self, request: _Request, outcome: Deferred) -> None:
         request.state = _RUNNING
         if request.writes:
-            self._writes_running += 1
+            self._writes_running += request.writes
             self._write_bytes_running += request.size
         else:
             self._reads_running += 1
@@ -282,7 +274,7 @@ class Session:
 
     def _finished(self, result: Any, request: _Request) -> None:
         if request.writes:
-            self._writes_running -= 1
+            self._writes_running -= request.writes
             self._write_bytes_running -= request.size
         else:
             self._reads_running -= 1
@@ -301,7 +293,7 @@ class Session:
             while requests and not self._closed:
                 head = requests[0]
                 if head.state == _QUEUED:
-                    if head.writes and not self._write_room(head.size):
+                    if head.writes and not self._write_room(head.size, head.writes):
                         break
                     self._start(waiting.popleft())
                     self._waiting_bytes -= head.size
@@ -314,7 +306,8 @@ class Session:
             # A run of waiting writes with only writes before it starts
             # together (it shares a commit), up to the next read.
             while (waiting and waiting[0].writes and not self._reads_running
-                   and not self._closed and self._write_room(waiting[0].size)):
+                   and not self._closed
+                   and self._write_room(waiting[0].size, waiting[0].writes)):
                 request = waiting.popleft()
                 self._waiting_bytes -= request.size
                 self._hold_waiting()
@@ -369,6 +362,13 @@ class Session:
         deleted = store.delete(key, prev_revision)
         return deleted.addCallback(self._delete_logged, key) if store.log_changes else deleted
 
+    def write_many(self, writes: list[tuple[str, str, Any, int | None, float | None]]) -> Deferred:
+        """A run of writes sharing one commit (Store.write_many): fires with
+        each one's outcome in order, never failing."""
+        store = self.store
+        made = store.write_many(writes)
+        return made.addCallback(self._many_logged, writes) if store.log_changes else made
+
     # Each change is logged once acknowledged, with who made it: the store
     # and its backends do not know the client.
 
@@ -380,6 +380,14 @@ class Session:
         if revision is not None:
             log_change(self.client, "delete", key, revision)
         return revision
+
+    def _many_logged(self, outcomes: list[Any], writes: list[tuple]) -> list[Any]:
+        for outcome, write in zip(outcomes, writes, strict=True):
+            if type(outcome) is KeyValue:
+                log_change(self.client, "put", outcome.key, outcome.mod_revision)
+            elif type(outcome) is int:
+                log_change(self.client, "delete", write[1], outcome)
+        return outcomes
 
     def stats(self) -> dict[str, Any]:
         return self.store.stats()

@@ -14,15 +14,25 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kvconfig import __version__, values
 from kvconfig.backends import IBackend
-from kvconfig.errors import CompareFailed, InvalidArgument, KVConfigError, Unavailable, brief
+from kvconfig.errors import (
+    CompareFailed,
+    InternalError,
+    InvalidArgument,
+    KVConfigError,
+    Unavailable,
+    brief,
+)
 from kvconfig.feed import ChangeFeed
 from kvconfig.limits import Limits
-from kvconfig.model import Event, KeyValue
+from kvconfig.model import DELETE, PUT, Event, KeyValue
+
+log = Logger()
 
 
 class Budget:
@@ -203,23 +213,85 @@ class Store:
         self.counters["deletes"] += 1
         return self._in_flight(d, len(key), _revision_of)
 
+    def write_many(self, writes: list[tuple[str, str, Any, int | None, float | None]]) -> Deferred:
+        """A run of writes, each ``(PUT or DELETE, key, value, prev_revision,
+        ttl)`` (value and ttl None for a delete), made in order as put() and
+        delete() would make them, sharing one commit; fires once all are
+        answered with each one's outcome in order: its KeyValue (a put), its
+        revision (a delete), Absent (a delete of an absent key) or the
+        KVConfigError it failed with.  It never fails."""
+        limits = self.limits
+        max_key_bytes, max_value_bytes = limits.max_key_bytes, limits.max_value_bytes
+        outcomes: list[Any] = []
+        checked: list[tuple] = []   # (op, key, raw, prev, ttl) for the backend
+        size = 0
+        for op, key, value, prev_revision, ttl in writes:
+            try:
+                values.check_key(key, max_key_bytes)
+                raw = None
+                if op is PUT:
+                    raw = values.encode(value, max_value_bytes, limits.max_value_depth)
+                    size += len(raw)
+                if prev_revision is not None:
+                    _check_int(prev_revision, "prev_revision", minimum=0)
+                if ttl is not None:
+                    _check_ttl(ttl)
+            except KVConfigError as e:
+                self.counters["rejected"] += 1
+                outcomes.append(e)
+                continue
+            size += len(key)
+            checked.append((op, key, raw, prev_revision, ttl))
+            outcomes.append(checked)  # a place: the backend's outcome goes here
+        if not checked:
+            return succeed(outcomes)
+        try:
+            made = self.backend.write_many(checked)
+        except KVConfigError as e:
+            return succeed([e if outcome is checked else outcome for outcome in outcomes])
+        self.counters["puts"] += sum(1 for write in checked if write[0] is PUT)
+        self.counters["deletes"] += sum(1 for write in checked if write[0] is DELETE)
+        return self._in_flight(made, size, lambda made: self._outcomes(outcomes, checked, made),
+                               len(checked)).addErrback(
+            lambda failure: [outcome_of(failure) if outcome is checked else outcome
+                             for outcome in outcomes])
+
+    def _outcomes(self, outcomes: list[Any], place: list, made: list[Any]) -> list[Any]:
+        """*outcomes* with each place of a checked write filled with what the
+        backend made of it, in order."""
+        made_of = iter(made)
+        answers = []
+        for outcome in outcomes:
+            if outcome is place:
+                outcome = next(made_of)
+                if type(outcome) is Event:
+                    outcome = outcome.kv if outcome.type is PUT else outcome.revision
+                elif isinstance(outcome, CompareFailed):
+                    self.counters["compare_failures"] += 1
+                elif isinstance(outcome, Failure):
+                    outcome = outcome_of(outcome)
+            answers.append(outcome)
+        return answers
+
     # The bound on writes waiting for their commit, in total (each client's
     # own is kept by its Session).
 
-    def _in_flight(self, d: Deferred, size: int, answer: Callable[[Any], Any]) -> Deferred:
-        """*d*, the backend's Deferred of a write of *size* bytes, counted in
-        flight until it fires; it fires with what *answer* makes of the
-        event, or fails (counted) as the write did."""
+    def _in_flight(self, d: Deferred, size: int, answer: Callable[[Any], Any],
+                   count: int = 1) -> Deferred:
+        """*d*, the backend's Deferred of *count* writes of *size* bytes,
+        counted in flight until it fires; it fires with what *answer* makes
+        of its result, or fails (counted) as the writes did."""
         if d.called:
-            return d.addBoth(self._answered, 0, answer)  # at once: never in flight
-        self.writes_in_flight += 1
+            return d.addBoth(self._answered, 0, answer, 0)  # at once: never in flight
+        self.writes_in_flight += count
         self.write_bytes_in_flight += size
-        return d.addBoth(self._answered, size, answer)
+        return d.addBoth(self._answered, size, answer, count)
 
-    def _answered(self, result: Any, size: int, answer: Callable[[Any], Any]) -> Any:
+    def _answered(self, result: Any, size: int, answer: Callable[[Any], Any],
+                  count: int = 1) -> Any:
         # One callback for all a write's answer needs: it runs for every write.
         if size:
-            self.writes_in_flight -= 1
+            self.writes_in_flight -= count
             self.write_bytes_in_flight -= size
             if self._waiting_for_room and self.has_write_room(0):
                 waiting, self._waiting_for_room = self._waiting_for_room, []
@@ -274,6 +346,17 @@ class Store:
             stats.update({f"{interface}_{name}": value
                           for name, value in interface_stats().items()})
         return stats
+
+
+def outcome_of(result: Any) -> Any:
+    """A request's result as its outcome: a Failure becomes the
+    KVConfigError it holds, or (logged) an InternalError."""
+    if isinstance(result, Failure):
+        if isinstance(result.value, KVConfigError):
+            return result.value
+        log.failure("request failed", result)
+        return InternalError(f"internal error: {result.type.__name__}")
+    return result
 
 
 def _kv_of(event: Event) -> KeyValue:

@@ -20,9 +20,9 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from kvconfig.backends import backend_from_string
-from kvconfig.errors import Compacted, CompareFailed, InvalidArgument, InvalidKey
+from kvconfig.errors import Compacted, CompareFailed, InvalidArgument, InvalidKey, InvalidValue
 from kvconfig.limits import Limits
-from kvconfig.model import DELETE, PUT
+from kvconfig.model import DELETE, PUT, Absent
 from kvconfig.store import Store
 
 pytest_plugins = ["etcdcluster"]
@@ -255,6 +255,82 @@ async def test_write_is_acknowledged_and_published_only_once_durable(open_store)
     assert len(seen) == 10
     if open_store.kind == "sqlite":
         assert store.backend.commits == commits + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_of_writes_is_made_in_order_each_with_its_outcome(open_store):
+    """write_many makes each write as put() and delete() would, each seeing
+    the ones before it to its key (compare-and-set on a write of the same
+    run); a write that fails, by its input or its compare, fails alone, in
+    its place; readers and the feed see the run only once it is durable.
+    The local backends make the whole run in order, as one commit; etcd
+    orders each key's writes (its writes to different keys are sent at
+    once, as pipelined single writes always were)."""
+    store = await open_store()
+    base = store.revision
+    await store.put("run/a", "before")
+    seen = []
+    store.feed.subscribe(seen.append)
+    if open_store.kind == "sqlite":
+        commits = store.backend.commits
+    made = store.write_many([
+        (PUT, "run/a", "one", None, None),
+        (PUT, "run/b", {"x": [1, 2.5]}, 0, None),       # only if absent: it is
+        (PUT, "run/b", "again", 0, None),                 # no longer absent
+        (PUT, "bad key", 1, None, None),
+        (PUT, "run/c", float("nan"), None, None),
+        (DELETE, "run/missing", None, None, None),
+        (DELETE, "run/a", None, None, None),
+        (DELETE, "run/a", None, None, None),              # absent by now
+    ])
+    if open_store.kind in ("sqlite", "etcd"):
+        assert not made.called
+        assert store.load("run/a") == "before" and store.revision == base + 1 and seen == []
+    outcomes = await made
+    one, b, again, bad_key, nan, missing, deleted, gone = outcomes
+    assert (one.key, one.value, one.version) == ("run/a", "one", 2)
+    assert (b.key, b.value, b.version) == ("run/b", {"x": [1, 2.5]}, 1)
+    assert isinstance(again, CompareFailed) and again.actual == b.mod_revision
+    assert isinstance(bad_key, InvalidKey) and isinstance(nan, InvalidValue)
+    assert isinstance(missing, Absent) and deleted > one.mod_revision
+    assert isinstance(gone, Absent) and gone.revision >= deleted
+    assert sorted((e.revision, e.type, e.key) for e in seen) == [
+        (e.revision, e.type, e.key) for e in seen]
+    assert sorted((e.revision, e.type, e.key) for e in seen) == sorted([
+        (one.mod_revision, PUT, "run/a"), (b.mod_revision, PUT, "run/b"),
+        (deleted, DELETE, "run/a")])
+    assert store.get("run/a") is None and store.get("run/b") == b
+    assert store.revision == base + 4
+    if open_store.kind != "etcd":
+        assert (one.mod_revision, b.mod_revision, deleted) == (base + 2, base + 3, base + 4)
+        assert missing.revision == base + 3 and gone.revision == base + 4
+    if open_store.kind == "sqlite":
+        assert store.backend.commits == commits + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_that_changes_nothing_still_answers(open_store):
+    """A run of failed compares and deletes of absent keys changes nothing
+    and answers each in its place."""
+    store = await open_store()
+    kv = await store.put("k", 1)
+    outcomes = await store.write_many([(PUT, "k", 2, kv.mod_revision + 5, None),
+                                       (DELETE, "nothing", None, None, None)])
+    assert isinstance(outcomes[0], CompareFailed) and isinstance(outcomes[1], Absent)
+    assert outcomes[1].revision == kv.mod_revision
+    assert store.revision == kv.mod_revision and store.load("k") == 1
+    # "Absent as of a revision" is said once that revision is durable: a
+    # client told of it can read it.  A local backend decides it after the
+    # write before it (etcd, on another key, maybe before).
+    pending = store.put("other", 1)
+    absent = store.write_many([(DELETE, "nothing", None, None, None)])
+    if open_store.kind == "sqlite":
+        assert not absent.called
+    (outcome,) = await absent
+    assert isinstance(outcome, Absent) and store.revision >= outcome.revision
+    assert (await pending).mod_revision == kv.mod_revision + 1
+    if open_store.kind != "etcd":
+        assert outcome.revision == kv.mod_revision + 1
 
 
 @pytest_twisted.ensureDeferred

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 
 from kvconfig import errors
+from kvconfig.model import PUT
 from kvconfig.session import MAX_QUEUED_REQUESTS, Client, Session, Sessions
 from kvconfig.subscriptions import Subscriptions
 
@@ -263,6 +264,21 @@ def test_a_clients_writes_in_flight_are_bounded_in_count(tmp_path):
     r.commit()
     assert [name for name, _ in r.answers] == [f"w{i}" for i in range(10)]
     assert [kv.mod_revision for _, kv in r.answers] == list(range(1, 11))
+
+
+def test_a_run_of_writes_counts_each_write_against_the_bound(tmp_path):
+    """A run (write_many, as the line protocol makes of pipelined writes)
+    counts as its writes against max_client_writes: a second run that would
+    pass the bound waits for the first's commit."""
+    r = Recorder(tmp_path, max_client_writes=5)
+    runs = [[(PUT, f"run{n}/{i}", i, None, None) for i in range(3)] for n in range(2)]
+    for n, run in enumerate(runs):
+        r.session.submit(lambda run=run: r.session.write_many(run), writes=len(run),
+                         size=30).addCallback(lambda o, n=n: r.answers.append((n, o)))
+    assert r.store.writes_in_flight == 3 and r.session.queued == 1
+    r.commit()
+    assert [n for n, _ in r.answers] == [0, 1]
+    assert [kv.mod_revision for _, run in r.answers for kv in run] == list(range(1, 7))
 
 
 def test_a_clients_writes_in_flight_are_bounded_in_bytes(tmp_path):

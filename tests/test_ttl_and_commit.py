@@ -8,9 +8,9 @@ from twisted.python.failure import Failure
 
 from kvconfig.backends.memory import MemoryBackend
 from kvconfig.backends.sqlite import SQLiteBackend
-from kvconfig.errors import Unavailable
+from kvconfig.errors import CompareFailed, InvalidKey, Unavailable
 from kvconfig.limits import Limits
-from kvconfig.model import DELETE
+from kvconfig.model import DELETE, PUT
 from kvconfig.store import Store
 
 
@@ -129,4 +129,30 @@ def test_failed_commit_fails_the_writes_and_changes_nothing(tmp_path):
     assert store.load("kept") == 1 and store.get("new") is None and store.revision == 1
     store.backend._db.execute("PRAGMA query_only = 0")
     assert settle(clock, store.put("new", 1)).mod_revision == 2
+    store.stop()
+
+
+def test_a_run_whose_commit_fails_fails_every_write_of_it(tmp_path):
+    """A run of writes (write_many) that sqlite cannot commit answers each of
+    its writes Unavailable, the compare that failed in it too (it rested on
+    the run), publishes nothing and changes nothing; the next run goes on
+    from the committed state."""
+    clock = Clock()
+    limits = Limits()
+    store = Store(SQLiteBackend(str(tmp_path / "kv.db"), clock, limits), limits)
+    store.start()
+    settle(clock, store.put("kept", 1))
+    published = []
+    store.feed.subscribe(published.append)
+    store.backend._db.execute("PRAGMA query_only = 1")  # a real sqlite write failure
+    run = [(PUT, "kept", 2, None, None), (PUT, "new", 1, 0, None),
+           (PUT, "new", 2, 0, None), (DELETE, "kept", None, None, None),
+           (PUT, "", 3, None, None)]
+    outcomes = settle(clock, store.write_many(run))
+    assert [type(outcome) for outcome in outcomes] == [Unavailable] * 4 + [InvalidKey]
+    assert published == []
+    assert store.load("kept") == 1 and store.get("new") is None and store.revision == 1
+    store.backend._db.execute("PRAGMA query_only = 0")
+    kv, again = settle(clock, store.write_many(run[1:3]))
+    assert kv.mod_revision == 2 and isinstance(again, CompareFailed)
     store.stop()

@@ -9,17 +9,23 @@ encodes what clients send; the backend trusts what it gets.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, succeed
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
 from kvconfig.backends.answers import PendingAnswers
-from kvconfig.errors import CompareFailed, Unavailable
+from kvconfig.errors import CompareFailed, KVConfigError, Unavailable
 from kvconfig.feed import ChangeFeed
 from kvconfig.keyspace import Keyspace
 from kvconfig.limits import Limits
-from kvconfig.model import DELETE, PUT, Event, KeyValue
+from kvconfig.model import DELETE, PUT, Absent, Event, KeyValue
+
+#: One write of a run given to write_many: (PUT or DELETE, key, raw,
+#: prev_revision, ttl).
+Write = tuple[str, str, "bytes | None", "int | None", "float | None"]
 
 
 class IBackend(Interface):
@@ -53,8 +59,41 @@ class IBackend(Interface):
     def delete(key: str, prev_revision: int | None) -> Deferred:
         """Delete *key*; fires with the delete Event, or None if it was absent."""
 
+    def write_many(writes: list[Write]) -> Deferred:
+        """Make *writes* (each ``(PUT or DELETE, key, raw, prev_revision,
+        ttl)``, raw and ttl None for a delete) as put() and delete() would,
+        in order, each decided seeing the ones before it; fires once all
+        are durable with their outcomes in order: an Event, an Absent (a
+        delete of an absent key) or a CompareFailed.  A local backend's run fails
+        as a whole if it cannot be made durable; a backend whose writes are
+        made one by one (write_each) gives each failure as that write's
+        outcome."""
+
     def stats() -> dict:
         """The backend's own counters, for the store's stats()."""
+
+
+def write_each(backend: IBackend, writes: list[Write]) -> Deferred:
+    """write_many for a backend whose writes are made one by one: each
+    outcome in order, a write's failure (its KVConfigError) among them."""
+    made = []
+    for op, key, raw, prev_revision, ttl in writes:
+        try:
+            made.append(backend.put(key, raw, prev_revision, ttl) if op is PUT
+                        else backend.delete(key, prev_revision))
+        except KVConfigError as e:
+            made.append(fail(e))
+    return DeferredList(made, consumeErrors=True).addCallback(
+        lambda results: [_outcome(backend, ok, result) for ok, result in results])
+
+
+def _outcome(backend: IBackend, ok: bool, result: Any) -> Any:
+    """A write's result as write_many gives it: a failure as its
+    KVConfigError (the Failure itself for any other, which the store
+    reports), an absent key's delete as Absent at the revision known now."""
+    if not ok:
+        return result.value if isinstance(result.value, KVConfigError) else result
+    return Absent(backend.keyspace.revision) if result is None else result
 
 
 class LocalBackend:
@@ -102,30 +141,71 @@ class LocalBackend:
     def put(self, key: str, raw: bytes, prev_revision: int | None = None,
             ttl: float | None = None) -> Deferred:
         self._check_writable()
-        current = self._decided(key)
-        failed = self._compare(key, current, prev_revision)
-        if failed is not None:
-            return failed
-        revision = self._decided_revision + 1
-        kv = KeyValue(
-            key=key,
-            raw=raw,
-            version=current.version + 1 if current else 1,
-            create_revision=current.create_revision if current else revision,
-            mod_revision=revision,
-            expires_at=self.clock.seconds() + ttl if ttl else None,
-        )
-        return self._change(Event(PUT, key, revision, kv))
+        decided = self._decide(PUT, key, raw, prev_revision, ttl)
+        if type(decided) is Event:
+            return self._persist(decided)
+        return self._answer(key, decided)
 
     def delete(self, key: str, prev_revision: int | None = None) -> Deferred:
         self._check_writable()
+        decided = self._decide(DELETE, key, None, prev_revision, None)
+        if type(decided) is Event:
+            return self._persist(decided)
+        return self._answer(key, None if type(decided) is Absent else decided)
+
+    def write_many(self, writes: list[Write]) -> Deferred:
+        self._check_writable()
+        outcomes: list[Event | CompareFailed | Absent] = []
+        events: list[Event] = []
+        rests_on = 0  # the latest change not yet durable an outcome rests on
+        overlay = self._overlay
+        for write in writes:
+            decided = self._decide(*write)
+            if type(decided) is Event:
+                events.append(decided)
+            else:
+                pending = overlay.get(write[1])
+                if pending is not None and pending[0] > rests_on:
+                    rests_on = pending[0]
+                if type(decided) is Absent and decided.revision > rests_on:
+                    rests_on = decided.revision  # it says "absent as of" that
+            outcomes.append(decided)
+        if events:
+            # Every change decided before them is durable before they are.
+            made = self._persist_many(events)
+        else:
+            keyspace = self.keyspace
+            made = self._answers.when(lambda: keyspace.revision >= rests_on, None)
+        return made.addCallback(lambda _: outcomes)
+
+    def _decide(self, op: str, key: str, raw: bytes | None, prev_revision: int | None,
+                ttl: float | None) -> Event | CompareFailed | Absent:
+        """Decide one write, seeing every change decided before it: the
+        Event it makes (decided, to be made durable), else its outcome (a
+        CompareFailed, or Absent for the delete of an absent key)."""
         current = self._decided(key)
-        failed = self._compare(key, current, prev_revision)
-        if failed is not None:
-            return failed
-        if current is None:
-            return self._answer(key, None)
-        return self._change(Event(DELETE, key, self._decided_revision + 1))
+        if prev_revision is not None:
+            actual = current.mod_revision if current else 0
+            if actual != prev_revision:
+                return CompareFailed(key, prev_revision, actual)
+        revision = self._decided_revision + 1
+        if op is PUT:
+            kv = KeyValue(key, raw,
+                          current.version + 1 if current else 1,
+                          current.create_revision if current else revision,
+                          revision,
+                          self.clock.seconds() + ttl if ttl else None)
+            event = Event(PUT, key, revision, kv)
+        elif current is None:
+            return Absent(self._decided_revision)
+        else:
+            kv = None
+            event = Event(DELETE, key, revision)
+        self._decided_revision = revision
+        self._overlay[key] = (revision, kv)
+        if kv is not None and kv.expires_at is not None or key in self._expiry:
+            self._schedule_expiry(key, kv)
+        return event
 
     def _check_writable(self) -> None:
         """Raise Unavailable when no change can be made durable now."""
@@ -134,16 +214,6 @@ class LocalBackend:
         """The key as the changes decided so far leave it, durable or not."""
         pending = self._overlay.get(key)
         return self.keyspace.get(key) if pending is None else pending[1]
-
-    def _compare(self, key: str, current: KeyValue | None,
-                 prev_revision: int | None) -> Deferred | None:
-        """None if the compare holds, else the (failing) answer to give."""
-        if prev_revision is None:
-            return None
-        actual = current.mod_revision if current else 0
-        if actual == prev_revision:
-            return None
-        return self._answer(key, CompareFailed(key, prev_revision, actual))
 
     def _answer(self, key: str, outcome: object) -> Deferred:
         """An answer that changes nothing (a failed compare, an absent key).
@@ -167,6 +237,12 @@ class LocalBackend:
         """Make *event* durable, then call _make_durable; fires with *event*."""
         self._make_durable([event])
         return succeed(event)
+
+    def _persist_many(self, events: list[Event]) -> Deferred:
+        """Make *events* durable together, as _persist does one; fires with
+        the last."""
+        self._make_durable(events)
+        return succeed(events[-1])
 
     def _make_durable(self, events: list[Event]) -> None:
         """*events* are durable: show them to readers, then publish them."""

@@ -78,7 +78,9 @@ from kvconfig.errors import Unavailable
 from kvconfig.limits import Limits
 from kvconfig.model import Event, KeyValue
 
-Pending = list[tuple[Event, Deferred]]
+#: Changes decided, each with the Deferred of its answer (None for those of
+#: a run answered with its last change: write_many).
+Pending = list[tuple[Event, "Deferred | None"]]
 
 #: Seconds before starting a new writer after one that had not committed
 #: anything died too; doubles up to a minute.  (After a writer that was
@@ -242,6 +244,11 @@ class SQLiteBackend(LocalBackend):
             self._flush_call = self.clock.callLater(0, self._flush)
         return d
 
+    def _persist_many(self, events: list[Event]) -> Deferred:
+        # One answer for the run, with its last event: they share a commit.
+        self._pending.extend((event, None) for event in events[:-1])
+        return self._persist(events[-1])
+
     def _flush(self) -> None:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
@@ -284,7 +291,8 @@ class SQLiteBackend(LocalBackend):
             self.commit_observer(self.clock.seconds() - flight.sent_at, len(pending))
         self._make_durable([event for event, _ in pending])
         for event, d in pending:
-            d.callback(event)
+            if d is not None:
+                d.callback(event)
 
     # Recovery: after a failed commit, a dead writer or a commit timeout,
     # learn from the file what is durable.  Only what follows the last
@@ -352,7 +360,8 @@ class SQLiteBackend(LocalBackend):
                     _same(event, in_file.get(event.revision)) for event, _ in flight.pending):
                 self.commits += 1
                 for event, d in flight.pending:
-                    d.callback(event)
+                    if d is not None:
+                        d.callback(event)
             else:
                 _fail(flight.pending, unproven)
         self._reschedule_deadline()
@@ -566,7 +575,8 @@ class SQLiteBackend(LocalBackend):
 
 def _fail(pending: Pending, error: Exception) -> None:
     for _, d in pending:
-        d.errback(error)
+        if d is not None:
+            d.errback(error)
 
 
 def _same(ours: Event, in_file: Event | None) -> bool:

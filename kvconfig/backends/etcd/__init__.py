@@ -36,7 +36,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from kvconfig.backends.base import IBackend
+from kvconfig.backends.base import IBackend, Write, write_each
 from kvconfig.backends.etcd.client import EtcdClient
 from kvconfig.backends.etcd.codec import Codec
 from kvconfig.backends.etcd.health import Health
@@ -100,6 +100,10 @@ class EtcdBackend:
 
     def delete(self, key: str, prev_revision: int | None = None) -> Deferred:
         return self.writes.delete(key, prev_revision)
+
+    def write_many(self, writes: list[Write]) -> Deferred:
+        # Each write keeps its own order per key and its own batch in etcd.
+        return write_each(self, writes)
 
     @property
     def counters(self) -> dict[str, int]:
