@@ -195,8 +195,9 @@ def build_store(path: Path, keys: int) -> None:
     db = open_db(str(path))
     try:
         for start in range(1, keys + 1, 100_000):
-            events = [Event(PUT, f"big/{r:07d}", r, KeyValue(f"big/{r:07d}", None, raw, 1, r, r))
-                      for r in range(start, min(start + 100_000, keys + 1))]
+            events = [Event(PUT, f"big/{r:07d}", r, KeyValue(
+                key=f"big/{r:07d}", raw=raw, version=1, create_revision=r, mod_revision=r))
+                for r in range(start, min(start + 100_000, keys + 1))]
             last = events[-1].revision
             write_batches(db, [make_batch(events, keys - 1 if last == keys else 0)])
     finally:

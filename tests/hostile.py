@@ -18,7 +18,6 @@ Everything here talks to loopback only, and every wait has a bound.
 from __future__ import annotations
 
 import http.client
-import os
 import resource
 import socket
 import threading
@@ -32,7 +31,7 @@ from typing import Any
 from kvconfig.backends.sqlitefile import make_batch, open_db, write_batches
 from kvconfig.model import PUT, Event, KeyValue
 
-from serverprocess import KVConfigProcess
+from serverprocess import KVConfigProcess, child_pids
 
 #: Where legitimate clients connect from.
 LEGIT_HOST = "127.0.0.2"
@@ -67,20 +66,11 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 20.0,
 
 def process_tree(pid: int) -> list[int]:
     """*pid* and its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat[stat.rindex(")") + 2:].split()[1])
-            children.setdefault(parent, []).append(int(entry))
     tree, pending = [], [pid]
     while pending:
         current = pending.pop()
         tree.append(current)
-        pending.extend(children.get(current, []))
+        pending.extend(child_pids(current))
     return tree
 
 
@@ -183,8 +173,9 @@ def build_store(path: Path, keys: int, prefix: str = "big/", value_bytes: int = 
             events = []
             for revision in range(start, min(start + chunk, keys + 1)):
                 key = f"{prefix}{revision:07d}"
-                events.append(Event(PUT, key, revision,
-                                    KeyValue(key, None, raw, 1, revision, revision)))
+                events.append(Event(PUT, key, revision, KeyValue(
+                    key=key, raw=raw, version=1, create_revision=revision,
+                    mod_revision=revision)))
             last = start + len(events) - 1
             write_batches(db, [make_batch(events, keys - 1 if last == keys else 0)])
     finally:

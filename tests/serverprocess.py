@@ -2,9 +2,9 @@
 
 The twistd is the one installed beside the running Python (the test venv's),
 or the one the environment variable ``KVCONFIG_TWISTD`` names: set it to
-another install's twistd (``/work/base/.venv/bin/twistd``, say) to run the
-end-to-end tests against that code, to see that a test fails without the
-change it covers.
+another install's twistd to run the end-to-end tests against that code, to
+see that a test fails without the change it covers.  That install must take
+the options KVConfigProcess gives (--http among them).
 """
 
 from __future__ import annotations
