@@ -11,7 +11,8 @@ part, once:
 * servers: free ports, the twistd to run, the kvconfig command line, starting
   a server in its own directory and waiting until it listens, stopping it
   (SIGTERM, then SIGKILL), the warnings and errors in its logs;
-* CPU accounting of a process and its descendants (Linux);
+* CPU accounting of a process and its descendants, and their resident
+  memory now and at its peak (Linux);
 * the wire, as far as more than one script speaks it: HTTP/1.1 requests and
   responses (Content-Length or chunked, whole or streamed) and the replies of
   kvconfig's line protocol;
@@ -52,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xmlrpc.client
 from collections import Counter, deque
@@ -281,6 +283,87 @@ def process_tree(pid: int) -> list[int]:
 
 def tree_cpu_seconds(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
+
+
+# Memory
+
+
+def status_kib(pid: int, name: str) -> int:
+    """A VmXXX line of /proc/PID/status (VmRSS, VmHWM ...) in KiB; 0 once
+    the process is gone or off Linux."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """The resident memory of a process and its descendants (kvconfig's
+    sqlite writer) in MB against a baseline taken when the watch starts
+    (``with PeakMemory(pid) as memory``): its peak, from a sampler and the
+    kernel's VmHWM (reset at the start through ``clear_refs``, where this
+    process may), and what it is now."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.baseline_kib = 0
+        self._sampled_kib = 0
+        self._hwm_reset = False
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            for pid in process_tree(self.pid):
+                Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM
+            self._hwm_reset = True
+        except OSError:
+            pass
+        self.baseline_kib = self._sampled_kib = self.rss_kib()
+        self._sampler.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._sampler.join(timeout=5)
+
+    def _sample(self) -> None:
+        pids, refreshed = process_tree(self.pid), time.monotonic()
+        while not self._stop.wait(self.interval):
+            if time.monotonic() - refreshed > 0.5:  # a writer started anew
+                pids, refreshed = process_tree(self.pid), time.monotonic()
+            self._sampled_kib = max(self._sampled_kib,
+                                    sum(status_kib(pid, "VmRSS") for pid in pids))
+
+    def rss_kib(self) -> int:
+        return sum(status_kib(pid, "VmRSS") for pid in process_tree(self.pid))
+
+    @property
+    def peak_growth_mb(self) -> float:
+        """The highest the tree's resident memory has been since the start,
+        less the baseline (with VmHWM, each process's peak summed: a bound
+        from above)."""
+        peak = self._sampled_kib
+        if self._hwm_reset:
+            peak = max(peak, sum(status_kib(pid, "VmHWM") for pid in process_tree(self.pid)))
+        return (peak - self.baseline_kib) / 1024
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.rss_kib() - self.baseline_kib) / 1024
+
+    def settles(self, within_mb: float, timeout: float) -> float:
+        """Wait (at most timeout) for the growth to come within within_mb of
+        the baseline; the last growth seen."""
+        deadline = time.monotonic() + timeout
+        while (growth := self.growth_mb) > within_mb and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return growth
 
 
 # The wire: HTTP/1.1 and kvconfig's line protocol

@@ -321,7 +321,13 @@ class LineProtocol(Protocol, TimeoutMixin):
         self.setTimeout(None)
         self._line_deadline.stop()
         self.session.close()
+        # This protocol and its transport refer to each other, so they are
+        # freed only by a collection of cycles, which a quiet server may not
+        # run for a long while: what they hold goes now, as the budget given
+        # back (session.close) says it has.
         self._backlog.clear()
+        self._buffer = bytearray()
+        self._stream = None
 
     def timeoutConnection(self) -> None:
         if self.session.watching:

@@ -1,4 +1,11 @@
-"""Run the installed ``twistd kvconfig`` as a subprocess on free loopback ports."""
+"""Run the installed ``twistd kvconfig`` as a subprocess on free loopback ports.
+
+The twistd is the one installed beside the running Python (the test venv's),
+or the one the environment variable ``KVCONFIG_TWISTD`` names: set it to
+another install's twistd to run the end-to-end tests against that code, to
+see that a test fails without the change it covers.  That install must take
+the options KVConfigProcess gives (--http among them).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +33,11 @@ def free_udp_port() -> int:
 
 
 def twistd_path() -> str:
-    """The twistd installed beside the running Python (the test venv's)."""
+    """$KVCONFIG_TWISTD if set, else the twistd installed beside the running
+    Python (the test venv's)."""
+    chosen = os.environ.get("KVCONFIG_TWISTD")
+    if chosen:
+        return chosen
     candidate = Path(sys.executable).with_name("twistd")
     return str(candidate) if candidate.exists() else shutil.which("twistd")
 
