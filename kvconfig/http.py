@@ -515,7 +515,7 @@ class _WatchStream:
             why = (f"more than {limits.max_watch_backlog} events or "
                    f"{limits.max_watch_backlog_bytes} bytes waiting to be read")
         elif not self.session.hold("backlog", held):
-            why = budget_full("watch backlog", limits.max_buffer_bytes).message
+            why = budget_full("watch backlog", self.session.budget).message
         if why is not None:
             self._drop(why)
             return
@@ -714,7 +714,7 @@ class _Request(server.Request):
             self._refuse(errors.RequestTooLarge(
                 f"request body is larger than {limits.max_body_bytes} bytes"))
         elif not self.channel.session.hold("body", self._body_bytes):
-            self._refuse(budget_full("request body not read", limits.max_buffer_bytes))
+            self._refuse(budget_full("request body not read", self.channel.session.budget))
         else:
             super().handleContentChunk(data)
 
@@ -759,6 +759,10 @@ class _Channel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:
         self._head_deadline.stop()
+        # A body being read is freed now, not when the collector finds the
+        # request's cycle: the budget it was held under is given back now.
+        for request in self.requests:
+            request.content = BytesIO()
         super().connectionLost(reason)
         self.session.close()
 

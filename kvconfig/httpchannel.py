@@ -143,7 +143,10 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
         self.session.close()
         self._head_deadline.stop()
         self.setTimeout(None)
-        self._buffer.clear()
+        # Freed now, not when the collector finds this channel's cycle with
+        # its transport: the budget they were held under is given back now.
+        self._buffer = bytearray()
+        self._body = None
 
     def timeoutConnection(self) -> None:
         self.transport.loseConnection()
@@ -258,7 +261,7 @@ class XMLRPCChannel(Protocol, TimeoutMixin):
                 self._refuse_body(RequestTooLarge(
                     f"request body is larger than {limits.max_body_bytes} bytes"))
             elif not self.session.hold("body", len(body) + take):
-                self._refuse_body(budget_full("request body not read", limits.max_buffer_bytes))
+                self._refuse_body(budget_full("request body not read", self.session.budget))
             else:
                 body += buffer[:take]
         del buffer[:take]

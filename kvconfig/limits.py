@@ -46,6 +46,9 @@ class Limits:
     max_buffer_bytes: int = limit(
         64 << 20, "Most bytes of client input (request bodies, partial lines, requests "
         "waiting) and watch backlogs held for all connections together.")
+    # So that a few addresses cannot take what every other client needs.
+    max_buffer_bytes_per_address: int = limit(
+        16 << 20, "Most bytes of that held for the connections of one IP address.")
     max_multicall: int = limit(1000, "Most calls in one system.multicall.")
     # Without its LF; it must hold the largest value (see __post_init__).
     max_line_bytes: int = limit((1 << 20) + 4096, "Longest line-protocol line, in bytes.")
@@ -96,6 +99,10 @@ class Limits:
             # Leases are expired at heartbeat ticks, and a subscriber renews
             # several times a lease.
             raise ValueError("heartbeat_seconds must be less than lease_seconds")
+        largest = max(self.max_body_bytes, self.max_line_bytes + 1)
+        if self.max_buffer_bytes_per_address < largest:
+            raise ValueError(f"max_buffer_bytes_per_address must be at least {largest} "
+                             "(the largest request body or line)")
         # SET key <value> [EX n] [IF n] must fit on one line.
         needed = self.max_value_bytes + self.max_key_bytes + 64
         if self.max_line_bytes < needed:

@@ -253,6 +253,10 @@ _MAX_RUN = 256
 Write = tuple[str, str, Any, "int | None", "float | None"]
 
 
+#: The place of a write's reply among a run's, until its outcome comes.
+_PLACE = object()
+
+
 class Replies(list):
     """The replies of a run of commands, in order: a line each, or the
     KVConfigError it failed with."""
@@ -453,7 +457,7 @@ class LineProtocol(Protocol, TimeoutMixin):
                     self._line_held = len(buffer)
                 else:
                     # The partial line cannot be kept: skipped, as one too long.
-                    self._refuse(budget_full("line skipped", self.limits.max_buffer_bytes))
+                    self._refuse(budget_full("line skipped", session.budget))
                     self._discarding = True
                     buffer.clear()
                 return
@@ -502,7 +506,7 @@ class LineProtocol(Protocol, TimeoutMixin):
             run = self._run
             run.append((command, rest))
             self._run_bytes += len(rest)
-            if len(run) >= _MAX_RUN:
+            if len(run) >= _MAX_RUN or self._run_bytes >= self.limits.max_client_write_bytes:
                 self._submit_run()
             return
         if self._run:
@@ -535,7 +539,8 @@ class LineProtocol(Protocol, TimeoutMixin):
                 parsed.append(e)
                 continue
             writes.append(write)
-            parsed.append(writes)  # a place for the write's outcome
+            parsed.append(_PLACE)  # for the write's outcome
+        run.clear()  # its text is not kept while the writes wait for their commit
         if not writes:
             return succeed(Replies(parsed))
         return self.session.write_many(writes).addCallback(self._write_replies, parsed)
@@ -546,7 +551,7 @@ class LineProtocol(Protocol, TimeoutMixin):
         made = iter(outcomes)
         replies = Replies()
         for place in parsed:
-            if type(place) is list:  # a write: its outcome
+            if place is _PLACE:  # a write: its outcome
                 outcome = next(made)
                 if type(outcome) is KeyValue:
                     place = b"OK %d %d" % (outcome.mod_revision, outcome.version)
@@ -797,8 +802,7 @@ class LineProtocol(Protocol, TimeoutMixin):
             why = (f"more than {limits.max_watch_backlog} events or "
                    f"{limits.max_watch_backlog_bytes} bytes waiting to be read")
         elif not self.session.hold("backlog", held):
-            why = (f"the server holds as much unread data as it may for all connections "
-                   f"({limits.max_buffer_bytes} bytes, --max-buffer-bytes)")
+            why = budget_full("watch backlog", self.session.budget).message
         if why is not None:
             self.factory.counters["watchers_dropped"] += 1
             ended = self.session.unwatch()

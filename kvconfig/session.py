@@ -181,10 +181,10 @@ class Session:
         it before.  False, the previous amount still held, when the budget
         cannot take the increase."""
         held = self._held.get(what, 0)
-        if size > held and not self.budget.take(size - held):
+        if size > held and not self.budget.take(size - held, self.client.host):
             return False
         if size < held:
-            self.budget.give(held - size)
+            self.budget.give(held - size, self.client.host)
         self._held[what] = size
         return True
 
@@ -324,7 +324,7 @@ class Session:
         self._waiting.clear()
         self._waiting_bytes = 0
         self.backlogged = False
-        self.budget.give(sum(self._held.values()))
+        self.budget.give(sum(self._held.values()), self.client.host)
         self._held.clear()
         self.unwatch()
         if self._on_close is not None:
@@ -367,7 +367,10 @@ class Session:
         each one's outcome in order, never failing."""
         store = self.store
         made = store.write_many(writes)
-        return made.addCallback(self._many_logged, writes) if store.log_changes else made
+        if not store.log_changes:
+            return made
+        # Only the keys are kept for the log: the values may be large.
+        return made.addCallback(self._many_logged, [write[1] for write in writes])
 
     # Each change is logged once acknowledged, with who made it: the store
     # and its backends do not know the client.
@@ -381,12 +384,12 @@ class Session:
             log_change(self.client, "delete", key, revision)
         return revision
 
-    def _many_logged(self, outcomes: list[Any], writes: list[tuple]) -> list[Any]:
-        for outcome, write in zip(outcomes, writes, strict=True):
+    def _many_logged(self, outcomes: list[Any], keys: list[str]) -> list[Any]:
+        for outcome, key in zip(outcomes, keys, strict=True):
             if type(outcome) is KeyValue:
-                log_change(self.client, "put", outcome.key, outcome.mod_revision)
+                log_change(self.client, "put", key, outcome.mod_revision)
             elif type(outcome) is int:
-                log_change(self.client, "delete", write[1], outcome)
+                log_change(self.client, "delete", key, outcome)
         return outcomes
 
     def stats(self) -> dict[str, Any]:
@@ -475,11 +478,11 @@ def _nothing(_: Any) -> None:
     return None
 
 
-def budget_full(what: str, limit: int) -> errors.LimitExceeded:
-    """The error for a refusal of the budget."""
+def budget_full(what: str, budget: Budget) -> errors.LimitExceeded:
+    """The error for the budget's last refusal."""
     return errors.LimitExceeded(
-        f"{what}: the server holds as much client data as it may ({limit} bytes for all "
-        "connections, --max-buffer-bytes); try again shortly")
+        f"{what}: the server holds as much client data as it may ({budget.refusal}); "
+        "try again shortly")
 
 
 class Deadline:

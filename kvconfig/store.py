@@ -38,24 +38,46 @@ log = Logger()
 class Budget:
     """The bytes held for clients, all connections together: request bodies
     and partial lines being read, requests waiting, watch backlogs
-    (--max-buffer-bytes).  Each interface asks it before holding more, and
-    refuses (a typed error, or a dropped watch) when it says no, so that
-    many connections cannot multiply a per-connection limit."""
+    (--max-buffer-bytes), and of that at most --max-buffer-bytes-per-address
+    for the connections of one address.  Each interface asks it before
+    holding more, and refuses (a typed error, or a dropped watch) when it
+    says no, so that many connections cannot multiply a per-connection
+    limit, nor those of one address take what every other client needs."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_address: int | None = None) -> None:
         self.limit = limit
+        self.per_address = limit if per_address is None else per_address
         self.held = 0
         self.refused = 0
+        #: Bytes held by the connections of each address holding any.
+        self._by_address: dict[str | None, int] = {}
+        #: Why the last refusal was made: the bound, as a client is told it.
+        self.refusal = ""
 
-    def take(self, size: int) -> bool:
+    def take(self, size: int, address: str | None = None) -> bool:
+        """Hold *size* more bytes for a connection from *address* (None: one
+        without an address, such as a UNIX socket's), if the bounds allow."""
+        by_address = self._by_address
+        mine = by_address.get(address, 0)
         if self.held + size > self.limit:
-            self.refused += 1
-            return False
-        self.held += size
-        return True
+            self.refusal = f"{self.limit} bytes for all connections, --max-buffer-bytes"
+        elif address is not None and mine + size > self.per_address:
+            self.refusal = (f"{self.per_address} bytes for the connections of one address, "
+                            "--max-buffer-bytes-per-address")
+        else:
+            self.held += size
+            by_address[address] = mine + size
+            return True
+        self.refused += 1
+        return False
 
-    def give(self, size: int) -> None:
+    def give(self, size: int, address: str | None = None) -> None:
         self.held -= size
+        left = self._by_address.get(address, 0) - size
+        if left > 0:
+            self._by_address[address] = left
+        else:
+            self._by_address.pop(address, None)
 
     def stats(self) -> dict[str, int]:
         # What is held at a moment is for metrics, not stats(): it changes
@@ -73,7 +95,8 @@ class Store:
                          "rejected": 0}
         self._interface_stats: dict[str, Callable[[], dict[str, Any]]] = {}
         #: What is held for clients, all connections of all interfaces together.
-        self.budget = Budget(self.limits.max_buffer_bytes)
+        self.budget = Budget(self.limits.max_buffer_bytes,
+                             self.limits.max_buffer_bytes_per_address)
         #: Writes made and not yet answered (durable or failed), and their bytes.
         self.writes_in_flight = 0
         self.write_bytes_in_flight = 0

@@ -178,11 +178,6 @@ def test_legitimate_clients_get_through_slowloris(kvserver):
 BODY_BYTES = 8 * MIB
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "8 connections holding 8 MiB bodies each fill --max-buffer-bytes, the budget every "
-    "connection shares: every other XML-RPC body, and every line that comes in pieces, "
-    "is refused limit_exceeded for as long as they hold, and a body has no deadline (the "
-    "idle timeout restarts with each byte)"))
 def test_legitimate_clients_get_through_while_bodies_are_held(kvserver):
     """8 connections each send the head of an 8 MiB body and all of it but
     its last byte, and hold it: 20 XML-RPC calls and a 100 KB SET from

@@ -149,6 +149,12 @@ class FakeWriterTransport:
     def write(self, data: bytes) -> None:
         self.data += data
 
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.data += b"".join(data)
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.producer = producer
+
     def closeStdin(self) -> None:
         self.stdin_closed = True
 
@@ -215,6 +221,27 @@ def fired(d):
     d.addBoth(results.append)
     assert results, "not fired"
     return results[0]
+
+
+def test_batches_wait_unmarshalled_while_the_writers_pipe_is_full(fake_writer):
+    """While the pipe to the writer is full (its transport pauses the
+    backend's producer), batches wait in the backend, not as bytes queued
+    for the pipe; once it has room they go, in order, and are answered as
+    the writer acknowledges them."""
+    store, clock, spawner = fake_writer
+    protocol, transport = spawner.writers[0]
+    transport.producer.pauseProducing()
+    writes = []
+    for i in range(3):
+        writes.append(store.put(f"k{i}", "x" * 1000))
+        clock.advance(0)
+    assert transport.data == b"" and len(protocol._queue) == 3
+    transport.producer.resumeProducing()
+    assert [[row[0] for row in batch[0]] for batch in transport.frames()] == [
+        ["k0"], ["k1"], ["k2"]]
+    for _ in range(3):
+        protocol.outReceived(b"ok\n")
+    assert [fired(d).mod_revision for d in writes] == [1, 2, 3]
 
 
 def test_writer_that_committed_but_died_before_answering(fake_writer, tmp_path):

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -596,8 +596,14 @@ def _why_not_open(path: str, error: Exception) -> str:
     return str(error)
 
 
+@implementer(IPushProducer)
 class _WriterProtocol(ProcessProtocol):
-    """The server's end of the pipes to one writer process."""
+    """The server's end of the pipes to one writer process.
+
+    Batches wait here, in a queue, until the writer's pipe has room, and
+    are marshalled only then: a stalled writer costs the batches' values
+    once (the events hold them anyway), not again as bytes queued for the
+    pipe, and never as one concatenation of everything queued."""
 
     def __init__(self, backend: SQLiteBackend, recovering: bool, started_at: float) -> None:
         self.backend = backend
@@ -610,10 +616,32 @@ class _WriterProtocol(ProcessProtocol):
         self._received = bytearray()
         self._tail_size: int | None = None
         self._errors = bytearray()
+        self._queue: deque = deque()
+        self._pipe_full = False
+
+    def connectionMade(self) -> None:
+        # Told when the pipe to the writer is full, and when it has room.
+        self.transport.registerProducer(self, True)
 
     def send(self, batch) -> None:
-        payload = marshal.dumps(batch)
-        self.transport.write(len(payload).to_bytes(4, "big") + payload)
+        self._queue.append(batch)
+        self._drain()
+
+    def _drain(self) -> None:
+        queue = self._queue
+        while queue and not self._pipe_full:
+            payload = marshal.dumps(queue.popleft())
+            self.transport.writeSequence([len(payload).to_bytes(4, "big"), payload])
+
+    def pauseProducing(self) -> None:
+        self._pipe_full = True
+
+    def resumeProducing(self) -> None:
+        self._pipe_full = False
+        self._drain()
+
+    def stopProducing(self) -> None:
+        self._queue.clear()
 
     def kill(self) -> None:
         try:
