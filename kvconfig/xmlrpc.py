@@ -83,13 +83,16 @@ import inspect
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime
+from itertools import islice
 from typing import Any
 from xml.parsers import expat
 from xml.parsers.expat import ExpatError
 from xmlrpc.client import Fault, Marshaller, Unmarshaller
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -160,15 +163,95 @@ class _Marshaller(Marshaller):
         else:
             write(f"<value><i8>{value}</i8></value>\n")
 
+    def dump_sliced(self, value, write):
+        # Marked, to be marshalled a slice at a time (marshal_in_slices).
+        self.sliced.append(value)
+        write(_SLICE_MARK)
+
     dispatch[str] = dump_unicode
     dispatch[dict] = dump_struct
     dispatch[int] = dump_long
 
 
-def dumps_response(result: tuple | Fault) -> bytes:
-    """A methodResponse body, as xmlrpc.client.dumps(methodresponse=True) makes."""
-    data = _Marshaller("utf-8", allow_none=True).dumps(result)
+class Sliced:
+    """An array in a result, made and marshalled SLICE_ITEMS items at a time,
+    a reactor turn each: a page of a listing is thousands of structs, and
+    formatting it in one piece would hold every other client for tens of
+    milliseconds."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items = iter(items)
+
+
+_Marshaller.dispatch[Sliced] = _Marshaller.dump_sliced
+#: Where a Sliced array goes in the marshalled text: no value can hold it
+#: (a NUL is not XML).
+_SLICE_MARK = "\x00"
+SLICE_ITEMS = 500
+_ARRAY_OPEN, _ARRAY_CLOSE = "<value><array><data>\n", "</data></array></value>\n"
+
+
+def _response(data: str) -> bytes:
     return f"<?xml version='1.0'?>\n<methodResponse>\n{data}</methodResponse>\n".encode()
+
+
+def dumps_response(result: tuple | Fault) -> bytes:
+    """A methodResponse body, as xmlrpc.client.dumps(methodresponse=True) makes
+    (its Sliced arrays marshalled at once)."""
+    marshaller = _Marshaller("utf-8", allow_none=True)
+    marshaller.sliced = []
+    data = marshaller.dumps(result)
+    if marshaller.sliced:
+        parts = data.split(_SLICE_MARK)
+        data = parts[0] + "".join(
+            _ARRAY_OPEN + _array(marshaller, sliced.items) + _ARRAY_CLOSE + part
+            for sliced, part in zip(marshaller.sliced, parts[1:], strict=True))
+    return _response(data)
+
+
+def _array(marshaller: _Marshaller, items: Iterable[Any]) -> str:
+    """The elements of an array, marshalled, without the array's own tags."""
+    out: list[str] = []
+    marshaller.dump_array(list(items), out.append)
+    return "".join(out)[len(_ARRAY_OPEN):-len(_ARRAY_CLOSE)]
+
+
+def marshal_in_slices(result: tuple, clock: IReactorTime) -> Deferred | bytes:
+    """The methodResponse body for *result*, its Sliced arrays made and
+    marshalled SLICE_ITEMS items a turn; at once (bytes) if it has none."""
+    marshaller = _Marshaller("utf-8", allow_none=True)
+    marshaller.sliced = []
+    data = marshaller.dumps(result)
+    if not marshaller.sliced:
+        return _response(data)
+    parts = data.split(_SLICE_MARK)
+    out = [parts[0], _ARRAY_OPEN]
+    pending = list(zip(marshaller.sliced, parts[1:], strict=True))
+    done: Deferred = Deferred()
+
+    def step() -> None:
+        try:
+            sliced, after = pending[0]
+            chunk = list(islice(sliced.items, SLICE_ITEMS))
+            if chunk:
+                out.append(_array(marshaller, chunk))
+            if len(chunk) < SLICE_ITEMS:  # this array is done
+                out.append(_ARRAY_CLOSE)
+                out.append(after)
+                pending.pop(0)
+                if not pending:
+                    done.callback(_response("".join(out)))
+                    return
+                out.append(_ARRAY_OPEN)
+        except Exception:
+            done.errback()
+            return
+        clock.callLater(0, step)
+
+    step()
+    return done
 
 
 def _parse_simple_call(body: bytes) -> tuple[str, tuple] | None:
@@ -360,9 +443,12 @@ class KVConfigXMLRPC(_Dispatcher):
 
     def __init__(self, store: Store, limits: Limits | None = None,
                  subscriptions: Subscriptions | None = None,
-                 sessions: Sessions | None = None) -> None:
+                 sessions: Sessions | None = None, clock: IReactorTime | None = None) -> None:
         super().__init__(allowNone=True, useDateTime=True)
         self.store = store
+        #: With a clock, long arrays in results are marshalled a slice a
+        #: turn (Sliced); without one (a test), at once.
+        self.clock = clock
         self.limits = limits or store.limits
         self.subscriptions = subscriptions
         #: Calls by method and errors by name, counted in the interface's
@@ -451,18 +537,27 @@ class KVConfigXMLRPC(_Dispatcher):
             )
         return function
 
-    def marshal(self, outcome: Any) -> bytes:
-        """The methodResponse body for an outcome: a result, or an error."""
+    def marshal(self, outcome: Any) -> bytes | Deferred:
+        """The methodResponse body for an outcome (a result, or an error), or
+        a Deferred of it while a long listing is marshalled in slices."""
         if isinstance(outcome, errors.KVConfigError):
             self.errors[outcome.name] += 1
             result = fault_for(outcome)
         else:
             result = (outcome,)
         try:
-            return dumps_response(result)
-        except Exception as e:
-            self.log.failure("cannot marshal a response", Failure(e))
-            return dumps_response(fault_for(errors.InternalError("cannot marshal the response")))
+            if self.clock is None:
+                return dumps_response(result)
+            body = marshal_in_slices(result, self.clock)
+        except Exception:
+            return self._unmarshallable(Failure())
+        if isinstance(body, Deferred):
+            return body.addErrback(self._unmarshallable)
+        return body
+
+    def _unmarshallable(self, failure: Failure) -> bytes:
+        self.log.failure("cannot marshal a response", failure)
+        return dumps_response(fault_for(errors.InternalError("cannot marshal the response")))
 
     # The classic calls
 
@@ -531,8 +626,8 @@ class KVConfigXMLRPC(_Dispatcher):
         for them with after set to the last key of this page."""
         opts = _options(options, ("limit", "after")) if options is not None else {}
         revision, kvs, more = session.range(prefix, opts.get("limit"), opts.get("after"))
-        return _say_stale(session, {"revision": revision, "keys": [kv.key for kv in kvs],
-                                    "more": more})
+        return _say_stale(session, {"revision": revision,
+                                    "keys": Sliced(kv.key for kv in kvs), "more": more})
 
     @signature(["struct", "string"], ["struct", "string", "struct"])
     def xmlrpc_list(self, session, prefix, options=None):
@@ -545,7 +640,7 @@ class KVConfigXMLRPC(_Dispatcher):
         opts = _options(options, ("limit", "after")) if options is not None else {}
         revision, kvs, more = session.range(prefix, opts.get("limit"), opts.get("after"))
         return _say_stale(session, {"revision": revision,
-                                    "items": [kv_struct(kv) for kv in kvs], "more": more})
+                                    "items": Sliced(map(kv_struct, kvs)), "more": more})
 
     @signature(["struct", "string", "int"])
     def xmlrpc_changes(self, session, prefix, since):
@@ -554,7 +649,7 @@ class KVConfigXMLRPC(_Dispatcher):
         compacted if those are no longer in history: take list(prefix) then."""
         revision, events = session.changes(prefix, since)
         return _say_stale(session, {"revision": revision,
-                                    "events": [event_struct(e) for e in events]})
+                                    "events": Sliced(map(event_struct, events))})
 
     @signature(["struct", "string", "int"], ["struct", "string", "int", "struct"])
     def xmlrpc_subscribe(self, session, prefix, udp_port, options=None):
@@ -672,5 +767,6 @@ def make_factory(store: Store, limits: Limits, clock,
                  subscriptions: Subscriptions | None = None) -> XMLRPCChannelFactory:
     """The protocol factory the XML-RPC endpoint listens with."""
     sessions = Sessions(store, "xmlrpc", limits, subscriptions)
-    return XMLRPCChannelFactory(KVConfigXMLRPC(store, limits, subscriptions, sessions), limits,
+    return XMLRPCChannelFactory(KVConfigXMLRPC(store, limits, subscriptions, sessions, clock),
+                                limits,
                                 clock, sessions)

@@ -5,8 +5,16 @@ keys follow, the next page ``after`` the last key."""
 from __future__ import annotations
 
 import socket
+import xmlrpc.client
 
 import pytest
+from twisted.internet.task import Clock
+
+from kvconfig.backends.memory import MemoryBackend
+from kvconfig.limits import Limits
+from kvconfig.session import Client, Session
+from kvconfig.store import Store
+from kvconfig.xmlrpc import SLICE_ITEMS, KVConfigXMLRPC
 
 from serverprocess import KVConfigProcess
 
@@ -60,3 +68,57 @@ def test_a_page_holds_at_most_max_reply_bytes_of_values(paged):
         proxy.save("big/c", "x" * 900)
         page = proxy.list("big/")
         assert [item["key"] for item in page["items"]] == ["big/a", "big/b"] and page["more"]
+
+
+def test_a_long_page_is_marshalled_a_slice_a_turn():
+    """An XML-RPC page of thousands of keys is made and marshalled
+    SLICE_ITEMS items a reactor turn (other clients are served between
+    them), and reads back as if made at once, inside a multicall too."""
+    limits = Limits()
+    clock = Clock()
+    store = Store(MemoryBackend(clock, limits), limits)
+    store.start()
+    for i in range(1234):
+        store.put(f"s/{i:05d}", {"i": i, "text": "x\r<&>"})
+    clock.advance(0)
+    turns = Turns()
+    resource = KVConfigXMLRPC(store, limits, clock=turns)
+    session = Session(store, Client("xmlrpc", "127.0.0.1"))
+    calls = [{"methodName": "list", "params": ["s/"]}, {"methodName": "keys", "params": [""]},
+             {"methodName": "changes", "params": ["", 1200]}]
+    for body in (xmlrpc.client.dumps(("s/",), "list"),
+                 xmlrpc.client.dumps((calls,), "system.multicall")):
+        response = resource.respond(body.encode(), session)
+        assert turns.run_all() >= 1234 // SLICE_ITEMS
+        (result,), _ = xmlrpc.client.loads(response.result, use_builtin_types=True)
+        pages = [result] if "items" in result else [entry[0] for entry in result]
+        assert [item["value"] for item in pages[0]["items"]] == [
+            {"i": i, "text": "x\r<&>"} for i in range(1234)]
+    assert pages[1]["keys"] == [f"s/{i:05d}" for i in range(1234)]
+    assert [event["revision"] for event in pages[2]["events"]] == list(range(1201, 1235))
+    # Without a clock, (a resource mounted by hand) the same, at once.
+    body = xmlrpc.client.dumps(("s/",), "list").encode()
+    sliced = resource.respond(body, session)
+    turns.run_all()
+    assert KVConfigXMLRPC(store, limits).respond(body, session) == sliced.result
+
+
+class Turns:
+    """A reactor's turns, one at a time: the calls made for the next turn."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def callLater(self, delay, f, *args) -> None:
+        assert delay == 0
+        self.calls.append((f, args))
+
+    def run_all(self) -> int:
+        """Run turn after turn until nothing is left to do; how many."""
+        turns = 0
+        while self.calls:
+            calls, self.calls = self.calls, []
+            for f, args in calls:
+                f(*args)
+            turns += 1
+        return turns
