@@ -126,13 +126,16 @@ def kvconfig_command(directory: Path, *, twistd: str | None = None, store: str |
     """``twistd -n kvconfig`` (twistd: that of this venv unless given) with its
     log in directory and a sqlite store there unless store is given; port 0
     for an interface not measured (any free port, so that a bench never
-    collides with a server on the default ports)."""
+    collides with a server on the default ports; no --http port, where
+    that twistd has one)."""
+    twistd = twistd or twistd_path()
     return [
-        twistd or twistd_path(), "-n", "--pidfile=", f"--logfile={directory / 'twistd.log'}",
+        twistd, "-n", "--pidfile=", f"--logfile={directory / 'twistd.log'}",
         "kvconfig", f"--store={store or 'sqlite:' + str(directory / 'kvconfig.db')}",
         f"--xmlrpc=tcp:{xmlrpc_port}:interface={HOST}",
         f"--line=tcp:{line_port}:interface={HOST}",
-        f"--udp=udp:{udp_port}:interface={HOST}", *options,
+        f"--udp=udp:{udp_port}:interface={HOST}",
+        *known_options(twistd, {"--http": "none"}), *options,
     ]
 
 
